@@ -1,0 +1,228 @@
+"""Cross-entropy suite: CE / KL / loss recovered / reconstruction metrics over a token set.
+
+Definitions (DESIGN.md, used exactly):
+- token set T: predicted positions (all but the last) whose *input* token is not special;
+- CE_x = mean over T of -log p(next token) for variant x; dCE = CE_spliced - CE_clean, with a
+  95% paired bootstrap interval over sequences (ratio of resampled sums);
+- loss recovered (zero|mean) = (CE_base - CE_spliced) / (CE_base - CE_clean), ratio of means,
+  where the baseline replaces the activation at exactly the variant's hooks and positions;
+- KL = mean over T of KL(p_clean || p_spliced) in nats;
+- explained variance = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over T (pooled over
+  hooks for a joint splice); L0 = mean non-zero latents per token (summed over hooks for a
+  joint splice); dead = fraction of latents never active on T.
+
+Everything streams: per batch we keep one clean log-softmax, then fold each variant into
+running sums, so memory does not grow with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from harness.models import LoadedModel, UserError
+from harness.saes import Replacement
+from harness.splice import Splicer, Variant, splice_hooks
+
+METRIC_KEYS = [
+    "variant", "saes", "hooks", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "dce",
+    "dce_ci_low", "dce_ci_high", "loss_recovered_zero", "loss_recovered_mean", "kl",
+    "explained_variance", "l0", "dead_frac", "n_tokens",
+]
+
+
+@dataclass
+class HookStats:
+    """Running sums for reconstruction metrics at one hook of one variant."""
+    sq_err: float = 0.0
+    sum_x: torch.Tensor | None = None
+    sum_sq: float = 0.0
+    n: int = 0
+    l0_sum: float = 0.0
+    ever_active: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor | None) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.sq_err += float(((x - x_hat) ** 2).sum())
+        s = x.sum(0)
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.sum_sq += float((x ** 2).sum())
+        self.n += x.shape[0]
+        if latents is not None:
+            active = latents != 0
+            self.l0_sum += float(active.sum())
+            any_active = active.any(0).cpu()
+            self.ever_active = any_active if self.ever_active is None else self.ever_active | any_active
+
+    def total_variance(self) -> float:
+        # sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2 (float64 keeps the cancellation safe)
+        return self.sum_sq - float((self.sum_x ** 2).sum()) / self.n
+
+
+@dataclass
+class VariantSums:
+    nll_seq: list = field(default_factory=list)  # per-sequence sum of -log p over T
+    kl_sum: float = 0.0
+    hooks: dict = field(default_factory=dict)  # hook -> HookStats
+    per_token: list = field(default_factory=list)  # [B, ctx-1] nll, NaN outside T
+
+
+def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
+    """[B, ctx-1] bool: predicted positions whose input token is not special."""
+    return splicer.splice_mask(tokens, None)[:, :-1]
+
+
+def baseline_variants(variants: list[Variant]) -> tuple[list[Variant], dict[str, tuple[str, str]]]:
+    """The zero and mean variants each spliced variant needs, at exactly its hooks."""
+    extra: dict[str, Variant] = {}
+    refs: dict[str, tuple[str, str]] = {}
+    for v in variants:
+        if not v.parts:
+            continue
+        names = []
+        for kind in ("zero", "mean"):
+            hooks = v.hooks
+            name = f"{kind}@{'+'.join(hooks)}"
+            if name not in extra:
+                parts = {h: Replacement(name=kind, spec=f"{kind}@{h}", kind=kind, hook=h) for h in hooks}
+                extra[name] = Variant(name, parts)
+            names.append(name)
+        refs[v.name] = (names[0], names[1])
+    return list(extra.values()), refs
+
+
+def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, batch_size: int = 8,
+             calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
+             progress=None) -> dict:
+    """Evaluate every variant on `tokens` [n_seq, ctx] in one pass. Returns records and arrays."""
+    from harness.splice import collect_activations
+
+    extra, refs = baseline_variants(variants)
+    names = [v.name for v in variants]
+    all_variants = [v for v in variants if v.name != "clean"] + [e for e in extra if e.name not in names]
+    hooks = sorted({h for v in all_variants for h in v.hooks})
+    splicer = Splicer(lm, hooks)
+
+    # Calibrate mean / PCA replacements on a separate batch (never the evaluated tokens).
+    to_fit = [r for v in all_variants for r in v.parts.values() if r.needs_calibration and r.mean is None]
+    if to_fit:
+        if calib_tokens is None:
+            raise UserError("mean/pca baselines need calibration tokens")
+        acts = collect_activations(lm, sorted({r.hook for r in to_fit}), calib_tokens, batch_size, splicer)
+        for r in to_fit:
+            r.fit(acts[r.hook])
+    for v in all_variants:
+        for r in v.parts.values():
+            r.to(lm.device)
+
+    sums = {v.name: VariantSums() for v in all_variants}
+    clean = VariantSums()
+    t0 = time.perf_counter()
+    for i in range(0, len(tokens), batch_size):
+        batch = tokens[i:i + batch_size].to(lm.device)
+        in_t = token_set(batch, splicer)
+        splice_mask = splicer.splice_mask(batch, None)
+        stat_mask = torch.zeros_like(splice_mask)
+        stat_mask[:, :-1] = in_t
+        targets = batch[:, 1:]
+        pre = splicer.prefix(batch)
+        logp_clean = torch.log_softmax(splicer.tail(pre)[:, :-1].float(), dim=-1)
+        # KL(p || q) = sum p log p - sum p log q: the first term once per batch, not per variant.
+        p_clean = logp_clean.exp()
+        clean_ref = (p_clean, (p_clean * logp_clean).sum(-1))
+        _fold(clean, logp_clean, None, targets, in_t)
+        for v in all_variants:
+            acc = sums[v.name]
+
+            def on_act(hook, x, x_hat, latents, _acc=acc):
+                stats = _acc.hooks.setdefault(hook, HookStats())
+                stats.add(x[stat_mask], x_hat[stat_mask], None if latents is None else latents[stat_mask])
+
+            logits = splicer.tail(pre, splice_hooks(v, splice_mask, on_act))
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            _fold(acc, logp, clean_ref, targets, in_t)
+            del logits, logp
+        if progress is not None:
+            progress(min(i + batch_size, len(tokens)))
+    seconds = time.perf_counter() - t0
+
+    counts = token_set(tokens, splicer).sum(1).numpy().astype(np.int64)
+    if counts.sum() == 0:
+        raise UserError("the token set is empty: every input token is special")
+    nll_clean = np.concatenate(clean.nll_seq)
+    ce = {"clean": nll_clean.sum() / counts.sum()}
+    for name, s in sums.items():
+        ce[name] = np.concatenate(s.nll_seq).sum() / counts.sum()
+    for name, value in ce.items():
+        if not np.isfinite(value):
+            raise UserError(f"cross-entropy of {name} is not finite (NaN in model or SAE output)")
+
+    rng = np.random.default_rng(seed)
+    boot_idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+    records = [_record("clean", None, ce, refs, counts, nll_clean, nll_clean, boot_idx, clean)]
+    for v in all_variants:
+        records.append(_record(v.name, v, ce, refs, counts, nll_clean,
+                               np.concatenate(sums[v.name].nll_seq), boot_idx, sums[v.name]))
+    per_token = {"clean": torch.cat(clean.per_token).numpy()}
+    for name, s in sums.items():
+        per_token[name] = torch.cat(s.per_token).numpy() - per_token["clean"]
+    return {"records": records, "per_token_dce": per_token, "seconds": seconds,
+            "n_tokens": int(counts.sum()), "start_layer": splicer.start_layer}
+
+
+def _fold(acc: VariantSums, logp, clean_ref, targets, in_t) -> None:
+    nll = -logp.gather(-1, targets[..., None])[..., 0]
+    nll = torch.where(in_t, nll, torch.zeros_like(nll))
+    acc.nll_seq.append(nll.sum(1).double().cpu().numpy())
+    acc.per_token.append(torch.where(in_t, nll, torch.full_like(nll, float("nan"))).cpu())
+    if clean_ref is not None:
+        p_clean, neg_entropy = clean_ref
+        kl = neg_entropy - (p_clean * logp).sum(-1)
+        acc.kl_sum += float(kl[in_t].double().sum())
+
+
+def _record(name, variant, ce, refs, counts, nll_clean, nll_var, boot_idx, sums: VariantSums) -> dict:
+    n = counts.sum()
+    ce_clean, ce_var = ce["clean"], ce[name]
+    zero_name, mean_name = refs.get(name, (None, None))
+    ce_zero = ce.get(zero_name, float("nan"))
+    ce_mean = ce.get(mean_name, float("nan"))
+    # Paired bootstrap over sequences: the same resampled sequences for clean and spliced.
+    diff = nll_var - nll_clean
+    boot = diff[boot_idx].sum(1) / counts[boot_idx].sum(1)
+    ev, l0, dead = _reconstruction(sums.hooks, variant)
+    return {
+        "variant": name,
+        "saes": [r.spec for r in variant.parts.values()] if variant else [],
+        "hooks": variant.hooks if variant else [],
+        "ce_clean": float(ce_clean), "ce_spliced": float(ce_var),
+        "ce_zero": float(ce_zero), "ce_mean": float(ce_mean),
+        "dce": float(ce_var - ce_clean),
+        "dce_ci_low": float(np.percentile(boot, 2.5)), "dce_ci_high": float(np.percentile(boot, 97.5)),
+        "loss_recovered_zero": _ratio(ce_zero - ce_var, ce_zero - ce_clean),
+        "loss_recovered_mean": _ratio(ce_mean - ce_var, ce_mean - ce_clean),
+        "kl": float(sums.kl_sum / n) if variant else 0.0,
+        "explained_variance": ev, "l0": l0, "dead_frac": dead,
+        "n_tokens": int(n),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if np.isfinite(a) and np.isfinite(b) and b != 0 else float("nan")
+
+
+def _reconstruction(hooks: dict, variant: Variant | None) -> tuple[float, float, float]:
+    if not hooks:
+        return float("nan"), float("nan"), float("nan")
+    sq = sum(s.sq_err for s in hooks.values())
+    var = sum(s.total_variance() for s in hooks.values())
+    ev = 1.0 - sq / var if var > 0 else float("nan")
+    with_latents = [s for s in hooks.values() if s.ever_active is not None]
+    if not with_latents:
+        return float(ev), float("nan"), float("nan")
+    l0 = sum(s.l0_sum / s.n for s in with_latents)
+    dead = sum(int((~s.ever_active).sum()) for s in with_latents) / sum(s.ever_active.numel() for s in with_latents)
+    return float(ev), float(l0), float(dead)

@@ -1,0 +1,190 @@
+"""Put SAEs (or baselines) into the forward pass, many variants from one shared prefix.
+
+A *variant* is a set of replacements, at most one per hook: {} is the clean model, {h: sae}
+one SAE, {h1: sae1, h2: sae2} a joint splice. All variants of a batch share the layers below
+the first splice point: `prefix` runs them once, `tail` replays the rest once per variant.
+
+How the tail is replayed depends on the model:
+- TransformerBridge (any Hugging Face model): TransformerBridge cannot start at a layer (it
+  delegates to the HF forward), so a forward pre-hook registered `with_kwargs=True` on the
+  first tail block captures that block's input and keyword arguments (attention mask,
+  rotary position embeddings, position ids) and aborts the pass. The tail then calls the
+  remaining blocks, the final norm and the unembedding with the same keywords; this equals
+  the full forward exactly (tested).
+- HookedTransformer: its own `stop_at_layer` / `start_at_layer`.
+
+Splices are TransformerLens hook functions on the model's own hook points, so the one hook
+vocabulary is TransformerLens'. Positions whose input token is special (BOS, EOS, pad) keep
+their original activation, for SAEs and baselines alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from harness.models import LoadedModel, UserError, hook_layer
+from harness.saes import Replacement
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Variant:
+    name: str
+    parts: dict[str, Replacement]  # hook -> replacement
+
+    @property
+    def hooks(self) -> list[str]:
+        return sorted(self.parts)
+
+
+@dataclass
+class Prefix:
+    """What the tail needs to continue a batch: the residual entering `layer`, and context."""
+    layer: int
+    resid: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+    tokens: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+def describe_valid_hooks(names: list[str]) -> str:
+    """Compress `blocks.0.hook_x .. blocks.29.hook_x` into `blocks.{0..29}.hook_x`."""
+    patterns: dict[str, list[int]] = {}
+    for n in names:
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", n)
+        if m:
+            patterns.setdefault(m.group(2), []).append(int(m.group(1)))
+    shown = [f"blocks.{{{min(v)}..{max(v)}}}.{k}" for k, v in sorted(patterns.items())
+             if k.startswith("hook_")]
+    return ", ".join(shown)
+
+
+class Splicer:
+    """Runs one model with any number of variants, sharing the prefix below the first splice."""
+
+    def __init__(self, lm: LoadedModel, hooks: list[str]):
+        self.lm = lm
+        valid = set(lm.model.hook_dict)
+        for hook in hooks:
+            if hook not in valid:
+                raise UserError(f"unknown hook {hook!r}; valid hooks: {describe_valid_hooks(sorted(valid))}")
+        self.start_layer = min((hook_layer(h) for h in hooks), default=lm.n_layers)
+        self.special_ids = torch.tensor(lm.special_ids(), dtype=torch.long)
+
+    # -- masks -------------------------------------------------------------------------
+    def splice_mask(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """True where the splice applies: attended, non-special input tokens."""
+        keep = ~torch.isin(tokens, self.special_ids.to(tokens.device))
+        if attention_mask is not None:
+            keep &= attention_mask.bool()
+        return keep
+
+    # -- prefix / tail -----------------------------------------------------------------
+    @torch.no_grad()
+    def prefix(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Prefix:
+        layer = self.start_layer
+        model = self.lm.model
+        if self.lm.kind == "hooked":
+            resid = model(tokens, stop_at_layer=layer, attention_mask=attention_mask)
+            return Prefix(layer, resid, tokens=tokens, attention_mask=attention_mask)
+        if layer >= self.lm.n_layers:  # nothing to splice: run everything in the tail
+            layer = self.lm.n_layers - 1
+        captured: dict[str, Any] = {}
+
+        def grab(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, dict(kwargs)
+            raise _StopForward
+
+        handle = model.blocks[layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model.original_model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        kwargs = captured["kwargs"]
+        resid = captured["args"][0] if captured["args"] else kwargs.pop("hidden_states")
+        return Prefix(layer, resid, kwargs, tokens=tokens, attention_mask=attention_mask)
+
+    @torch.no_grad()
+    def tail(self, pre: Prefix, fwd_hooks: list[tuple[str, Callable]] = ()) -> torch.Tensor:
+        """Logits [batch, pos, vocab] of the rest of the model, with the given hooks active."""
+        model = self.lm.model
+        with model.hooks(fwd_hooks=list(fwd_hooks)):
+            if self.lm.kind == "hooked":
+                return model(pre.resid, start_at_layer=pre.layer, tokens=pre.tokens,
+                             attention_mask=pre.attention_mask)
+            x = pre.resid
+            for block in model.blocks[pre.layer:]:
+                out = block(x, **pre.kwargs)
+                x = out[0] if isinstance(out, tuple) else out
+            return model.unembed(model.ln_final(x))
+
+    @torch.no_grad()
+    def logits(self, tokens, attention_mask=None, variant: Variant | None = None, on_act=None):
+        """Convenience: prefix + tail for one variant."""
+        pre = self.prefix(tokens, attention_mask)
+        mask = self.splice_mask(tokens, attention_mask)
+        return self.tail(pre, splice_hooks(variant, mask, on_act) if variant else [])
+
+
+def splice_hooks(variant: Variant, mask: torch.Tensor, on_act=None) -> list[tuple[str, Callable]]:
+    """TransformerLens hook functions that replace each hook's activation where mask is True.
+
+    `on_act(hook, x, x_hat, latents)` is called for statistics (explained variance, L0)."""
+    hooks = []
+    for hook, repl in variant.parts.items():
+        def fn(x, hook=None, _repl=repl, _name=hook):
+            if x.shape[-1] != (_repl.d_in or x.shape[-1]):
+                raise UserError(f"SAE {_repl.spec!r} has width {_repl.d_in} but {_name} has {x.shape[-1]}")
+            x_hat, latents = _repl(x)
+            if on_act is not None:
+                on_act(_name, x, x_hat, latents)
+            return torch.where(mask[..., None], x_hat, x)
+        hooks.append((hook, fn))
+    return hooks
+
+
+@torch.no_grad()
+def activation_widths(lm: LoadedModel, hooks: list[str]) -> dict[str, int]:
+    """Width of each hook's activation, from a two-token forward pass."""
+    widths: dict[str, int] = {}
+
+    def record(x, hook):
+        widths[hook.name] = x.shape[-1]
+        return x
+
+    tokens = torch.tensor([[lm.special_ids()[0] if lm.special_ids() else 0, 1]], device=lm.device)
+    with lm.model.hooks(fwd_hooks=[(h, record) for h in hooks]):
+        lm.model(tokens)
+    # hook aliases (hook_resid_post -> hook_out) report the canonical name; map back.
+    return {h: widths.get(h, widths.get(lm.model.hook_dict[h].name)) for h in hooks}
+
+
+@torch.no_grad()
+def collect_activations(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor, batch_size: int = 8,
+                        splicer: Splicer | None = None) -> dict[str, torch.Tensor]:
+    """Clean activations [n_positions, d] at each hook over non-special positions (calibration)."""
+    splicer = splicer or Splicer(lm, hooks)
+    out: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    for i in range(0, len(tokens), batch_size):
+        batch = tokens[i:i + batch_size].to(lm.device)
+        mask = splicer.splice_mask(batch, None)
+
+        def grab(x, hook, _mask=mask):
+            name = hook.name
+            for h in hooks:
+                if lm.model.hook_dict[h].name == name:
+                    out[h].append(x[_mask].float().cpu())
+            return x
+
+        with lm.model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
+            lm.model(batch)
+    return {h: torch.cat(v) for h, v in out.items()}

