@@ -217,8 +217,11 @@ def task_manager(include_path=None, include_defaults: bool = True, metadata: dic
     """lm-eval TaskManager that knows tasks/ (mmlu_offline...) plus any extra include paths."""
     from lm_eval.tasks import TaskManager
 
-    extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
-    paths = [TASKS_DIR, *map(Path, extra)]
+    if include_path is None:
+        include_path = []
+    elif isinstance(include_path, (str, Path)):
+        include_path = [include_path]
+    paths = [TASKS_DIR, *map(Path, include_path)]
     check_task_yamls(paths)
     logger = logging.getLogger("lm_eval.api.task")
     if not any(isinstance(f, _DropCustomDatasetNotice) for f in logger.filters):

