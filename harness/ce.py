@@ -25,7 +25,7 @@ import torch
 
 from harness.models import LoadedModel, UserError
 from harness.saes import Replacement
-from harness.splice import Splicer, Variant, splice_hooks
+from harness.splice import Splicer, Variant, short_hook, splice_hooks
 
 METRIC_KEYS = [
     "variant", "saes", "hooks", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "dce",
@@ -75,23 +75,20 @@ def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
     return splicer.splice_mask(tokens, None)[:, :-1]
 
 
-def baseline_variants(variants: list[Variant]) -> tuple[list[Variant], dict[str, tuple[str, str]]]:
-    """The zero and mean variants each spliced variant needs, at exactly its hooks."""
+def baseline_name(kind: str, hooks: list[str]) -> str:
+    return "+".join(f"{kind}@{short_hook(h)}" for h in hooks)
+
+
+def baseline_variants(variants: list[Variant]) -> list[Variant]:
+    """The zero and mean variants the spliced variants need, at exactly their hooks."""
     extra: dict[str, Variant] = {}
-    refs: dict[str, tuple[str, str]] = {}
     for v in variants:
-        if not v.parts:
-            continue
-        names = []
         for kind in ("zero", "mean"):
-            hooks = v.hooks
-            name = f"{kind}@{'+'.join(hooks)}"
-            if name not in extra:
-                parts = {h: Replacement(name=kind, spec=f"{kind}@{h}", kind=kind, hook=h) for h in hooks}
+            name = baseline_name(kind, v.hooks)
+            if v.parts and name not in extra:
+                parts = {h: Replacement(name=kind, spec=f"{kind}@{h}", kind=kind, hook=h) for h in v.hooks}
                 extra[name] = Variant(name, parts)
-            names.append(name)
-        refs[v.name] = (names[0], names[1])
-    return list(extra.values()), refs
+    return list(extra.values())
 
 
 def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, batch_size: int = 8,
@@ -100,9 +97,10 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass. Returns records and arrays."""
     from harness.splice import collect_activations
 
-    extra, refs = baseline_variants(variants)
     names = [v.name for v in variants]
-    all_variants = [v for v in variants if v.name != "clean"] + [e for e in extra if e.name not in names]
+    all_variants = [v for v in variants if v.parts]
+    all_variants += [e for e in baseline_variants(variants) if e.name not in names]
+    refs = {v.name: (baseline_name("zero", v.hooks), baseline_name("mean", v.hooks)) for v in all_variants}
     hooks = sorted({h for v in all_variants for h in v.hooks})
     splicer = Splicer(lm, hooks)
 

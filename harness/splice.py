@@ -54,6 +54,11 @@ class Prefix:
     attention_mask: torch.Tensor | None = None
 
 
+def short_hook(hook: str) -> str:
+    """`blocks.15.hook_resid_post` -> `15.resid_post`, for variant labels."""
+    return hook.replace("blocks.", "").replace("hook_", "")
+
+
 def describe_valid_hooks(names: list[str]) -> str:
     """Compress `blocks.0.hook_x .. blocks.29.hook_x` into `blocks.{0..29}.hook_x`."""
     patterns: dict[str, list[int]] = {}

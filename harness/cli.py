@@ -1,0 +1,142 @@
+"""The `sae-harness` command: thin commands over plain functions.
+
+Tables go to stdout, progress and diagnostics to stderr. A user error (bad hook, missing
+file, wrong width...) is one line on stderr and exit code 2, never a traceback. Heavy
+imports happen inside the commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Measure how much an SAE spliced into a language model damages it.")
+
+
+def user_errors(fn):
+    """Turn UserError (and bad-value errors from our own validation) into one line + exit 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from harness.models import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "transformer_lens", "sae_lens", "lm-eval", "lm_eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _progress_factory(label: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    def make(total: int):
+        progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        progress.start()
+        task = progress.add_task(label, total=total)
+
+        def update(done: int):
+            progress.update(task, completed=done)
+            if done >= total:
+                progress.stop()
+        return update
+    return make
+
+
+def print_ce_table(records: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "L0"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+
+    def f(x, p=3):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
+
+    for r in records:
+        table.add_row(r["variant"], f(r["ce_spliced"]),
+                      f"{f(r['dce'])} [{f(r['dce_ci_low'])}, {f(r['dce_ci_high'])}]",
+                      f(r["loss_recovered_zero"]), f(r["loss_recovered_mean"]), f(r["kl"]),
+                      f(r["explained_variance"]), f(r["l0"], 1))
+    Console().print(table)
+
+
+def _run_ce(cfg) -> dict:
+    from harness.runner import run_ce
+
+    result = run_ce(cfg, _progress_factory("CE suite (sequences)"))
+    print_ce_table(result["records"], f"{cfg.model}: {result['n_tokens']} tokens")
+    typer.echo(f"wrote {cfg.out} ({result['seconds']:.0f} s)", err=True)
+    return result
+
+
+@app.command()
+@user_errors
+def ce(
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m, a local HF folder, a HF id, or tl:NAME"),
+    sae: List[str] = typer.Option(..., help="SAE folder, demo name, release/sae_id, or baseline "
+                                  "(identity|zero|mean|pca:K|neurons:K)[@HOOK]; A+B splices A and B jointly"),
+    joint: bool = typer.Option(False, help="also splice all given SAEs together (one per hook)"),
+    tokens: int = typer.Option(8192, help="tokens to evaluate (held-out offline text)"),
+    ctx: int = typer.Option(128, help="sequence length"),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    seed: int = typer.Option(0),
+    out: str = typer.Option("results/ce", help="run folder to write"),
+):
+    """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
+    _quiet_libraries()
+    from harness.runner import RunConfig
+
+    _run_ce(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
+                      batch_size=batch_size, device=device, dtype=dtype, seed=seed, out=out))
+
+
+@app.command()
+@user_errors
+def run(
+    out: str = typer.Option("results/main", help="run folder to write"),
+    tokens: int = typer.Option(8192),
+    device: str = typer.Option("cpu"),
+):
+    """The main job: the embedded default model, its demo SAEs and two baselines."""
+    _quiet_libraries()
+    from harness.runner import RunConfig
+
+    _run_ce(RunConfig(out=out, tokens=tokens, device=device))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
