@@ -119,17 +119,25 @@ class Splicer:
         return Prefix(layer, resid, kwargs, tokens=tokens, attention_mask=attention_mask)
 
     @torch.no_grad()
-    def tail(self, pre: Prefix, fwd_hooks: list[tuple[str, Callable]] = ()) -> torch.Tensor:
-        """Logits [batch, pos, vocab] of the rest of the model, with the given hooks active."""
+    def tail(self, pre: Prefix, fwd_hooks: list[tuple[str, Callable]] = (),
+             positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, pos, vocab] of the rest of the model, with the given hooks active.
+
+        `positions` [batch, P] keeps only those positions' logits; on a bridge model the final
+        norm and unembedding then run on those positions alone (for multiple choice, one
+        position in hundreds: the unembedding is a large share of a small model's FLOPs)."""
         model = self.lm.model
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             if self.lm.kind == "hooked":
-                return model(pre.resid, start_at_layer=pre.layer, tokens=pre.tokens,
-                             attention_mask=pre.attention_mask)
+                logits = model(pre.resid, start_at_layer=pre.layer, tokens=pre.tokens,
+                               attention_mask=pre.attention_mask)
+                return logits if positions is None else _take(logits, positions)
             x = pre.resid
             for block in model.blocks[pre.layer:]:
                 out = block(x, **pre.kwargs)
                 x = out[0] if isinstance(out, tuple) else out
+            if positions is not None:
+                x = _take(x, positions)
             return model.unembed(model.ln_final(x))
 
     @torch.no_grad()
@@ -138,6 +146,11 @@ class Splicer:
         pre = self.prefix(tokens, attention_mask)
         mask = self.splice_mask(tokens, attention_mask)
         return self.tail(pre, splice_hooks(variant, mask, on_act) if variant else [])
+
+
+def _take(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x[b, positions[b, j]] -> [batch, P, d]."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def splice_hooks(variant: Variant, mask: torch.Tensor, on_act=None) -> list[tuple[str, Callable]]:

@@ -1,0 +1,232 @@
+"""lm-eval backend `sae-spliced`: any lm-eval task on a model with SAEs spliced in.
+
+One `SpliceEngine` holds the model and every variant of a comparison (clean, each SAE, joint
+splices, baselines). Each variant is exposed to lm-eval as its own `SplicedLM` (a TemplateLM),
+but the views share the engine: the first view to see a batch of requests runs the layers
+below the first splice point once, replays the tail once per variant, and caches every
+variant's answer. The other views' identical requests are then served from that cache, so a
+comparison of k SAEs costs one prefix plus k+1 tails, not k+1 full evaluations.
+
+Request handling follows lm-eval's HFLM exactly (tokenisation without added special tokens,
+left truncation to max_length, right padding, lm-eval's Collator with one forward per shared
+context for multiple choice), so with no SAE the log-likelihoods equal HFLM's (tested).
+Only the continuation positions go through the final norm and unembedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator
+from lm_eval.models.utils_hf import pad_and_concat
+
+from harness.models import LoadedModel, UserError, load_model
+from harness.splice import Splicer, Variant, splice_hooks
+
+
+class SpliceEngine:
+    """The model, its variants, and a cache of per-variant answers keyed by request tokens."""
+
+    def __init__(self, lm: LoadedModel, variants: list[Variant], tokenizer=None, batch_size: int = 8,
+                 max_length: int | None = None):
+        self.lm = lm
+        self.variants = variants
+        self.tokenizer = tokenizer or _hf_tokenizer(lm)
+        self.batch_size = int(batch_size)
+        self.splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}))
+        for v in variants:
+            for r in v.parts.values():
+                r.to(lm.device)
+        self.max_length = max_length or int(getattr(lm.model.cfg, "n_ctx", 2048) or 2048)
+        self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
+        self.generations: dict[tuple, str] = {}
+        self.forward_stats = {"prefix_tokens": 0, "tail_tokens": 0, "batches": 0}
+
+    def index(self, name: str) -> int:
+        for i, v in enumerate(self.variants):
+            if v.name == name:
+                return i
+        raise UserError(f"unknown variant {name!r}")
+
+    @torch.no_grad()
+    def score(self, requests: list[tuple[Any, list[int], list[int]]]) -> None:
+        """Compute and cache every variant's (logprob, is_greedy) for uncached requests."""
+        todo = [r for r in requests if (tuple(r[1]), tuple(r[2])) not in self.cache]
+        if not todo:
+            return
+
+        def sort_key(req):  # longest first, as HFLM: padding is set by the first of a batch
+            toks = req[1] + req[2]
+            return -len(toks), tuple(toks)
+
+        # One forward per group of requests sharing context + continuation[:-1] (MC choices).
+        order = Collator(todo, sort_fn=sort_key, group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
+        answers: list[list[tuple[float, bool]]] = []
+        for chunk in order.get_batched(n=self.batch_size):
+            inps, inplens, conts = [], [], []
+            for _, ctx, cont in chunk:
+                inp = torch.tensor((ctx + cont)[-(self.max_length + 1):][:-1], dtype=torch.long)
+                inps.append(inp)
+                inplens.append(len(inp))
+                conts.append(cont)
+            batch = pad_and_concat(max(inplens), inps, padding_side="right").to(self.lm.device)
+            span = max(len(c) for c in conts)
+            # Positions whose logits predict the continuation (the last `span` of each row).
+            pos = torch.tensor([[max(n - span + j, 0) for j in range(span)] for n in inplens],
+                               device=self.lm.device)
+            per_variant = self._continuation_logprobs(batch, pos)  # [n_var, B, span, V]
+            n_var = len(self.variants)
+            for row, (req, ctx, cont) in enumerate(chunk):
+                # get_cache expands one row to every request of its context group; it wants a
+                # [1, seq, vocab] tensor, so the variants ride along in the last dimension.
+                stacked = per_variant[:, row].permute(1, 0, 2).reshape(1, span, -1)
+                for _, cont_toks, lp in order.get_cache(req_str=req, cxt_toks=ctx, cont_toks=cont, logits=stacked):
+                    n = len(cont_toks)
+                    lp = lp.reshape(span, n_var, -1)[-n:]  # [n, n_var, V]
+                    target = torch.tensor(cont_toks, device=lp.device)
+                    picked = lp.gather(-1, target[:, None, None].expand(n, n_var, 1))[..., 0]
+                    greedy = (lp.argmax(-1) == target[:, None]).all(0)
+                    answers.append([(float(picked[:, v].sum()), bool(greedy[v])) for v in range(n_var)])
+        for (_, ctx, cont), ans in zip(todo, order.get_original(answers)):
+            self.cache[(tuple(ctx), tuple(cont))] = ans
+
+    def _continuation_logprobs(self, batch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        pre = self.splicer.prefix(batch)
+        mask = self.splicer.splice_mask(batch, None)
+        self.forward_stats["batches"] += 1
+        self.forward_stats["prefix_tokens"] += batch.numel()
+        out = []
+        for v in self.variants:
+            logits = self.splicer.tail(pre, splice_hooks(v, mask) if v.parts else [], positions=pos)
+            out.append(F.log_softmax(logits.float(), dim=-1))
+            self.forward_stats["tail_tokens"] += batch.numel()
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def generate(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
+        """Greedy decoding with the splice active (no KV cache: the splice mask stays exact)."""
+        tokens = torch.tensor([context[-self.max_length:]], device=self.lm.device)
+        new: list[int] = []
+        eos = self.tokenizer.eos_token_id
+        for _ in range(max_gen_toks):
+            mask = self.splicer.splice_mask(tokens, None)
+            pre = self.splicer.prefix(tokens)
+            last = torch.tensor([[tokens.shape[1] - 1]], device=tokens.device)
+            logits = self.splicer.tail(pre, splice_hooks(variant, mask) if variant.parts else [], positions=last)
+            nxt = int(logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            new.append(nxt)
+            text = self.tokenizer.decode(new)
+            if any(u in text for u in until):
+                break
+            tokens = torch.cat([tokens, torch.tensor([[nxt]], device=tokens.device)], dim=1)[:, -self.max_length:]
+        text = self.tokenizer.decode(new)
+        for u in until:
+            text = text.split(u)[0]
+        return text
+
+
+def _hf_tokenizer(lm: LoadedModel):
+    """The tokenizer HFLM would use: AutoTokenizer on the same checkpoint.
+
+    TransformerBridge configures its tokenizer to prepend BOS; lm-eval's HFLM does not, and
+    its numbers are the reference, so requests are tokenised with the plain HF tokenizer."""
+    source = lm.load_info.get("source")
+    if lm.kind == "bridge" and source:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    return lm.tokenizer
+
+
+@register_model("sae-spliced")
+class SplicedLM(TemplateLM):
+    """One variant of a SpliceEngine as an lm-eval model.
+
+    From lm-eval: `--model sae-spliced --model_args model=smollm2-135m,sae=l15-w2304-k32`
+    (`sae=A+B` splices A and B jointly; no `sae` is the clean model)."""
+
+    def __init__(self, model: str = "smollm2-135m", sae: str = "", batch_size: int | str = 8,
+                 device: str = "cpu", dtype: str = "float32", max_length: int | None = None,
+                 engine: SpliceEngine | None = None, variant: str | None = None, **kwargs):
+        super().__init__()
+        if engine is None:
+            from harness.runner import build_variants
+
+            specs = [sae] if sae else []
+            variants, repls = build_variants(specs, False, device) if specs else ([Variant("clean", {})], [])
+            kw = next((r.model_kwargs for r in repls if r.model_kwargs), {})
+            lm = load_model(model, device, dtype, kw)
+            from harness.runner import check_compatible
+
+            check_compatible(lm, repls)
+            engine = SpliceEngine(lm, variants[-1:], batch_size=int(batch_size) if batch_size != "auto" else 8,
+                                  max_length=max_length)
+            variant = variants[-1].name
+        self.engine = engine
+        self.variant_index = engine.index(variant or engine.variants[0].name)
+        self.tokenizer = engine.tokenizer
+
+    @property
+    def variant(self) -> Variant:
+        return self.engine.variants[self.variant_index]
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.engine.max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is None:
+            return self.tokenizer.encode(string)
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        self.engine.score(requests)
+        return [self.engine.cache[(tuple(c), tuple(t))][self.variant_index] for _, c, t in requests]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (string,) in [r.args for r in requests]:
+            windows = [(None,) + w for w in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))]
+            out.append(sum(ll for ll, _ in self._loglikelihood_tokens(windows)))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for context, gen_kwargs in [r.args for r in requests]:
+            until = gen_kwargs.get("until", [self.tok_decode([self.eot_token_id])])
+            until = [until] if isinstance(until, str) else list(until)
+            max_gen = int(gen_kwargs.get("max_gen_toks", 256))
+            key = (self.variant.name, context, tuple(until), max_gen)
+            if key not in self.engine.generations:
+                ctx = self.tok_encode(context)
+                self.engine.generations[key] = self.engine.generate(self.variant, ctx, until, max_gen)
+            out.append(self.engine.generations[key])
+        return out
+
+
+def variant_views(lm: LoadedModel, variants: list[Variant], batch_size: int = 8,
+                  max_length: int | None = None) -> list[SplicedLM]:
+    """One lm-eval model per variant, all sharing one engine (and so one pass)."""
+    engine = SpliceEngine(lm, variants, batch_size=batch_size, max_length=max_length)
+    return [SplicedLM(engine=engine, variant=v.name) for v in variants]
