@@ -45,7 +45,7 @@ class SpliceEngine:
         self.max_length = max_length or int(getattr(lm.model.cfg, "n_ctx", 2048) or 2048)
         self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
         self.generations: dict[tuple, str] = {}
-        self.forward_stats = {"prefix_tokens": 0, "tail_tokens": 0, "batches": 0}
+        self.forward_stats = {"tokens": 0, "batches": 0}
 
     def index(self, name: str) -> int:
         for i, v in enumerate(self.variants):
@@ -96,16 +96,17 @@ class SpliceEngine:
             self.cache[(tuple(ctx), tuple(cont))] = ans
 
     def _continuation_logprobs(self, batch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        pre = self.splicer.prefix(batch)
-        mask = self.splicer.splice_mask(batch, None)
+        """[n_variants, batch, P, vocab] log-probs at `pos`, in self.variants order."""
         self.forward_stats["batches"] += 1
-        self.forward_stats["prefix_tokens"] += batch.numel()
-        out = []
-        for v in self.variants:
-            logits = self.splicer.tail(pre, splice_hooks(v, mask) if v.parts else [], positions=pos)
-            out.append(F.log_softmax(logits.float(), dim=-1))
-            self.forward_stats["tail_tokens"] += batch.numel()
-        return torch.stack(out)
+        self.forward_stats["tokens"] += batch.numel()
+        clean, spliced = None, {}
+        for v, logits in self.splicer.run_variants(batch, [v for v in self.variants if v.parts], positions=pos):
+            lp = F.log_softmax(logits.float(), dim=-1)
+            if v is None:
+                clean = lp
+            else:
+                spliced[v.name] = lp
+        return torch.stack([spliced[v.name] if v.parts else clean for v in self.variants])
 
     @torch.no_grad()
     def generate(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
@@ -115,7 +116,7 @@ class SpliceEngine:
         eos = self.tokenizer.eos_token_id
         for _ in range(max_gen_toks):
             mask = self.splicer.splice_mask(tokens, None)
-            pre = self.splicer.prefix(tokens)
+            pre = self.splicer.branch_points(tokens)[self.splicer.variant_layer(variant)]
             last = torch.tensor([[tokens.shape[1] - 1]], device=tokens.device)
             logits = self.splicer.tail(pre, splice_hooks(variant, mask) if variant.parts else [], positions=last)
             nxt = int(logits[0, -1].argmax())
@@ -230,3 +231,26 @@ def variant_views(lm: LoadedModel, variants: list[Variant], batch_size: int = 8,
     """One lm-eval model per variant, all sharing one engine (and so one pass)."""
     engine = SpliceEngine(lm, variants, batch_size=batch_size, max_length=max_length)
     return [SplicedLM(engine=engine, variant=v.name) for v in variants]
+
+
+def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], task_manager=None,
+                   batch_size: int = 8, max_length: int | None = None, progress=None,
+                   **lm_eval_kwargs) -> dict[str, dict]:
+    """`lm_eval.simple_evaluate` for every variant, sharing one engine (one pass over the data).
+
+    Returns {variant name: lm-eval results dict}. Extra keyword arguments (limit, num_fewshot,
+    log_samples, ...) go to simple_evaluate unchanged."""
+    import lm_eval
+
+    views = variant_views(lm, variants, batch_size, max_length)
+    out = {}
+    for i, view in enumerate(views):
+        try:
+            out[view.variant.name] = lm_eval.simple_evaluate(model=view, tasks=list(tasks),
+                                                             task_manager=task_manager, **lm_eval_kwargs)
+        except KeyError as e:  # lm-eval raises KeyError for task names it cannot find
+            raise UserError(f"unknown task {e}; list tasks with `lm-eval ls tasks`") from None
+        if progress is not None:
+            progress(i + 1)
+    out["__engine__"] = views[0].engine.forward_stats if views else {}
+    return out

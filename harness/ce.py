@@ -25,7 +25,7 @@ import torch
 
 from harness.models import LoadedModel, UserError
 from harness.saes import Replacement
-from harness.splice import Splicer, Variant, short_hook, splice_hooks
+from harness.splice import Splicer, Variant, calibrate, short_hook
 
 METRIC_KEYS = [
     "variant", "saes", "hooks", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "dce",
@@ -95,8 +95,6 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
              progress=None) -> dict:
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass. Returns records and arrays."""
-    from harness.splice import collect_activations
-
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
@@ -104,17 +102,7 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     hooks = sorted({h for v in all_variants for h in v.hooks})
     splicer = Splicer(lm, hooks)
 
-    # Calibrate mean / PCA replacements on a separate batch (never the evaluated tokens).
-    to_fit = [r for v in all_variants for r in v.parts.values() if r.needs_calibration and r.mean is None]
-    if to_fit:
-        if calib_tokens is None:
-            raise UserError("mean/pca baselines need calibration tokens")
-        acts = collect_activations(lm, sorted({r.hook for r in to_fit}), calib_tokens, batch_size, splicer)
-        for r in to_fit:
-            r.fit(acts[r.hook])
-    for v in all_variants:
-        for r in v.parts.values():
-            r.to(lm.device)
+    calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
 
     sums = {v.name: VariantSums() for v in all_variants}
     clean = VariantSums()
@@ -122,27 +110,25 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     for i in range(0, len(tokens), batch_size):
         batch = tokens[i:i + batch_size].to(lm.device)
         in_t = token_set(batch, splicer)
-        splice_mask = splicer.splice_mask(batch, None)
-        stat_mask = torch.zeros_like(splice_mask)
+        stat_mask = torch.zeros_like(batch, dtype=torch.bool)
         stat_mask[:, :-1] = in_t
         targets = batch[:, 1:]
-        pre = splicer.prefix(batch)
-        logp_clean = torch.log_softmax(splicer.tail(pre)[:, :-1].float(), dim=-1)
-        # KL(p || q) = sum p log p - sum p log q: the first term once per batch, not per variant.
-        p_clean = logp_clean.exp()
-        clean_ref = (p_clean, (p_clean * logp_clean).sum(-1))
-        _fold(clean, logp_clean, None, targets, in_t)
-        for v in all_variants:
-            acc = sums[v.name]
 
-            def on_act(hook, x, x_hat, latents, _acc=acc):
-                stats = _acc.hooks.setdefault(hook, HookStats())
-                stats.add(x[stat_mask], x_hat[stat_mask], None if latents is None else latents[stat_mask])
+        def on_act(v, hook, x, x_hat, latents):
+            stats = sums[v.name].hooks.setdefault(hook, HookStats())
+            stats.add(x[stat_mask], x_hat[stat_mask], None if latents is None else latents[stat_mask])
 
-            logits = splicer.tail(pre, splice_hooks(v, splice_mask, on_act))
+        clean_ref = None
+        for v, logits in splicer.run_variants(batch, all_variants, on_act=on_act):
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            _fold(acc, logp, clean_ref, targets, in_t)
-            del logits, logp
+            del logits
+            if v is None:  # the clean pass comes first
+                # KL(p || q) = sum p log p - sum p log q: the first term once per batch.
+                p_clean = logp.exp()
+                clean_ref = (p_clean, (p_clean * logp).sum(-1))
+                _fold(clean, logp, None, targets, in_t)
+            else:
+                _fold(sums[v.name], logp, clean_ref, targets, in_t)
         if progress is not None:
             progress(min(i + batch_size, len(tokens)))
     seconds = time.perf_counter() - t0

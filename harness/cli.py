@@ -51,11 +51,11 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _progress_factory(label: str):
+def _progress_factory():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    def make(total: int):
+    def make(label: str, total: int):
         progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=Console(stderr=True), transient=False)
         progress.start()
@@ -88,13 +88,46 @@ def print_ce_table(records: list[dict], title: str) -> None:
     Console().print(table)
 
 
-def _run_ce(cfg) -> dict:
-    from harness.runner import run_ce
+def _run(cfg, stages) -> dict:
+    import time
 
-    result = run_ce(cfg, _progress_factory("CE suite (sequences)"))
-    print_ce_table(result["records"], f"{cfg.model}: {result['n_tokens']} tokens")
-    typer.echo(f"wrote {cfg.out} ({result['seconds']:.0f} s)", err=True)
+    from harness.runner import run_job
+
+    t0 = time.perf_counter()
+    result = run_job(cfg, stages, _progress_factory())
+    if "ce" in stages:
+        print_ce_table(result["records"], f"{cfg.model}: cross-entropy on {result['n_tokens']} held-out tokens")
+    if "mmlu" in stages:
+        print_mmlu_table(result["mmlu"]["per_question"], cfg)
+    typer.echo(f"wrote {cfg.out} in {time.perf_counter() - t0:.0f} s", err=True)
     return result
+
+
+def print_mmlu_table(per_question, cfg) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness import tables
+
+    cat = tables.category_table(per_question, n_boot=cfg.n_boot, seed=cfg.seed)
+    cat = cat[cat["weighting"] == "question"]
+    n = int(cat[(cat["group"] == "all")]["n"].iloc[0])
+    table = Table(title=f"MMLU by category ({n} questions; delta vs clean, 95% paired bootstrap CI, McNemar p)")
+    table.add_column("variant")
+    groups = list(dict.fromkeys(cat["group"]))
+    for g in groups:
+        table.add_column(g, justify="right")
+    for v in dict.fromkeys(cat["variant"]):
+        rows = cat[cat["variant"] == v].set_index("group")
+        cells = []
+        for g in groups:
+            r = rows.loc[g]
+            if v == "clean":
+                cells.append(f"{r['acc']:.3f}")
+            else:
+                cells.append(f"{r['acc']:.3f} ({r['delta']:+.3f} [{r['delta_lo']:+.3f},{r['delta_hi']:+.3f}] p={r['p_mcnemar']:.2g})")
+        table.add_row(v, *cells)
+    Console(width=200).print(table)
 
 
 @app.command()
@@ -116,22 +149,28 @@ def ce(
     _quiet_libraries()
     from harness.runner import RunConfig
 
-    _run_ce(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
-                      batch_size=batch_size, device=device, dtype=dtype, seed=seed, out=out))
+    _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
+                   batch_size=batch_size, device=device, dtype=dtype, seed=seed, out=out), ("ce",))
 
 
 @app.command()
 @user_errors
 def run(
     out: str = typer.Option("results/main", help="run folder to write"),
-    tokens: int = typer.Option(8192),
+    tokens: int = typer.Option(8192, help="held-out tokens for the CE suite"),
+    mmlu_limit: int = typer.Option(5, help="MMLU questions per subject"),
+    full: bool = typer.Option(False, "--full", help="all 14,042 MMLU questions"),
     device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    batch_size: int = typer.Option(8),
 ):
-    """The main job: the embedded default model, its demo SAEs and two baselines."""
+    """The main job: the embedded default model, its demo SAEs and two baselines; CE suite and
+    MMLU by category."""
     _quiet_libraries()
     from harness.runner import RunConfig
 
-    _run_ce(RunConfig(out=out, tokens=tokens, device=device))
+    _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, batch_size=batch_size,
+                   mmlu_limit=None if full else mmlu_limit), ("ce", "mmlu"))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -41,6 +41,7 @@ class LoadedModel:
     n_layers: int
     d_model: int
     load_info: dict = field(default_factory=dict)
+    calibration_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:

@@ -22,7 +22,7 @@ import torch
 from harness import data
 from harness.models import EMBEDDED_DEFAULT, LoadedModel, UserError, load_model
 from harness.saes import Replacement, describe, load_replacement, resolve_hooks, same_model
-from harness.splice import Variant, activation_widths, short_hook
+from harness.splice import Variant, activation_widths, calibrate, short_hook
 
 DEFAULT_SAES = ["l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32",
                 "l15-w2304-k32+l22-w1152-k32", "pca:32", "neurons:32"]
@@ -41,6 +41,8 @@ class RunConfig:
     dtype: str = "float32"
     seed: int = 0
     n_boot: int = 1000
+    mmlu_limit: int | None = 5  # questions per subject; None = all 14,042
+    num_fewshot: int | None = None
     out: str = "results/latest"
 
     def __post_init__(self):
@@ -52,6 +54,8 @@ class RunConfig:
             raise UserError("--batch-size must be positive")
         if not self.saes:
             raise UserError("give at least one --sae")
+        if self.mmlu_limit is not None and self.mmlu_limit < 1:
+            raise UserError("--mmlu-limit must be positive")
 
     @property
     def n_seq(self) -> int:
@@ -138,10 +142,8 @@ def model_hash(lm: LoadedModel) -> dict:
     return {p.name: sha256(p) for p in sorted(Path(source).glob("*.safetensors"))}
 
 
-def run_ce(cfg: RunConfig, progress_factory=None) -> dict:
-    """Load, evaluate every variant on the held-out offline text, write the run folder."""
-    from harness import ce
-
+def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> dict:
+    """Load the model and SAEs once, run the stages ("ce", "mmlu"), write one run folder."""
     out = Path(cfg.out)
     variants, repls = build_variants(cfg.saes, cfg.joint, cfg.device)
     kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
@@ -153,17 +155,83 @@ def run_ce(cfg: RunConfig, progress_factory=None) -> dict:
         calib = data.pack(lm.tokenizer, data.documents("train-prose"), cfg.calib_seqs, cfg.ctx)
     except ValueError as e:
         raise UserError(str(e)) from None
-    progress = progress_factory(len(tokens)) if progress_factory else None
-    result = ce.evaluate(lm, variants, tokens, cfg.batch_size, calib, cfg.n_boot, cfg.seed, progress)
+    calibrate(lm, repls, calib, cfg.batch_size)
     config = {
-        "run": asdict(cfg), "model": lm.load_info | {"hashes": model_hash(lm)},
+        "run": asdict(cfg), "stages": list(stages), "model": lm.load_info | {"hashes": model_hash(lm)},
         "saes": [describe(r) for r in repls], "variants": {v.name: v.hooks for v in variants},
-        "hooks": sorted({r.hook for r in repls}), "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
-        "data": "offline pydoc topics, eval split (harness/data.py)", "versions": versions(),
-        "machine": machine(), "wall_seconds_eval": result["seconds"], "shared_prefix_layer": result["start_layer"],
+        "hooks": sorted({r.hook for r in repls}), "versions": versions(), "machine": machine(),
+        "calibration": f"{cfg.calib_seqs} x {cfg.ctx} tokens of the train-prose split",
     }
-    write_run(out, config, result, tokens)
-    return {"config": config, **result}
+    result: dict = {"config": config}
+    with staging(out) as tmp:
+        if "ce" in stages:
+            from harness import ce
+
+            progress = progress_factory("CE suite", len(tokens)) if progress_factory else None
+            res = ce.evaluate(lm, variants, tokens, cfg.batch_size, calib, cfg.n_boot, cfg.seed, progress)
+            config.update(tokens_sha256=hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+                          data="offline pydoc topics, eval split (harness/data.py)",
+                          ce_seconds=res["seconds"], shared_prefix_layer=res["start_layer"])
+            write_ce(tmp, res, tokens)
+            result.update(res)
+        if "mmlu" in stages:
+            progress = progress_factory("MMLU (variants)", len(variants)) if progress_factory else None
+            res = run_mmlu(lm, variants, cfg, progress)
+            config.update(mmlu_seconds=res["seconds"], mmlu_engine=res["engine"],
+                          mmlu_questions=int(res["per_question"]["doc_id"].count() // len(variants)))
+            write_mmlu(tmp, res["per_question"], res["aggregate"], cfg)
+            result.update(mmlu=res)
+        write_text(tmp / "config.json", json.dumps(config, indent=2, default=str))
+    return result
+
+
+def run_mmlu(lm: LoadedModel, variants: list[Variant], cfg: RunConfig, progress=None) -> dict:
+    """Offline MMLU (all 57 subjects, `mmlu_limit` questions each unless None) for every variant."""
+    import time
+
+    from harness import mmlu
+    from harness.backend import evaluate_tasks
+
+    t0 = time.perf_counter()
+    results = evaluate_tasks(lm, variants, ["mmlu_offline"], mmlu.task_manager(), batch_size=cfg.batch_size,
+                             progress=progress, limit=cfg.mmlu_limit, num_fewshot=cfg.num_fewshot,
+                             log_samples=True, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                             torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    engine = results.pop("__engine__")
+    frames = [mmlu.per_question_from_samples(r["samples"], name) for name, r in results.items()]
+    aggregate = {name: r["results"] for name, r in results.items()}
+    return {"per_question": pd.concat(frames, ignore_index=True), "aggregate": aggregate,
+            "engine": engine, "seconds": time.perf_counter() - t0}
+
+
+class staging:
+    """Build a run folder under a temporary name; rename it into place only on success."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.out.exists():  # replace an older run only once the new one is complete
+            old = self.out.with_name(f".{self.out.name}.old{os.getpid()}")
+            self.out.replace(old)
+            self.tmp.replace(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.replace(self.out)
+        return False
+
+
+def write_text(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
 def ce_frame(records: list[dict]) -> pd.DataFrame:
@@ -183,23 +251,22 @@ def ce_markdown(df: pd.DataFrame) -> str:
     return view.to_markdown(index=False, floatfmt=".4f")
 
 
-def write_run(out: Path, config: dict, result: dict, tokens: torch.Tensor) -> None:
-    tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def write_ce(folder: Path, result: dict, tokens: torch.Tensor) -> None:
     records = result["records"]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    (tmp / "metrics.json").write_text(json.dumps(records, indent=2))
-    np.save(tmp / "tokens.npy", tokens.numpy())
-    np.savez_compressed(tmp / "per_token_dce.npz", **{k.replace("/", "_"): v for k, v in result["per_token_dce"].items()})
+    write_text(folder / "metrics.json", json.dumps(records, indent=2))
+    np.save(folder / "tokens.npy", tokens.numpy())
+    np.savez_compressed(folder / "per_token_dce.npz", **result["per_token_dce"])
     df = ce_frame(records)
-    df.to_csv(tmp / "ce.csv", index=False)
-    (tmp / "ce.md").write_text(ce_markdown(df) + "\n")
-    # Replace an older run of the same name only once the new one is complete.
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        out.replace(old)
-        tmp.replace(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.replace(out)
+    df.to_csv(folder / "ce.csv", index=False)
+    write_text(folder / "ce.md", ce_markdown(df) + "\n")
+
+
+def write_mmlu(folder: Path, per_question: pd.DataFrame, aggregate: dict, cfg: RunConfig) -> None:
+    from harness import tables
+
+    tables.save_per_question(per_question, folder)
+    write_text(folder / "lm_eval_results.json", json.dumps(aggregate, indent=2, default=str))
+    for level in ("category", "subject"):
+        for fmt, ext in (("md", "md"), ("csv", "csv"), ("latex", "tex"), ("json", "json")):
+            text = tables.build_table([folder], level, fmt, n_boot=cfg.n_boot, seed=cfg.seed)
+            write_text(folder / f"mmlu_{level}.{ext}", text)

@@ -80,7 +80,9 @@ class Splicer:
         for hook in hooks:
             if hook not in valid:
                 raise UserError(f"unknown hook {hook!r}; valid hooks: {describe_valid_hooks(sorted(valid))}")
-        self.start_layer = min((hook_layer(h) for h in hooks), default=lm.n_layers)
+        # Layers where some variant branches off the clean pass (bridge tails need >= 1 block).
+        self.layers = sorted({min(hook_layer(h), lm.n_layers - 1) for h in hooks}) or [lm.n_layers - 1]
+        self.start_layer = self.layers[0]
         self.special_ids = torch.tensor(lm.special_ids(), dtype=torch.long)
 
     # -- masks -------------------------------------------------------------------------
@@ -92,6 +94,37 @@ class Splicer:
         return keep
 
     # -- prefix / tail -----------------------------------------------------------------
+    def variant_layer(self, variant: Variant | None) -> int:
+        """The layer a variant's tail starts at: the block of its first hook."""
+        if variant is None or not variant.parts:
+            return self.layers[-1]
+        return min(min(hook_layer(h), self.lm.n_layers - 1) for h in variant.hooks)
+
+    @torch.no_grad()
+    def branch_points(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[int, Prefix]:
+        """Clean residuals entering every branch layer, from one clean pass.
+
+        A variant whose first hook is in block L only replays blocks L.. from here: with hooks
+        at layers 15 and 22, the layer-22 variants skip blocks 15-21 too."""
+        out = {self.layers[0]: self.prefix(tokens, attention_mask)}
+        for prev, layer in zip(self.layers, self.layers[1:]):
+            out[layer] = self.advance(out[prev], layer)
+        return out
+
+    @torch.no_grad()
+    def advance(self, pre: Prefix, layer: int) -> Prefix:
+        """Run the clean blocks [pre.layer, layer) and return the prefix at `layer`."""
+        model = self.lm.model
+        if self.lm.kind == "hooked":
+            resid = model(pre.resid, start_at_layer=pre.layer, stop_at_layer=layer, tokens=pre.tokens,
+                          attention_mask=pre.attention_mask)
+            return Prefix(layer, resid, tokens=pre.tokens, attention_mask=pre.attention_mask)
+        x = pre.resid
+        for block in model.blocks[pre.layer:layer]:
+            out = block(x, **pre.kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+        return Prefix(layer, x, pre.kwargs, pre.tokens, pre.attention_mask)
+
     @torch.no_grad()
     def prefix(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Prefix:
         layer = self.start_layer
@@ -99,8 +132,6 @@ class Splicer:
         if self.lm.kind == "hooked":
             resid = model(tokens, stop_at_layer=layer, attention_mask=attention_mask)
             return Prefix(layer, resid, tokens=tokens, attention_mask=attention_mask)
-        if layer >= self.lm.n_layers:  # nothing to splice: run everything in the tail
-            layer = self.lm.n_layers - 1
         captured: dict[str, Any] = {}
 
         def grab(module, args, kwargs):
@@ -146,6 +177,16 @@ class Splicer:
         pre = self.prefix(tokens, attention_mask)
         mask = self.splice_mask(tokens, attention_mask)
         return self.tail(pre, splice_hooks(variant, mask, on_act) if variant else [])
+
+    def run_variants(self, tokens, variants: list[Variant], attention_mask=None, positions=None, on_act=None):
+        """Yield (variant, logits) for every variant of one batch, clean first, sharing the
+        clean pass up to each variant's first hook. `on_act(variant, ...)` gets activations."""
+        points = self.branch_points(tokens, attention_mask)
+        mask = self.splice_mask(tokens, attention_mask)
+        yield None, self.tail(points[self.layers[-1]], positions=positions)
+        for v in variants:
+            act = (lambda *a, _v=v: on_act(_v, *a)) if on_act else None
+            yield v, self.tail(points[self.variant_layer(v)], splice_hooks(v, mask, act), positions)
 
 
 def _take(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -203,6 +244,26 @@ def collect_activations(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor,
                     out[h].append(x[_mask].float().cpu())
             return x
 
+        last = max(hook_layer(h) for h in hooks) + 1  # no need to run the blocks above
         with lm.model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
-            lm.model(batch)
+            lm.model(batch, stop_at_layer=last if last < lm.n_layers else None)
     return {h: torch.cat(v) for h, v in out.items()}
+
+
+def calibrate(lm: LoadedModel, replacements: list[Replacement], calib_tokens: torch.Tensor | None,
+              batch_size: int = 8) -> None:
+    """Fit mean / PCA replacements on clean calibration activations (never the evaluated tokens),
+    and move every replacement to the model's device. Already fitted ones are left alone."""
+    to_fit = [r for r in replacements if r.needs_calibration and r.mean is None]
+    if to_fit:
+        if calib_tokens is None:
+            raise UserError("mean/pca baselines need calibration tokens")
+        key = hash(calib_tokens.numpy().tobytes())
+        cache = lm.calibration_cache.setdefault(key, {})  # hook -> activations, reused across calls
+        missing = sorted({r.hook for r in to_fit} - set(cache))
+        if missing:
+            cache.update(collect_activations(lm, missing, calib_tokens, batch_size))
+        for r in to_fit:
+            r.fit(cache[r.hook])
+    for r in replacements:
+        r.to(lm.device)
