@@ -74,18 +74,24 @@ def print_ce_table(records: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "L0"):
+    law = records[0].get("law")
+    cols = ["variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "L0"]
+    if law:
+        cols.append(f"C_eff/C ({law}) [95% CI]")
+    for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
 
     def f(x, p=3):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
 
     for r in records:
-        table.add_row(r["variant"], f(r["ce_spliced"]),
-                      f"{f(r['dce'])} [{f(r['dce_ci_low'])}, {f(r['dce_ci_high'])}]",
-                      f(r["loss_recovered_zero"]), f(r["loss_recovered_mean"]), f(r["kl"]),
-                      f(r["explained_variance"]), f(r["l0"], 1))
-    Console().print(table)
+        row = [r["variant"], f(r["ce_spliced"]), f"{f(r['dce'])} [{f(r['dce_ci_low'])}, {f(r['dce_ci_high'])}]",
+               f(r["loss_recovered_zero"]), f(r["loss_recovered_mean"]), f(r["kl"]),
+               f(r["explained_variance"]), f(r["l0"], 1)]
+        if law:
+            row.append(f"{r['compute_fraction']:.3g} [{r['compute_fraction_low']:.3g}, {r['compute_fraction_high']:.3g}]")
+        table.add_row(*row)
+    Console(width=220).print(table)
 
 
 def _run(cfg, stages) -> dict:
@@ -143,6 +149,7 @@ def ce(
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     seed: int = typer.Option(0),
+    law: str = typer.Option("hoffmann", help="scaling law for compute-equivalents: preset or LAW.json"),
     out: str = typer.Option("results/ce", help="run folder to write"),
 ):
     """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
@@ -150,7 +157,7 @@ def ce(
     from harness.runner import RunConfig
 
     _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
-                   batch_size=batch_size, device=device, dtype=dtype, seed=seed, out=out), ("ce",))
+                   batch_size=batch_size, device=device, dtype=dtype, seed=seed, law=law, out=out), ("ce",))
 
 
 @app.command()
@@ -171,6 +178,81 @@ def run(
 
     _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, batch_size=batch_size,
                    mmlu_limit=None if full else mmlu_limit), ("ce", "mmlu"))
+
+
+def _value_errors_as_user_errors(fn):
+    """Library functions (scaling, tables) raise ValueError for bad input: one line, exit 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+@app.command("fit-law")
+@_value_errors_as_user_errors
+def fit_law(
+    points: str = typer.Argument(..., help="CSV with columns N, D (or C) and loss"),
+    out: Optional[str] = typer.Option(None, help="write the law as JSON here"),
+    lowest: Optional[int] = typer.Option(None, help="keep the K lowest-loss points"),
+    n_boot: int = typer.Option(200, help="bootstrap resamples for the intervals"),
+    seed: int = typer.Option(0),
+):
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al.'s procedure) with bootstrap intervals."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness import scaling
+    from harness.tables import write_atomic
+
+    N, D, loss = scaling.read_points(points, lowest)
+    law = scaling.fit_law(N, D, loss, n_boot=n_boot, seed=seed, name=points)
+    d = law.to_json()
+    table = Table(title=f"L(N, D) = E + A/N^alpha + B/D^beta fitted on {len(loss)} points (95% bootstrap)")
+    for col in ("param", "value", "low", "high"):
+        table.add_column(col, justify="left" if col == "param" else "right")
+    for p in scaling.PARAMS:
+        table.add_row(p, f"{d[p]:.6g}", f"{d[p + '_low']:.6g}", f"{d[p + '_high']:.6g}")
+    Console().print(table)
+    if out:
+        write_atomic(out, json.dumps(d, indent=2) + "\n")
+        typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+@_value_errors_as_user_errors
+def equiv(
+    clean: float = typer.Option(..., help="clean model's loss (nats/token)"),
+    spliced: float = typer.Option(..., help="spliced model's loss (nats/token)"),
+    law: str = typer.Option("hoffmann", help="hoffmann, hoffmann-exact, epoch, kaplan, or a LAW.json"),
+    params: Optional[float] = typer.Option(None, help="model parameters N"),
+    tokens: Optional[float] = typer.Option(None, help="training tokens D"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Compute-equivalents of a loss increase: fraction of training compute (and N_eff/N, D_eff/D)."""
+    import json
+
+    from harness import scaling
+
+    result = scaling.equivalents(scaling.load_law(law), clean, spliced, params, tokens)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"law {result['law']}: clean {clean:.4f} -> spliced {spliced:.4f} nats/token")
+    for key, label in (("compute_fraction", "compute fraction C_eff/C"), ("n_eff_frac", "N_eff/N (fixed tokens)"),
+                       ("d_eff_frac", "D_eff/D (fixed size)")):
+        if key in result:
+            typer.echo(f"  {label:<26} {result[key]:.4g}")
+    for row in result.get("compute_fraction_over_E", []):
+        f = "-" if row["fraction"] is None else f"{row['fraction']:.4g}"
+        typer.echo(f"  if E were {row['E']:.3f}: compute fraction {f}")
+    for name, text in result["assumptions"].items():
+        typer.echo(f"[{name}] {text}", err=True)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -41,6 +41,7 @@ class RunConfig:
     dtype: str = "float32"
     seed: int = 0
     n_boot: int = 1000
+    law: str = "hoffmann"  # scaling law for compute-equivalents: preset name or LAW.json
     mmlu_limit: int | None = 5  # questions per subject; None = all 14,042
     num_fewshot: int | None = None
     out: str = "results/latest"
@@ -172,6 +173,7 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> dict:
             config.update(tokens_sha256=hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
                           data="offline pydoc topics, eval split (harness/data.py)",
                           ce_seconds=res["seconds"], shared_prefix_layer=res["start_layer"])
+            config["compute_equivalents"] = add_compute_equivalents(res["records"], cfg.law, tmp)
             write_ce(tmp, res, tokens)
             result.update(res)
         if "mmlu" in stages:
@@ -247,8 +249,53 @@ def ce_markdown(df: pd.DataFrame) -> str:
             "kl": "KL", "explained_variance": "EV", "l0": "L0", "dead_frac": "dead"}
     view = df.copy()
     view["dce_ci"] = [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(df.dce_ci_low, df.dce_ci_high)]
+    if "compute_fraction" in df:
+        law = df["law"].iloc[0]
+        cols[f"C_eff/C ({law})"] = f"C_eff/C ({law})"
+        view[f"C_eff/C ({law})"] = [f"{f:.3g} [{lo:.3g}, {hi:.3g}]" for f, lo, hi in
+                                   zip(df.compute_fraction, df.compute_fraction_low, df.compute_fraction_high)]
     view = view[list(cols)].rename(columns=cols)
     return view.to_markdown(index=False, floatfmt=".4f")
+
+
+def add_compute_equivalents(records: list[dict], law_spec: str, folder: Path) -> dict:
+    """Add compute_fraction (+ interval from the dCE CI) to every record; plot; return details.
+
+    With a preset law the fraction also comes over a range of E (E belongs to the preset's
+    corpus and tokenizer, not to this model's), saved in compute_equivalents.json."""
+    from harness import scaling
+
+    try:
+        law = scaling.load_law(law_spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    details = {"law": law_spec, "variants": {}}
+    clean = records[0]["ce_clean"]
+    for rec in records:
+        rec["law"] = law_spec
+        try:
+            eq = scaling.equivalents(law, clean, rec["ce_spliced"])
+            ci = scaling.fraction_interval(law, clean, (rec["dce_ci_low"], rec["dce_ci_high"]))
+        except ValueError as e:  # e.g. a loss below the law's E
+            rec.update(compute_fraction=float("nan"), compute_fraction_low=float("nan"),
+                       compute_fraction_high=float("nan"))
+            details["variants"][rec["variant"]] = {"error": str(e)}
+            continue
+        rec.update(compute_fraction=eq["compute_fraction"], compute_fraction_low=ci["low"],
+                   compute_fraction_high=ci["high"])
+        if "n_eff_frac" in eq:
+            rec["n_eff_frac"] = eq["n_eff_frac"]
+        details["variants"][rec["variant"]] = {k: v for k, v in eq.items() if k != "assumptions"}
+        details["assumptions"] = eq["assumptions"]
+    write_text(folder / "compute_equivalents.json", json.dumps(details, indent=2))
+    points = [("clean", clean)] + [(r["variant"], r["ce_spliced"]) for r in records[1:]
+                                   if not (r["variant"].startswith(("zero@", "mean@")))
+                                   and np.isfinite(r["compute_fraction"])]
+    band = None
+    if isinstance(law, scaling.Law):
+        band = (0.5 * law.E, min(1.5 * law.E, 0.95 * clean))
+    scaling.plot_compute(law, points, folder / "compute.png", E_band=band)
+    return {"law": law_spec, "E_band": band}
 
 
 def write_ce(folder: Path, result: dict, tokens: torch.Tensor) -> None:

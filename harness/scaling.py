@@ -546,3 +546,93 @@ def plot_compute(law, points, out_png, C_clean=None, E_band=None):
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     return out_png
+
+
+# --------------------------------------------------------------------------- glue for the CLI
+
+def load_law(spec: str):
+    """A preset name, or a JSON file written by `sae-harness fit-law` (full law or curve)."""
+    import json
+    from pathlib import Path
+
+    if spec in PRESETS:
+        return preset(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"law {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if "var" in d:
+        return Curve.from_json(d)
+    missing = [p for p in PARAMS if p not in d]
+    if missing:
+        raise ValueError(f"{path} lacks law parameters {missing}")
+    return Law.from_json(d)
+
+
+def equivalents(law, L_clean: float, L_spliced: float, N: float | None = None,
+                D: float | None = None) -> dict:
+    """Every compute-equivalent the given law and sizes allow, as one flat dict.
+
+    compute_fraction: frontier reading (full laws and Kaplan); n_eff_frac: size at fixed
+    tokens (a family curve, or a full law with --tokens); d_eff_frac: tokens at fixed size (a
+    checkpoint curve, or a full law with --params)."""
+    out: dict = {"law": getattr(law, "name", ""), "L_clean": float(L_clean), "L_spliced": float(L_spliced),
+                 "assumptions": {}}
+    if isinstance(law, Curve):
+        if law.var == "N":
+            r = n_eff_fraction(law, L_clean, L_spliced, N or 1.0)
+            out["n_eff_frac"] = out["compute_fraction"] = r["fraction"]
+            if N:
+                out["n_eff"] = r["N_eff"]
+        else:
+            r = d_eff_fraction(law, L_clean, L_spliced, D)
+            out["d_eff_frac"] = out["compute_fraction"] = r["fraction"]
+        out["assumptions"][r["method"]] = r["assumptions"]
+        return out
+    r = compute_fraction(law, L_clean, L_spliced)
+    out["compute_fraction"] = r["fraction"]
+    out["assumptions"]["frontier"] = r["assumptions"]
+    if isinstance(law, Law):
+        over = compute_fraction_over_E(law, L_clean, L_spliced)
+        out["compute_fraction_over_E"] = over["table"]
+        out["assumptions"]["over_E"] = over["assumptions"]
+        if D:  # fixed tokens: the D term joins the irreducible part of a curve in N
+            curve = Curve(E=law.E + law.B / D ** law.beta, A=law.A, alpha=law.alpha, var="N", name=law.name)
+            r = n_eff_fraction(curve, L_clean, L_spliced, N or 1.0)
+            out["n_eff_frac"] = r["fraction"]
+            out["assumptions"]["n_eff"] = f"At fixed D={D:.3g} tokens: " + r["assumptions"]
+        if N:  # fixed size: the N term joins the irreducible part of a curve in D
+            curve = Curve(E=law.E + law.A / N ** law.alpha, A=law.B, alpha=law.beta, var="D", name=law.name)
+            r = d_eff_fraction(curve, L_clean, L_spliced, D)
+            out["d_eff_frac"] = r["fraction"]
+            out["assumptions"]["d_eff"] = f"At fixed N={N:.3g} parameters: " + r["assumptions"]
+    return out
+
+
+def read_points(path, lowest: int | None = None):
+    """(N, D, loss) arrays from a CSV with columns N and D (or C), and loss.
+
+    Also accepts the column names of Epoch's Chinchilla extraction ("Model Size",
+    "Training FLOP"); D = C / (6 N) where only C is given. `lowest` keeps the K lowest-loss
+    points (Hoffmann's and Epoch's fits drop the 5 highest-loss outliers)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found") from None
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    aliases = {"N": ["N", "params", "Model Size"], "D": ["D", "tokens"], "C": ["C", "FLOP", "Training FLOP"],
+               "loss": ["loss", "L"]}
+    cols = {k: next((c for c in names if c in df.columns), None) for k, names in aliases.items()}
+    if cols["N"] is None or cols["loss"] is None or (cols["D"] is None and cols["C"] is None):
+        raise ValueError(f"{path} needs columns N, loss and D or C (has {', '.join(map(str, df.columns))})")
+    if lowest:
+        df = df.nsmallest(lowest, cols["loss"])
+    N = df[cols["N"]].to_numpy(float)
+    D = df[cols["D"]].to_numpy(float) if cols["D"] else df[cols["C"]].to_numpy(float) / (6 * N)
+    return N, D, df[cols["loss"]].to_numpy(float)
