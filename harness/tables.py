@@ -44,7 +44,7 @@ PER_QUESTION_FILE = "mmlu_per_question.csv"
 COLUMNS = ["variant", "subject", "category", "doc_id", "correct", "logp_correct", "pred"]
 CATEGORY_ORDER = ["stem", "humanities", "social_sciences", "other"]
 STATS = ["n", "n_subjects", "acc", "delta", "delta_lo", "delta_hi", "b", "c", "p_mcnemar", "logp", "delta_logp"]
-WIDE_STATS = ("acc", "delta", "delta_lo", "delta_hi", "p_mcnemar")
+WIDE_STATS = ("acc", "delta", "delta_lo", "delta_hi", "p_mcnemar", "logp", "delta_logp")
 KEYS = ["subject", "doc_id"]
 
 
