@@ -113,7 +113,9 @@ def random_checkpoint(spec: str, dtype: str = "float32", seed: int = 0) -> tuple
 
     `random:LxW`: L decoder layers of width W, W/64 heads of 64 (one head below 64), MLP width
     8W/3 rounded up to a multiple of 32, tied embeddings, SmolLM2's tokenizer (vocabulary
-    49,152) and 2,048 positions; weights from `torch.manual_seed(seed)` and HF's initialiser.
+    49,152) and 2,048 positions; weights from `torch.manual_seed(seed)` and HF's initialiser
+    with standard deviation 1/sqrt(W) (HF's default 0.02 gives near-uniform next-token
+    distributions at small widths).
     For timing without a hub: HFLM, TransformerBridge and sae-lens all load the same folder.
     bfloat16/float16 runs store the weights in that dtype (half the disk and load time)."""
     match = _RANDOM_SPEC.match(spec)
@@ -122,7 +124,7 @@ def random_checkpoint(spec: str, dtype: str = "float32", seed: int = 0) -> tuple
     layers, width = map(int, match.groups())
     heads = max(1, width // 64)
     if layers < 1 or width < 8 or width % heads:
-        raise UserError(f"{spec}: need at least 1 layer and a width of 8+ that is a multiple of 64 above 64")
+        raise UserError(f"{spec}: need at least 1 layer, and a width of at least 8 divisible by its {heads} heads")
     ffn = -(-(8 * width // 3) // 32) * 32
     storage = dtype if dtype in ("bfloat16", "float16") else "float32"
     shape = {"layers": layers, "width": width, "heads": heads, "mlp": ffn, "seed": seed, "storage": storage}
@@ -136,7 +138,7 @@ def random_checkpoint(spec: str, dtype: str = "float32", seed: int = 0) -> tuple
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, initializer_range=width ** -0.5)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(_dtype(storage))
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")

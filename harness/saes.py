@@ -131,6 +131,8 @@ def load_replacement(spec: str, device: str = "cpu") -> Replacement:
     path = _local_sae_path(spec)
     if path is not None:
         return _load_folder(spec, path, device)
+    if spec.startswith(("/", ".", "~")) or spec.endswith("/"):
+        raise UserError(f"SAE folder {spec} not found")
     if "/" in spec:
         return _load_release(spec, device)
     known = ", ".join(demo_sae_names()) or "none shipped"

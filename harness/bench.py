@@ -1,0 +1,590 @@
+"""`sae-harness bench`: the harness side by side with what users run today, in one process.
+
+Same model, same SAEs, same tokens, same batch size, same device and dtype for every side:
+
+(a) anchor for CE: sae-lens 6 `run_evals` with only compute_ce_loss + compute_kl (clean, SAE and
+    zero-ablation forwards per batch), once for one SAE and once per SAE for K SAEs.
+(b) the harness CE suite (`harness.ce.evaluate`): one SAE with its zero and mean baselines, then
+    K SAEs at one hook in one pass. Timed end to end (mean-baseline calibration and the bootstrap
+    included), with the calibration cache cleared before each timed call.
+(c) anchor for lm-eval tasks: lm-eval's HFLM on a slice of offline MMLU, once clean and once per
+    SAE. HFLM cannot load sae-lens 6 SAEs (hf_steered's sae-lens path targets sae-lens 5 and only
+    derives add/clamp steering vectors), so each SAE is spliced into HFLM with lm-eval's own
+    `hf_steered.steer` hook manager, hooking the decoder layer's output with sae-lens'
+    decode(encode(x)). Every HFLM run is measured, none is extrapolated. Against it: the harness
+    backend (`backend.evaluate_tasks`), clean + K SAEs sharing one engine.
+(d) clean-forward equivalents: K SAE variants at one hook through `Splicer.run_variants` (clean
+    pass + one tail per variant, logits only), in units of one plain clean forward, against the
+    issue's bound 1.1 x (1 + K (n - L) / n) (n layers, hook in block L).
+
+Agreement is checked on the same numbers: CE clean / spliced / zero-ablated between sae-lens and
+the harness (1e-3), KL (sae-lens averages KL over every position including the last, which
+predicts nothing, so the harness KL for this check runs on ctx + 1 tokens, covering exactly
+sae-lens' positions), MMLU accuracy per variant (equal) and every choice's log-likelihood.
+Token ids are drawn above the tokenizer's special ids, so special-token handling (sae-lens
+excludes them; the harness keeps their activations) cannot differ.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at the start of the
+step; on CPU, the peak resident set size above the RSS at the start of the step (Linux VmHWM,
+reset per step through /proc/self/clear_refs after malloc_trim; falls back to the ru_maxrss
+delta where that is not possible, which then only shows growth above the process's old peak).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from harness.models import UserError
+
+# Four subjects, one per lm-eval MMLU category, for the MMLU slice.
+MMLU_SUBJECTS = ["high_school_geography", "college_physics", "philosophy", "marketing"]
+SAE_EXPANSION = 8  # d_sae = 8 x d_model
+SAE_K = 32
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class Measure:
+    """Context manager: wall seconds and peak memory (bytes above the start) of one step."""
+
+    def __init__(self, device: str):
+        self.device = str(device)
+        self.seconds = float("nan")
+        self.peak_bytes = float("nan")
+        self.method = ""
+
+    def __enter__(self) -> "Measure":
+        _sync(self.device)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            self.method = "torch.cuda.max_memory_allocated above the step's start"
+        else:
+            self._start = self._cpu_start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def _cpu_start(self) -> int:
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS starts low
+        rss = _rss_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+            if rss is None:
+                raise OSError
+            self._cpu_mode = "hwm"
+            self.method = "peak RSS (VmHWM, reset per step) above the step's starting RSS"
+            return rss * 1024
+        except OSError:
+            import resource
+
+            self._cpu_mode = "maxrss"
+            self.method = "ru_maxrss delta (growth above the process's earlier peak only)"
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __exit__(self, *exc) -> None:
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self._t0
+        if self.device.startswith("cuda"):
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._start
+        elif self._cpu_mode == "hwm":
+            self.peak_bytes = max(0, (_rss_kib("VmHWM") or 0) * 1024 - self._start)
+        else:
+            import resource
+
+            self.peak_bytes = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._start)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_saes(d_in: int, hook: str, model_name: str, count: int, device: str, dtype: str, seed: int = 0):
+    """`count` random sae-lens TopK SAEs (d_sae = 8 d_in, k = 32) reading `hook`.
+
+    Decoder rows are random unit vectors and the encoder is their transpose, so each SAE
+    reconstructs part of the activation (a useful, non-trivial splice for agreement checks)."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    d_sae = SAE_EXPANSION * d_in
+    out = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        cfg = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=min(SAE_K, d_sae), dtype=dtype, device="cpu",
+                            metadata=SAEMetadata(hook_name=hook, model_name=model_name, prepend_bos=False))
+        sae = TopKSAE(cfg)
+        with torch.no_grad():
+            w = torch.randn(d_sae, d_in, generator=gen)
+            w /= w.norm(dim=1, keepdim=True)
+            sae.W_dec.copy_(w)
+            sae.W_enc.copy_(w.T)
+            sae.b_enc.copy_(0.05 * torch.randn(d_sae, generator=gen))
+            sae.b_dec.zero_()
+        out.append(sae.to(device))
+    return out
+
+
+def random_tokens(n_seq: int, length: int, vocab: int, special: list[int], seed: int) -> torch.Tensor:
+    """Token ids drawn uniformly above every special id (no BOS/EOS/pad anywhere)."""
+    low = max(special) + 1 if special else 0
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab, (n_seq, length), generator=gen)
+
+
+class _TokenStore:
+    """The part of sae-lens' ActivationsStore that run_evals uses: consecutive token batches."""
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, device):
+        self.tokens, self.device = tokens, device
+        self.store_batch_size_prompts = batch_size
+        self.context_size = tokens.shape[1]
+        self.pos = 0
+
+    def reset_input_dataset(self) -> None:
+        self.pos = 0
+
+    def get_batch_tokens(self, n: int) -> torch.Tensor:
+        batch = self.tokens[self.pos:self.pos + n]
+        self.pos += n
+        return batch.to(self.device)
+
+
+# ----------------------------------------------------------------------------- the sides
+
+def sae_lens_ce(lm, sae, tokens: torch.Tensor, batch_size: int) -> dict:
+    """sae-lens run_evals, CE + KL only, over `tokens` (n_seq a multiple of batch_size)."""
+    from sae_lens import run_evals
+    from sae_lens.evals import EvalConfig
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    cfg = EvalConfig(batch_size_prompts=batch_size, n_eval_reconstruction_batches=len(tokens) // batch_size,
+                     compute_kl=True, compute_ce_loss=True, n_eval_sparsity_variance_batches=0,
+                     compute_l2_norms=False, compute_sparsity_metrics=False, compute_variance_metrics=False,
+                     compute_featurewise_density_statistics=False,
+                     compute_featurewise_weight_based_metrics=False)
+    with torch.no_grad():
+        metrics, _ = run_evals(sae, _TokenStore(tokens, batch_size, lm.device), lm.model, ActivationScaler(),
+                               cfg, exclude_special_tokens=True)
+    perf, behav = metrics["model_performance_preservation"], metrics["model_behavior_preservation"]
+    return {"ce_clean": perf["ce_loss_without_sae"], "ce_spliced": perf["ce_loss_with_sae"],
+            "ce_zero": perf["ce_loss_with_ablation"], "kl": behav["kl_div_with_sae"]}
+
+
+def _ce_records(out: dict) -> dict[str, dict]:
+    return {r["variant"]: r for r in out["records"]}
+
+
+def harness_ce(lm, variants, tokens, batch_size, calib) -> dict:
+    from harness import ce
+
+    lm.calibration_cache.clear()  # calibration is part of what is timed
+    return _ce_records(ce.evaluate(lm, variants, tokens, batch_size, calib, n_boot=1000, seed=0))
+
+
+def clean_forward(lm, tokens: torch.Tensor, batch_size: int) -> None:
+    """One plain forward of the model (logits for every position), batch by batch."""
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch_size):
+            lm.model(tokens[i:i + batch_size].to(lm.device))
+
+
+def variants_forward(lm, variants, tokens: torch.Tensor, batch_size: int) -> None:
+    """The harness's many-variants pass, logits only: clean pass + one tail per variant."""
+    from harness.splice import Splicer
+
+    splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}))
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch_size):
+            for _ in splicer.run_variants(tokens[i:i + batch_size].to(lm.device), variants):
+                pass
+
+
+def steered_hflm(folder: str, device: str, dtype: str, batch_size: int):
+    """lm-eval's HFLM whose forward runs under lm-eval's `hf_steered.steer` hook manager;
+    set `.hook_to_steer = {module path: fn}` to splice (an empty dict is plain HFLM)."""
+    from lm_eval.models.hf_steered import steer
+    from lm_eval.models.huggingface import HFLM
+
+    class SplicedHFLM(HFLM):
+        hook_to_steer: dict = {}
+
+        def _model_call(self, *args, **kwargs):
+            with steer(self.model, self.hook_to_steer):
+                return super()._model_call(*args, **kwargs)
+
+    model = SplicedHFLM(pretrained=folder, device=device, dtype=dtype, batch_size=batch_size)
+    model.hook_to_steer = {}
+    return model
+
+
+def sae_as_steer_fn(sae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Replace a decoder layer's output by the SAE's reconstruction (sae-lens encode/decode)."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return sae.decode(sae.encode(x.to(sae.W_dec.dtype))).to(x.dtype)
+    return fn
+
+
+def _mmlu_answers(results: dict) -> dict[tuple[str, int], tuple[list[float], int]]:
+    """(task, doc_id) -> (log-likelihood per choice, gold index) from lm-eval samples."""
+    out = {}
+    for task, samples in results["samples"].items():
+        for s in samples:
+            out[(task, int(s["doc_id"]))] = ([float(r[0]) for r in s["filtered_resps"]], int(s["target"]))
+    return out
+
+
+def _accuracy(answers: dict) -> float:
+    correct = [max(range(len(ll)), key=ll.__getitem__) == gold for ll, gold in answers.values()]
+    return sum(correct) / len(correct) if correct else float("nan")
+
+
+def _mmlu_tasks(questions: int | None) -> tuple[list[str], int | None]:
+    if questions is None:
+        return ["mmlu_offline"], None  # all 14,042
+    n_subj = max(1, min(len(MMLU_SUBJECTS), questions))
+    return [f"mmlu_offline_{s}" for s in MMLU_SUBJECTS[:n_subj]], math.ceil(questions / n_subj)
+
+
+# ----------------------------------------------------------------------------- cost model
+
+def flops_per_token(lm, ctx: int, d_sae: int) -> dict | None:
+    """Rough forward FLOPs per token of the whole model, one block, the head and one SAE
+    (matmuls and attention scores; norms and activations ignored). None if not a HF config."""
+    cfg = getattr(getattr(lm.model, "original_model", None), "config", None)
+    if cfg is None or not hasattr(cfg, "hidden_size"):
+        return None
+    w, ffn, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", heads) or heads
+    head_dim = getattr(cfg, "head_dim", None) or w // heads
+    attn_proj = 2 * w * (2 * heads * head_dim + 2 * kv * head_dim)
+    attn_scores = 2 * 2 * ctx * heads * head_dim
+    block = attn_proj + attn_scores + 2 * 3 * w * ffn
+    head = 2 * w * vocab
+    return {"block": block, "head": head, "sae": 2 * 2 * w * d_sae, "model": cfg.num_hidden_layers * block + head}
+
+
+# ----------------------------------------------------------------------------- the bench
+
+def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "float32", saes: int = 4,
+              tokens: int = 8192, ctx: int = 128, batch_size: int = 16, mmlu_questions: int | None = 40,
+              seed: int = 0, log: Callable[[str], Any] | None = None) -> dict:
+    """Time sae-lens / lm-eval HFLM against the harness on one model, SAEs and token set.
+
+    `tokens` is rounded down to whole batches of `batch_size` sequences of `ctx` tokens;
+    `mmlu_questions` questions are spread over four subjects (None = all of MMLU, 0 = skip).
+    Returns {"meta", "rows", "checks", "memory_flat", ...}; see `format_report`."""
+    from harness import mmlu
+    from harness.backend import evaluate_tasks
+    from harness.models import hook_layer, load_model
+    from harness.saes import _from_sae
+    from harness.splice import Variant
+
+    say = log or (lambda msg: None)
+    if saes < 1:
+        raise UserError("--saes must be at least 1")
+    if ctx < 2 or batch_size < 1:
+        raise UserError("--ctx must be at least 2 and --batch-size positive")
+    n_seq = (tokens // ctx) // batch_size * batch_size
+    if n_seq < batch_size:
+        raise UserError(f"--tokens {tokens} is less than one batch ({batch_size} x {ctx} tokens)")
+
+    say(f"loading {model} on {device} ({dtype})")
+    lm = load_model(model, device, dtype)
+    n, layer = lm.n_layers, lm.n_layers // 2
+    hook = f"blocks.{layer}.hook_resid_post"
+    assert hook_layer(hook) == layer
+    raw = make_saes(lm.d_model, hook, model, saes, device, dtype, seed)
+    repls = [_from_sae(f"sae{i}", f"random-topk-{i}", s, {}) for i, s in enumerate(raw)]
+    sae_variants = [Variant(r.name, {hook: r}) for r in repls]
+    clean = Variant("clean", {})
+    vocab = int(lm.model.cfg.d_vocab)
+    toks_plus = random_tokens(n_seq, ctx + 1, vocab, lm.special_ids(), seed)  # +1 column: KL check
+    toks = toks_plus[:, :ctx].contiguous()
+    calib = random_tokens(batch_size, ctx, vocab, lm.special_ids(), seed + 1)
+    n_tok = n_seq * ctx
+    tol = {"ce": 1e-3, "kl": 1e-4 if dtype == "float32" else 1e-2, "ll": 1e-4 if dtype == "float32" else 5e-2}
+
+    # Warm-up (untimed): first calls pay for lazy initialisation (allocator, kernels, caches).
+    warm = toks[:batch_size]
+    sae_lens_ce(lm, raw[0], warm, batch_size)
+    harness_ce(lm, [clean, sae_variants[0]], warm, batch_size, calib)
+    clean_forward(lm, warm, batch_size)
+    variants_forward(lm, sae_variants, warm, batch_size)
+
+    rows, checks, timings = [], [], {}
+
+    # (a) sae-lens run_evals, one per SAE ------------------------------------------------
+    anchor = []
+    for i, sae in enumerate(raw):
+        say(f"sae-lens run_evals, SAE {i + 1}/{saes} ({n_tok} tokens)")
+        with Measure(device) as m:
+            metrics = sae_lens_ce(lm, sae, toks, batch_size)
+        anchor.append((metrics, m))
+    mem_method = anchor[0][1].method
+
+    # (b) harness CE suite ---------------------------------------------------------------
+    say("harness CE suite, 1 SAE + zero + mean")
+    with Measure(device) as h1:
+        rec1 = harness_ce(lm, [clean, sae_variants[0]], toks, batch_size, calib)
+    say(f"harness CE suite, {saes} SAEs at {hook} in one pass")
+    with Measure(device) as hk:
+        reck = harness_ce(lm, [clean, *sae_variants], toks, batch_size, calib)
+    half = max(batch_size, n_seq // 2 // batch_size * batch_size)
+    say(f"harness CE suite, {saes} SAEs, on {half * ctx} tokens (memory vs tokens)")
+    with Measure(device) as hk_half:
+        harness_ce(lm, [clean, *sae_variants], toks[:half], batch_size, calib)
+    say("harness KL on ctx + 1 tokens (agreement with sae-lens' KL positions)")
+    rec_kl = harness_ce(lm, [clean, *sae_variants], toks_plus, batch_size, calib)
+
+    def ce_diffs(sae_recs: list[dict]) -> dict[str, float]:
+        d = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0}
+        for (metrics, _), rec in zip(anchor, sae_recs):
+            for key in d:
+                d[key] = max(d[key], abs(metrics[key] - rec[key]))
+        return d
+
+    d1 = ce_diffs([rec1["sae0"]])
+    dk = ce_diffs([reck[f"sae{i}"] for i in range(saes)])
+    dkl = max(abs(metrics["kl"] - rec_kl[f"sae{i}"]["kl"]) for i, (metrics, _) in enumerate(anchor))
+    for label, diffs in (("1 SAE", d1), (f"{saes} SAEs", dk)):
+        for key, value in diffs.items():
+            checks.append(_check(f"{key}, sae-lens vs harness ({label})", value, tol["ce"]))
+    checks.append(_check(f"KL(clean||SAE), sae-lens vs harness ({saes} SAEs)", dkl, tol["kl"]))
+    one_vs_many = abs(rec1["sae0"]["ce_spliced"] - reck["sae0"]["ce_spliced"])
+    checks.append(_check("ce_spliced, harness 1 SAE vs same SAE among K", one_vs_many, 1e-5 if dtype == "float32" else 1e-3))
+
+    t_a1, t_ak = anchor[0][1].seconds, sum(m.seconds for _, m in anchor)
+    ok1 = all(c["ok"] for c in checks if "(1 SAE)" in c["name"])
+    okk = all(c["ok"] for c in checks if f"({saes} SAEs)" in c["name"])
+    rows.append(_row("ce_1", "CE suite, 1 SAE (+ zero, mean baselines)", "sae-lens run_evals x1", "tok/s",
+                     n_tok / t_a1, n_tok / h1.seconds, anchor[0][1].peak_bytes, h1.peak_bytes, ">= 5x",
+                     5.0, ok1, f"max |dCE| {max(d1.values()):.1e}"))
+    rows.append(_row("ce_k", f"CE suite, {saes} SAEs at one hook", f"sae-lens run_evals x{saes}", "tok/s",
+                     n_tok / t_ak, n_tok / hk.seconds, max(m.peak_bytes for _, m in anchor), hk.peak_bytes,
+                     ">= 10x", 10.0, okk, f"max |dCE| {max(dk.values()):.1e}, |dKL| {dkl:.1e}"))
+
+    # (d) clean-forward equivalents -------------------------------------------------------
+    say("one clean forward vs K variants at one hook (logits only)")
+    with Measure(device) as fwd:
+        clean_forward(lm, toks, batch_size)
+    with Measure(device) as kv:
+        variants_forward(lm, sae_variants, toks, batch_size)
+    equiv = kv.seconds / fwd.seconds
+    bound = 1.1 * (1 + saes * (n - layer) / n)
+    fl = flops_per_token(lm, ctx, SAE_EXPANSION * lm.d_model)
+    flop_equiv = None
+    if fl:
+        tail = (n - layer) * fl["block"] + fl["head"]
+        flop_equiv = (fl["model"] + saes * (tail + fl["sae"])) / fl["model"]
+    rows.append(_row("equiv", f"{saes} SAE variants at one hook, forward only", "1 clean forward", "tok/s",
+                     n_tok / fwd.seconds, n_tok / kv.seconds, fwd.peak_bytes, kv.peak_bytes,
+                     f"<= {bound:.2f} fwd", None, None, "", cost=equiv, bound=bound))
+    rows[-1]["met"] = equiv <= bound
+    rows[-1]["flop_model_equiv"] = flop_equiv
+
+    # (c) MMLU: HFLM clean + once per SAE vs the harness backend ---------------------------
+    mmlu_info = None
+    if mmlu_questions != 0:
+        tasks, limit = _mmlu_tasks(mmlu_questions)
+        tm = mmlu.task_manager()
+        folder = lm.load_info.get("source")
+        if not folder:
+            raise UserError(f"the MMLU comparison needs a Hugging Face checkpoint folder; {model} has none")
+        hf = steered_hflm(folder, device, dtype, batch_size)
+        common = dict(limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                      torch_random_seed=seed, fewshot_random_seed=seed)
+        import lm_eval
+
+        hf_answers, hf_measures = {}, []
+        hf_module = f"layers.{layer}"  # HF module path of blocks.{layer}.hook_resid_post
+        for v, sae in [(clean, None), *zip(sae_variants, raw)]:
+            say(f"lm-eval HFLM, {v.name}, MMLU slice")
+            hf.hook_to_steer = {} if sae is None else {hf_module: sae_as_steer_fn(sae)}
+            with Measure(device) as m:
+                res = lm_eval.simple_evaluate(model=hf, tasks=tasks, task_manager=tm, **common)
+            hf_answers[v.name] = _mmlu_answers(res)
+            hf_measures.append(m)
+        hf.hook_to_steer = {}
+        del hf
+        say(f"harness backend, clean + {saes} SAEs, MMLU slice")
+        with Measure(device) as hm:
+            res = evaluate_tasks(lm, [clean, *sae_variants], tasks, tm, batch_size=batch_size, **common)
+        h_answers = {name: _mmlu_answers(r) for name, r in res.items() if name != "__engine__"}
+        n_q = len(h_answers["clean"])
+        acc_hf = {k: _accuracy(a) for k, a in hf_answers.items()}
+        acc_h = {k: _accuracy(a) for k, a in h_answers.items()}
+        pred_diff = sum(
+            max(range(len(ll)), key=ll.__getitem__) != max(range(len(hf_answers[k][q][0])),
+                                                          key=hf_answers[k][q][0].__getitem__)
+            for k, a in h_answers.items() for q, (ll, _) in a.items())
+        ll_diff = max(abs(x - y) for k, a in h_answers.items() for q, (ll, _) in a.items()
+                      for x, y in zip(ll, hf_answers[k][q][0]))
+        same_docs = all(set(h_answers[k]) == set(hf_answers[k]) for k in hf_answers)
+        checks.append(_check("MMLU questions identical, HFLM vs harness", 0.0 if same_docs else 1.0, 0.0))
+        checks.append(_check(f"MMLU accuracy per variant, HFLM vs harness (clean + {saes} SAEs)",
+                             max(abs(acc_hf[k] - acc_h[k]) for k in acc_hf), 0.0))
+        checks.append(_check("MMLU predictions differing, HFLM vs harness", float(pred_diff), 0.0))
+        checks.append(_check("MMLU choice log-likelihoods, HFLM vs harness", ll_diff, tol["ll"]))
+        t_hf = sum(m.seconds for m in hf_measures)
+        ok = all(c["ok"] for c in checks if c["name"].startswith("MMLU"))
+        rows.append(_row("mmlu", f"MMLU slice ({n_q} q), clean + {saes} SAEs", f"lm-eval HFLM x{saes + 1}",
+                         "q/s", n_q / t_hf, n_q / hm.seconds, max(m.peak_bytes for m in hf_measures),
+                         hm.peak_bytes, "none (full-MMLU target: GPU)", None, ok,
+                         f"acc equal, max |dLL| {ll_diff:.1e}"))
+        mmlu_info = {"tasks": tasks, "limit_per_subject": limit, "questions": n_q,
+                     "accuracy_hflm": acc_hf, "accuracy_harness": acc_h,
+                     "hflm_seconds": [m.seconds for m in hf_measures], "harness_seconds": hm.seconds}
+
+    flat = {"tokens": [half * ctx, n_tok], "peak_bytes": [hk_half.peak_bytes, hk.peak_bytes]}
+    flat["flat"] = bool(hk.peak_bytes <= 1.25 * hk_half.peak_bytes + 16 * 2**20)
+    meta = {
+        "model": model, "device": device, "device_name": device_name(device), "dtype": dtype,
+        "shape": {"layers": n, "width": lm.d_model, "vocab": vocab, "heads": int(lm.model.cfg.n_heads)},
+        "hook": hook, "hook_layer": layer, "saes": saes,
+        "sae": {"architecture": "topk", "d_sae": SAE_EXPANSION * lm.d_model, "k": min(SAE_K, SAE_EXPANSION * lm.d_model)},
+        "tokens": n_tok, "n_seq": n_seq, "ctx": ctx, "batch_size": batch_size, "seed": seed,
+        "memory_method": mem_method, "torch_threads": torch.get_num_threads(), "tolerances": tol,
+        "hflm_sae_splice": "lm_eval.models.hf_steered.steer hook on the decoder layer output "
+                           "(sae-lens decode(encode(x))); every HFLM run measured",
+    }
+    timings.update(sae_lens=[m.seconds for _, m in anchor], harness_1=h1.seconds, harness_k=hk.seconds,
+                   clean_forward=fwd.seconds, k_variants_forward=kv.seconds)
+    return {"meta": meta, "rows": rows, "checks": checks, "memory_flat": flat, "timings": timings,
+            "mmlu": mmlu_info, "ce": {"sae_lens": [m for m, _ in anchor],
+                                      "harness_1": rec1, "harness_k": reck}}
+
+
+def _check(name: str, value: float, tol: float) -> dict:
+    return {"name": name, "value": float(value), "tol": tol, "ok": bool(value <= tol)}
+
+
+def _row(key, name, anchor, unit, anchor_rate, harness_rate, anchor_mem, harness_mem, target, need,
+         agree, agreement, cost=None, bound=None) -> dict:
+    ratio = harness_rate / anchor_rate
+    return {"key": key, "comparison": name, "anchor": anchor, "unit": unit, "anchor_rate": anchor_rate,
+            "harness_rate": harness_rate, "ratio": ratio, "anchor_peak_bytes": anchor_mem,
+            "harness_peak_bytes": harness_mem, "target": target,
+            "met": (ratio >= need) if need is not None else None, "agree": agree, "agreement": agreement,
+            "cost": cost, "bound": bound}
+
+
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    return f"{name}, {torch.get_num_threads()} torch threads"
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _mib(b: float) -> str:
+    return "n/a" if b is None or b != b else f"{b / 2**20:.0f} MiB"
+
+
+def _rate(x: float, unit: str) -> str:
+    return f"{x:,.0f} {unit}" if x >= 100 else f"{x:.3g} {unit}"
+
+
+def report_rows(result: dict) -> list[list[str]]:
+    """Table cells: comparison, anchor, anchor rate, harness rate, ratio, target, met,
+    peak memory (anchor / harness), agreement."""
+    out = []
+    for r in result["rows"]:
+        if r["cost"] is not None:
+            ratio = f"{r['cost']:.2f} fwd"
+            if r.get("flop_model_equiv"):
+                ratio += f" (FLOP model {r['flop_model_equiv']:.2f})"
+        else:
+            ratio = f"{r['ratio']:.2f}x"
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "no")
+        agree = "-" if r["agree"] is None else (("ok" if r["agree"] else "FAIL") + (f" ({r['agreement']})" if r["agreement"] else ""))
+        out.append([r["comparison"], r["anchor"], _rate(r["anchor_rate"], r["unit"]),
+                    _rate(r["harness_rate"], r["unit"]), ratio, r["target"], met,
+                    f"{_mib(r['anchor_peak_bytes'])} / {_mib(r['harness_peak_bytes'])}", agree])
+    return out
+
+
+HEADER = ["comparison", "anchor", "anchor rate", "harness rate", "ratio", "target", "met",
+          "peak mem (anchor / harness)", "agreement"]
+
+
+def _headline(result: dict) -> str:
+    m = result["meta"]
+    s = m["shape"]
+    return (f"device: {m['device_name']} ({m['device']}), dtype {m['dtype']}, model {m['model']} "
+            f"({s['layers']} layers x width {s['width']}, vocab {s['vocab']}), hook {m['hook']}, "
+            f"{m['saes']} TopK SAEs (d_sae {m['sae']['d_sae']}, k {m['sae']['k']}), {m['tokens']} tokens "
+            f"({m['n_seq']} x {m['ctx']}), batch {m['batch_size']}")
+
+
+def _footer(result: dict) -> list[str]:
+    flat = result["memory_flat"]
+    fails = [c for c in result["checks"] if not c["ok"]]
+    lines = [
+        f"memory vs tokens (harness CE, {result['meta']['saes']} SAEs): "
+        + ", ".join(f"{t} tokens {_mib(b)}" for t, b in zip(flat["tokens"], flat["peak_bytes"]))
+        + (" -> flat" if flat["flat"] else " -> NOT flat"),
+        f"peak memory: {result['meta']['memory_method']}",
+        f"agreement: {len(result['checks']) - len(fails)}/{len(result['checks'])} checks pass"
+        + "".join(f"; FAIL {c['name']}: {c['value']:.3g} > {c['tol']:.0e}" for c in fails),
+        f"HFLM with SAEs: {result['meta']['hflm_sae_splice']}",
+    ]
+    return lines
+
+
+def format_report(result: dict) -> str:
+    """A Markdown table (README-ready) with the device line above and notes below."""
+    cells = report_rows(result)
+    lines = [_headline(result), "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    lines += [""] + _footer(result)
+    return "\n".join(lines)
+
+
+def print_report(result: dict, console=None) -> None:
+    """The same table with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="sae-harness bench", caption=_headline(result))
+    for h in HEADER:
+        table.add_column(h, overflow="fold")
+    for row in report_rows(result):
+        table.add_row(*row)
+    console.print(table)
+    for line in _footer(result):
+        console.print(line)

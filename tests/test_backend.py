@@ -1,0 +1,108 @@
+"""The lm-eval backend against lm-eval's own HFLM and against the CE path."""
+
+import numpy as np
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from conftest import make_topk_sae
+from harness import ce
+from harness.backend import SpliceEngine, SplicedLM, variant_views
+from harness.saes import _from_sae
+from harness.splice import Splicer, Variant
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _requests(kind, args_list):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args_list)]
+
+
+@pytest.fixture(scope="module")
+def sae_variant(tiny_hf_dir):
+    sae = _from_sae("tiny-sae", "tiny-sae", make_topk_sae(32, 64, 4, HOOK, str(tiny_hf_dir)), {})
+    return Variant("tiny-sae", {HOOK: sae})
+
+
+def test_loglikelihood_equals_ce_path_per_token(tiny_hf, sae_variant):
+    """Sum of the CE suite's per-token losses over the continuation = the backend's log-likelihood."""
+    views = variant_views(tiny_hf, [Variant("clean", {}), sae_variant], batch_size=3)
+    tok = views[0].tokenizer
+    pairs = [("The quick brown fox", " jumps over"), ("Answer:", " B"), ("Answer:", " C"), ("x = 1 +", " 2")]
+    got = {v.variant.name: [ll for ll, _ in v.loglikelihood(_requests("loglikelihood", pairs))] for v in views}
+    for i, (ctx, cont) in enumerate(pairs):
+        whole = tok.encode(ctx + cont, add_special_tokens=False)
+        n_ctx = len(tok.encode(ctx, add_special_tokens=False))
+        tokens = torch.tensor([whole])
+        out = ce.evaluate(tiny_hf, [Variant("clean", {}), sae_variant], tokens, 1, tokens, 10)
+        clean_nll = out["per_token_dce"]["clean"][0]
+        sae_nll = clean_nll + out["per_token_dce"]["tiny-sae"][0]
+        # position t predicts token t+1: the continuation is predicted from positions n_ctx-1 ..
+        assert got["clean"][i] == pytest.approx(-clean_nll[n_ctx - 1:].sum(), abs=1e-4)
+        assert got["tiny-sae"][i] == pytest.approx(-sae_nll[n_ctx - 1:].sum(), abs=1e-4)
+    assert got["clean"] != got["tiny-sae"]
+
+
+def test_shared_engine_equals_separate_engines(tiny_hf, sae_variant):
+    pairs = [("Question: what is two plus two?\nAnswer:", c) for c in (" A", " B", " C", " D")]
+    shared = variant_views(tiny_hf, [Variant("clean", {}), sae_variant], batch_size=2)
+    alone = SplicedLM(engine=SpliceEngine(tiny_hf, [sae_variant], batch_size=1), variant="tiny-sae")
+    a = shared[1].loglikelihood(_requests("loglikelihood", pairs))
+    b = alone.loglikelihood(_requests("loglikelihood", pairs))
+    np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], atol=1e-5)
+    # The shared engine ran the batch once for both variants: the clean view is served from cache.
+    batches = shared[0].engine.forward_stats["batches"]
+    shared[0].loglikelihood(_requests("loglikelihood", pairs))
+    assert shared[0].engine.forward_stats["batches"] == batches
+
+
+def test_rolling_and_generation_match_plain_forward(tiny_hf, sae_variant):
+    lm = SplicedLM(engine=SpliceEngine(tiny_hf, [sae_variant], batch_size=2), variant="tiny-sae")
+    splicer = Splicer(tiny_hf, [HOOK])
+    text = "def add(a, b):\n    return a + b\n"
+    ids = lm.tok_encode(text)
+    tokens = torch.tensor([[lm.prefix_token_id] + ids])
+    logp = torch.log_softmax(splicer.logits(tokens, variant=sae_variant)[0, :-1], -1)
+    want = logp.gather(-1, tokens[0, 1:, None]).sum().item()
+    (got,) = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]))
+    assert got == pytest.approx(want, abs=1e-4)
+
+    prompt = "Hello world"
+    (gen,) = lm.generate_until(_requests("generate_until", [(prompt, {"until": ["\n\n"], "max_gen_toks": 5})]))
+    toks = torch.tensor([lm.tok_encode(prompt)])
+    new = []
+    for _ in range(5):
+        nxt = int(splicer.logits(toks, variant=sae_variant)[0, -1].argmax())
+        if nxt == lm.eot_token_id:
+            break
+        new.append(nxt)
+        toks = torch.cat([toks, torch.tensor([[nxt]])], 1)
+    assert gen == lm.tok_decode(new).split("\n\n")[0]
+
+
+@pytest.mark.slow
+def test_clean_backend_equals_hflm_on_mmlu(embedded_dir):
+    """No SAE: same log-likelihoods as lm-eval's HFLM (1e-4) and the same accuracies."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from harness import mmlu
+    from harness.backend import evaluate_tasks
+    from harness.models import load_model
+
+    tasks = ["mmlu_offline_anatomy", "mmlu_offline_college_physics", "mmlu_offline_marketing"]
+    tm = mmlu.task_manager()
+    lm = load_model("smollm2-135m")
+    ours = evaluate_tasks(lm, [Variant("clean", {})], tasks, tm, batch_size=8, limit=10, log_samples=True)["clean"]
+    ref = lm_eval.simple_evaluate(model=HFLM(pretrained=str(embedded_dir), batch_size=8, device="cpu"),
+                                  tasks=tasks, task_manager=tm, limit=10, log_samples=True)
+    n = 0
+    for task in tasks:
+        assert ours["results"][task]["acc,none"] == ref["results"][task]["acc,none"]
+        for a, b in zip(ours["samples"][task], ref["samples"][task]):
+            assert a["doc_id"] == b["doc_id"]
+            for ra, rb in zip(a["filtered_resps"], b["filtered_resps"]):  # (loglikelihood, is_greedy)
+                assert float(ra[0]) == pytest.approx(float(rb[0]), abs=1e-4)
+                assert bool(ra[1]) == bool(rb[1])
+                n += 1
+    assert n == 4 * 30

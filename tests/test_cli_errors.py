@@ -1,0 +1,114 @@
+"""Bad input: one clear line on stderr, exit code 2, no run folder written."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_topk_sae
+from harness.cli import app
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _save_sae(folder, tiny_hf_dir, d_in=32, model_name=None, nan=False):
+    sae = make_topk_sae(d_in, 64, 4, HOOK, model_name or str(tiny_hf_dir))
+    if nan:
+        with torch.no_grad():
+            sae.W_enc[0, 0] = float("nan")
+    sae.save_model(folder)
+    return folder
+
+
+def _run(args, out):
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    return result.exit_code, lines
+
+
+def _ce(tiny_hf_dir, sae, tmp_path):
+    out = tmp_path / "run"
+    code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--tokens", "64", "--ctx", "16"], out)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+    return lines[0]
+
+
+def test_unknown_hook_lists_valid_hooks(tiny_hf_dir, tmp_path):
+    line = _ce(tiny_hf_dir, "zero@blocks.1.hook_bogus", tmp_path)
+    assert "unknown hook 'blocks.1.hook_bogus'" in line and "blocks.{0..3}.hook_resid_post" in line
+
+
+def test_width_mismatch(tiny_hf_dir, tmp_path):
+    sae = _save_sae(tmp_path / "wide", tiny_hf_dir, d_in=48)
+    assert "has width 48 but blocks.1.hook_resid_post has width 32" in _ce(tiny_hf_dir, sae, tmp_path)
+
+
+def test_missing_folder_and_missing_weights(tiny_hf_dir, tmp_path):
+    assert "not found" in _ce(tiny_hf_dir, tmp_path / "nowhere", tmp_path)
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "cfg.json").write_text("{}")
+    assert "lacks sae_weights.safetensors" in _ce(tiny_hf_dir, half, tmp_path)
+
+
+def test_corrupt_safetensors(tiny_hf_dir, tmp_path):
+    sae = _save_sae(tmp_path / "corrupt", tiny_hf_dir)
+    (sae / "sae_weights.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert "cannot load SAE" in _ce(tiny_hf_dir, sae, tmp_path)
+
+
+def test_corrupt_cfg(tiny_hf_dir, tmp_path):
+    sae = _save_sae(tmp_path / "badcfg", tiny_hf_dir)
+    (sae / "cfg.json").write_text("{not json")
+    assert "is not valid JSON" in _ce(tiny_hf_dir, sae, tmp_path)
+
+
+def test_nan_weights(tiny_hf_dir, tmp_path):
+    sae = _save_sae(tmp_path / "nan", tiny_hf_dir, nan=True)
+    assert "NaN" in _ce(tiny_hf_dir, sae, tmp_path)
+
+
+def test_sae_for_another_model(tiny_hf_dir, tmp_path):
+    sae = _save_sae(tmp_path / "other", tiny_hf_dir, model_name="gpt2-small")
+    assert "was trained on 'gpt2-small'" in _ce(tiny_hf_dir, sae, tmp_path)
+
+
+def test_bad_baseline_spec(tiny_hf_dir, tmp_path):
+    assert "needs a size" in _ce(tiny_hf_dir, f"pca@{HOOK}", tmp_path)
+
+
+def test_unknown_task(tiny_hf_dir, tmp_path):
+    out = tmp_path / "run"
+    code, lines = _run(["lm-eval", "--model", str(tiny_hf_dir), "--tasks", "no_such_task", "--limit", "2"], out)
+    assert code == 2 and len(lines) == 1 and "unknown task" in lines[0]
+    assert not out.exists()
+
+
+def test_malformed_task_yaml(tiny_hf_dir, tmp_path):
+    bad = tmp_path / "tasks"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text("task: broken\n  dataset_path: [unclosed\n")
+    out = tmp_path / "run"
+    code, lines = _run(["lm-eval", "--model", str(tiny_hf_dir), "--tasks", "broken", "--include-path", str(bad)], out)
+    assert code == 2 and len(lines) == 1 and "malformed task YAML" in lines[0]
+    assert not out.exists()
+
+
+def test_fit_law_bad_points(tmp_path):
+    pts = tmp_path / "p.csv"
+    pts.write_text("N,D,loss\n1e6,1e9,3.0\n-5,1e9,2.9\n")
+    result = CliRunner().invoke(app, ["fit-law", str(pts)])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+
+
+def test_equiv_below_E():
+    result = CliRunner().invoke(app, ["equiv", "--clean", "3.0", "--spliced", "1.5", "--law", "hoffmann"])
+    assert result.exit_code == 2 and "irreducible" in result.stderr
+
+
+def test_table_missing_run(tmp_path):
+    result = CliRunner().invoke(app, ["table", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
