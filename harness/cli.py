@@ -79,6 +79,9 @@ def print_ce_table(records: list[dict], title: str) -> None:
     cols = ["variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "L0"]
     if law:
         cols.append(f"C_eff/C ({law}) [95% CI]")
+    extra = [(k, label) for k, label in (("n_eff_frac", "N_eff/N (family)"), ("d_eff_frac", "D_eff/D (ckpts)"))
+             if f"{k}_low" in records[0]]
+    cols += [label for _, label in extra]
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
 
@@ -91,6 +94,8 @@ def print_ce_table(records: list[dict], title: str) -> None:
                f(r["explained_variance"]), f(r["l0"], 1)]
         if law:
             row.append(f"{r['compute_fraction']:.3g} [{r['compute_fraction_low']:.3g}, {r['compute_fraction_high']:.3g}]")
+        for k, _ in extra:
+            row.append(f"{r[k]:.3g} [{r[k + '_low']:.3g}, {r[k + '_high']:.3g}]")
         table.add_row(*row)
     Console(width=220).print(table)
 
@@ -151,6 +156,13 @@ def ce(
     dtype: str = typer.Option("float32"),
     seed: int = typer.Option(0),
     law: str = typer.Option("hoffmann", help="scaling law for compute-equivalents: preset or LAW.json"),
+    reference_models: str = typer.Option("", help="comma-separated models of the same family (same "
+                                         "tokenizer, same data): evaluated on the run's tokens, fitted, "
+                                         "and used for N_eff/N"),
+    reference_tokens: str = typer.Option("", help="comma-separated training tokens of each reference "
+                                         "model, then the main model's (omit when all equal)"),
+    reference_checkpoints: str = typer.Option("", help="comma-separated checkpoints of the main model"),
+    checkpoint_tokens: str = typer.Option("", help="tokens seen by each checkpoint, then the final model's"),
     out: str = typer.Option("results/ce", help="run folder to write"),
 ):
     """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
@@ -158,7 +170,19 @@ def ce(
     from harness.runner import RunConfig
 
     _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
-                   batch_size=batch_size, device=device, dtype=dtype, seed=seed, law=law, out=out), ("ce",))
+                   batch_size=batch_size, device=device, dtype=dtype, seed=seed, law=law, out=out,
+                   reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
+                   reference_checkpoints=_csv(reference_checkpoints),
+                   checkpoint_tokens=_csv(checkpoint_tokens, float)), ("ce",))
+
+
+def _csv(text: str, kind=str) -> list:
+    from harness.models import UserError
+
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"expected a comma-separated list of numbers, got {text!r}") from None
 
 
 @app.command()

@@ -42,6 +42,10 @@ class RunConfig:
     seed: int = 0
     n_boot: int = 1000
     law: str = "hoffmann"  # scaling law for compute-equivalents: preset name or LAW.json
+    reference_models: list[str] = field(default_factory=list)  # a family on the same data
+    reference_tokens: list[float] = field(default_factory=list)  # their D, then the main model's
+    reference_checkpoints: list[str] = field(default_factory=list)  # the main model's checkpoints
+    checkpoint_tokens: list[float] = field(default_factory=list)  # their D, then the final model's
     mmlu_limit: int | None = 5  # questions per subject; None = all 14,042
     num_fewshot: int | None = None
     out: str = "results/latest"
@@ -174,6 +178,10 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> dict:
                           data="offline pydoc topics, eval split (harness/data.py)",
                           ce_seconds=res["seconds"], shared_prefix_layer=res["start_layer"])
             config["compute_equivalents"] = add_compute_equivalents(res["records"], cfg.law, tmp)
+            if cfg.reference_models or cfg.reference_checkpoints:
+                from harness.references import add_reference_equivalents
+
+                config["references"] = add_reference_equivalents(res["records"], lm, tokens, cfg)
             write_ce(tmp, res, tokens)
             result.update(res)
         if "mmlu" in stages:
@@ -263,6 +271,11 @@ def ce_markdown(df: pd.DataFrame) -> str:
         cols[f"C_eff/C ({law})"] = f"C_eff/C ({law})"
         view[f"C_eff/C ({law})"] = [f"{f:.3g} [{lo:.3g}, {hi:.3g}]" for f, lo, hi in
                                    zip(df.compute_fraction, df.compute_fraction_low, df.compute_fraction_high)]
+    for key, label in (("n_eff_frac", "N_eff/N (family fit)"), ("d_eff_frac", "D_eff/D (checkpoints)")):
+        if f"{key}_low" in df:
+            cols[label] = label
+            view[label] = [f"{f:.3g} [{lo:.3g}, {hi:.3g}]" for f, lo, hi in
+                           zip(df[key], df[f"{key}_low"], df[f"{key}_high"])]
     view = view[list(cols)].rename(columns=cols)
     return view.to_markdown(index=False, floatfmt=".4f")
 
