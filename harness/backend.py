@@ -45,7 +45,7 @@ class SpliceEngine:
         self.max_length = max_length or int(getattr(lm.model.cfg, "n_ctx", 2048) or 2048)
         self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
         self.generations: dict[tuple, str] = {}
-        self.forward_stats = {"tokens": 0, "batches": 0}
+        self.forward_stats = {"tokens": 0, "batches": 0, **self.splicer.block_cost(variants)}
 
     def index(self, name: str) -> int:
         for i, v in enumerate(self.variants):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -313,6 +314,7 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
     if n_seq < batch_size:
         raise UserError(f"--tokens {tokens} is less than one batch ({batch_size} x {ctx} tokens)")
 
+    load_before = os.getloadavg()
     say(f"loading {model} on {device} ({dtype})")
     lm = load_model(model, device, dtype)
     n, layer = lm.n_layers, lm.n_layers // 2
@@ -469,6 +471,7 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
         "sae": {"architecture": "topk", "d_sae": SAE_EXPANSION * lm.d_model, "k": min(SAE_K, SAE_EXPANSION * lm.d_model)},
         "tokens": n_tok, "n_seq": n_seq, "ctx": ctx, "batch_size": batch_size, "seed": seed,
         "memory_method": mem_method, "torch_threads": torch.get_num_threads(), "tolerances": tol,
+        "loadavg_1min": [load_before[0], os.getloadavg()[0]],  # other processes skew CPU timings
         "hflm_sae_splice": "lm_eval.models.hf_steered.steer hook on the decoder layer output "
                            "(sae-lens decode(encode(x))); every HFLM run measured",
     }
@@ -558,6 +561,8 @@ def _footer(result: dict) -> list[str]:
         + ", ".join(f"{t} tokens {_mib(b)}" for t, b in zip(flat["tokens"], flat["peak_bytes"]))
         + (" -> flat" if flat["flat"] else " -> NOT flat"),
         f"peak memory: {result['meta']['memory_method']}",
+        "1-min load average before / after: " + " / ".join(f"{x:.2f}" for x in result["meta"]["loadavg_1min"])
+        + f" ({result['meta']['torch_threads']} torch threads)",
         f"agreement: {len(result['checks']) - len(fails)}/{len(result['checks'])} checks pass"
         + "".join(f"; FAIL {c['name']}: {c['value']:.3g} > {c['tol']:.0e}" for c in fails),
         f"HFLM with SAEs: {result['meta']['hflm_sae_splice']}",

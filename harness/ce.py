@@ -154,7 +154,8 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     for name, s in sums.items():
         per_token[name] = torch.cat(s.per_token).numpy() - per_token["clean"]
     return {"records": records, "per_token_dce": per_token, "seconds": seconds,
-            "n_tokens": int(counts.sum()), "start_layer": splicer.start_layer}
+            "n_tokens": int(counts.sum()), "start_layer": splicer.start_layer,
+            "block_cost": splicer.block_cost(all_variants)}
 
 
 def _fold(acc: VariantSums, logp, clean_ref, targets, in_t) -> None:

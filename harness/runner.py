@@ -176,7 +176,8 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> dict:
             res = ce.evaluate(lm, variants, tokens, cfg.batch_size, calib, cfg.n_boot, cfg.seed, progress)
             config.update(tokens_sha256=hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
                           data="offline pydoc topics, eval split (harness/data.py)",
-                          ce_seconds=res["seconds"], shared_prefix_layer=res["start_layer"])
+                          ce_seconds=res["seconds"], shared_prefix_layer=res["start_layer"],
+                          ce_block_cost=res["block_cost"])
             config["compute_equivalents"] = add_compute_equivalents(res["records"], cfg.law, tmp)
             if cfg.reference_models or cfg.reference_checkpoints:
                 from harness.references import add_reference_equivalents

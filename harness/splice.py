@@ -178,6 +178,13 @@ class Splicer:
         mask = self.splice_mask(tokens, attention_mask)
         return self.tail(pre, splice_hooks(variant, mask, on_act) if variant else [])
 
+    def block_cost(self, variants: list[Variant]) -> dict:
+        """Transformer blocks run per batch, shared pass vs one full forward per variant."""
+        n = self.lm.n_layers
+        shared = n + sum(n - self.variant_layer(v) for v in variants if v.parts)
+        naive = n * (1 + sum(1 for v in variants if v.parts))
+        return {"blocks_shared": shared, "blocks_naive": naive, "saving": naive / shared}
+
     def run_variants(self, tokens, variants: list[Variant], attention_mask=None, positions=None, on_act=None):
         """Yield (variant, logits) for every variant of one batch, clean first, sharing the
         clean pass up to each variant's first hook. `on_act(variant, ...)` gets activations."""

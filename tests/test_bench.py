@@ -1,0 +1,63 @@
+"""`sae-harness bench` on a tiny random model: its agreement checks must pass (CE vs sae-lens'
+run_evals, MMLU vs lm-eval's HFLM), every row must be there, and ratios must be real numbers.
+No timing is asserted: CI machines are shared and timings vary."""
+
+import math
+
+import pytest
+
+from harness import bench
+from harness.models import UserError, load_model
+
+
+@pytest.fixture(scope="module")
+def result(embedded_dir):  # embedded_dir: the random model borrows SmolLM2's tokenizer
+    return bench.run_bench("random:2x64", device="cpu", dtype="float32", saes=2, tokens=256, ctx=32,
+                           batch_size=4, mmlu_questions=4, seed=0)
+
+
+def test_agreement_checks_pass(result):
+    failed = [c for c in result["checks"] if not c["ok"]]
+    assert not failed, failed
+    names = " ".join(c["name"] for c in result["checks"])
+    for what in ("ce_clean", "ce_spliced", "ce_zero", "KL", "MMLU accuracy", "log-likelihoods"):
+        assert what in names
+    # sae-lens and the harness really evaluated the same thing, not just two NaNs
+    for metrics in result["ce"]["sae_lens"]:
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert metrics["ce_spliced"] != metrics["ce_clean"]
+
+
+def test_rows_and_ratios(result):
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {"ce_1", "ce_k", "equiv", "mmlu"}
+    for r in rows.values():
+        for key in ("anchor_rate", "harness_rate", "ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["key"], key, r[key])
+        assert r["agree"] in (True, None)
+    assert math.isfinite(rows["equiv"]["cost"]) and rows["equiv"]["cost"] > 0
+    assert rows["equiv"]["bound"] == pytest.approx(1.1 * (1 + 2 * (2 - 1) / 2))
+    assert result["mmlu"]["questions"] == 4
+    assert result["mmlu"]["accuracy_hflm"] == result["mmlu"]["accuracy_harness"]
+    assert set(result["mmlu"]["accuracy_harness"]) == {"clean", "sae0", "sae1"}
+    flat = result["memory_flat"]
+    assert flat["tokens"] == [128, 256] and len(flat["peak_bytes"]) == 2
+
+
+def test_report_formats(result):
+    text = bench.format_report(result)
+    assert "random:2x64" in text and "float32" in text and "2 layers x width 64" in text
+    for r in result["rows"]:
+        assert r["comparison"] in text
+    assert "checks pass" in text and "FAIL" not in text
+    bench.print_report(result)  # rich rendering does not raise
+
+
+def test_random_model_spec(embedded_dir):
+    lm = load_model("random:2x64")
+    assert (lm.kind, lm.n_layers, lm.d_model) == ("bridge", 2, 64)
+    assert lm.load_info["random"]["heads"] == 1
+    with pytest.raises(UserError):
+        load_model("random:2by64")
+    with pytest.raises(UserError):
+        bench.run_bench("random:2x64", tokens=16, ctx=32, batch_size=4)

@@ -1,0 +1,89 @@
+"""End-to-end on the embedded default (SmolLM2-135M) and a shipped demo SAE, against a plain
+PyTorch computation: Hugging Face model, register_forward_hook, the TopK SAE written out."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.saes import DEMO_DIR, demo_sae_names
+
+pytestmark = pytest.mark.slow
+DEMO = "l15-w2304-k32"
+
+
+def plain_topk_sae(folder):
+    """sae-lens' TopK SAE arithmetic, written out from cfg.json and the safetensors file."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = {k: v.float() for k, v in load_file(folder / "sae_weights.safetensors").items()}
+    assert cfg.get("normalize_activations", "none") == "none"
+    dec_norm = w["W_dec"].norm(dim=-1)
+    rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+
+    def reconstruct(x):
+        x_in = x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)
+        pre = x_in @ w["W_enc"] + w["b_enc"]
+        if rescale:
+            pre = pre * dec_norm
+        top = pre.topk(cfg["k"], dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        if rescale:
+            acts = acts / dec_norm
+        return acts @ w["W_dec"] + w["b_dec"]
+    return reconstruct, int(cfg["metadata"]["hook_name"].split(".")[-1])
+
+
+def test_demo_saes_ship_in_sae_lens_format():
+    names = demo_sae_names()
+    assert {"l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32"} <= set(names)
+    total = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
+    assert total <= 16 * 2**20
+
+
+def test_ce_clean_and_spliced_equal_plain_pytorch(embedded_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness import ce, data
+    from harness.models import load_model
+    from harness.runner import build_variants
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    docs = data.documents("eval")[:6]
+    ids = [tok.bos_token_id]
+    for d in docs:
+        ids += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
+    tokens = torch.tensor(ids[: 4 * 96]).view(4, 96)
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    keep = ~torch.isin(tokens, special)
+    assert (~keep).sum() >= 2  # BOS and at least one EOS inside: the special-position rule is exercised
+
+    # Plain PyTorch reference.
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    reconstruct, layer = plain_topk_sae(DEMO_DIR / DEMO)
+
+    def nll(hooked: bool) -> float:
+        def hook(module, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            x_new = torch.where(keep[..., None], reconstruct(x), x)
+            return (x_new, *out[1:]) if isinstance(out, tuple) else x_new
+        h = model.model.layers[layer].register_forward_hook(hook) if hooked else None
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=tokens).logits
+        finally:
+            if h:
+                h.remove()
+        lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        return float(-lp[keep[:, :-1]].mean())
+
+    want_clean, want_sae = nll(False), nll(True)
+
+    lm = load_model("smollm2-135m")
+    variants, _ = build_variants([DEMO], False, "cpu")
+    calib = data.pack(lm.tokenizer, data.documents("train-prose"), 4, 96)
+    out = ce.evaluate(lm, variants, tokens, 2, calib, n_boot=10)
+    rec = {r["variant"]: r for r in out["records"]}
+    assert rec["clean"]["ce_clean"] == pytest.approx(want_clean, abs=1e-4)
+    assert rec[DEMO]["ce_spliced"] == pytest.approx(want_sae, abs=1e-4)
+    assert rec[DEMO]["dce"] > 0.01  # the SAE does damage the model
