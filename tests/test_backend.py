@@ -106,3 +106,24 @@ def test_clean_backend_equals_hflm_on_mmlu(embedded_dir):
                 assert bool(ra[1]) == bool(rb[1])
                 n += 1
     assert n == 4 * 30
+
+
+def test_registered_model_works_from_simple_evaluate(tiny_hf_dir, tmp_path):
+    """`model="sae-spliced"` with a model_args string, as lm-eval users call it."""
+    import lm_eval
+
+    from harness import mmlu
+
+    from harness.backend import evaluate_tasks
+    from harness.models import load_model
+    from harness.saes import load_replacement
+
+    task, tm = "mmlu_offline_anatomy", mmlu.task_manager()
+    res = lm_eval.simple_evaluate(model="sae-spliced", model_args=f"model={tiny_hf_dir},sae=zero@{HOOK}",
+                                  tasks=[task], task_manager=tm, limit=3, log_samples=True)
+    zero = load_replacement(f"zero@{HOOK}")
+    ref = evaluate_tasks(load_model(str(tiny_hf_dir)), [Variant("zero", {HOOK: zero})], [task], tm,
+                         limit=3, log_samples=True)["zero"]
+    got = [float(r[0]) for s in res["samples"][task] for r in s["filtered_resps"]]
+    want = [float(r[0]) for s in ref["samples"][task] for r in s["filtered_resps"]]
+    assert len(got) == 12 and got == pytest.approx(want, abs=1e-6)
