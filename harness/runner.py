@@ -193,7 +193,24 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> dict:
             write_mmlu(tmp, res["per_question"], res["aggregate"], cfg)
             result.update(mmlu=res)
         write_text(tmp / "config.json", json.dumps(config, indent=2, default=str))
+        write_report(tmp, config, result)
     return result
+
+
+def write_report(folder: Path, config: dict, result: dict) -> None:
+    """report.html: the run's tables and plot on one page, for a browser."""
+    import html
+
+    parts = [f"<h1>sae-harness run: {html.escape(str(config['run']['model']))}</h1>",
+             f"<p>{html.escape(config['machine'])}; git {html.escape(str(config['versions'].get('git')))}</p>"]
+    if "records" in result:
+        parts += ["<h2>Cross-entropy suite</h2>", ce_frame(result["records"]).to_html(index=False, float_format="%.4f"),
+                  '<img src="compute.png" alt="loss against compute" width="720">']
+    if (folder / "mmlu_category.csv").exists():
+        parts += ["<h2>MMLU by category</h2>", pd.read_csv(folder / "mmlu_category.csv").to_html(index=False, float_format="%.4f")]
+    write_text(folder / "report.html", "<!doctype html><meta charset=utf-8><title>sae-harness</title>"
+               "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
+               "td,th{border:1px solid #ccc;padding:2px 6px}</style>" + "\n".join(parts))
 
 
 def calibrate_for(lm: LoadedModel, repls: list[Replacement], cfg: RunConfig) -> None:
