@@ -145,10 +145,11 @@ def test_exports_latex_markdown_csv_json(tmp_path):
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{tabular}"):
         assert tex.count(rule) == 1
     assert r"abstract\_algebra" in tex and not re.search(r"(?<!\\)_", tex)  # every _ escaped
-    assert r"\multicolumn{5}{c}{sae\_l15-k32}" in tex and r"\cmidrule(lr)" in tex
+    assert r"\multicolumn{7}{c}{sae\_l15-k32}" in tex and r"\multicolumn{2}{c}{clean}" in tex
+    assert r"\cmidrule(lr)" in tex
     lines = tex.splitlines()
     body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
-    assert len(body) == 3 and all(line.endswith(r"\\") and line.count("&") == 6 for line in body)
+    assert len(body) == 3 and all(line.endswith(r"\\") and line.count("&") == 9 for line in body)
     assert tables.latex_escape("a_b&c%d$e#f{g}") == r"a\_b\&c\%d\$e\#f\{g\}"
 
     md = tables.to_markdown(w)
