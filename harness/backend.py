@@ -164,9 +164,10 @@ class SplicedLM(TemplateLM):
             variants, repls = build_variants(specs, False, device) if specs else ([Variant("clean", {})], [])
             kw = next((r.model_kwargs for r in repls if r.model_kwargs), {})
             lm = load_model(model, device, dtype, kw)
-            from harness.runner import check_compatible
+            from harness.runner import calibrate_for, check_compatible
 
             check_compatible(lm, repls)
+            calibrate_for(lm, repls)
             engine = SpliceEngine(lm, variants[-1:], batch_size=int(batch_size) if batch_size != "auto" else 8,
                                   max_length=max_length)
             variant = variants[-1].name

@@ -242,7 +242,7 @@ def lm_eval_command(
     variants = variants or [Variant("clean", {})]
     lm = load_model(model, device, dtype, next((r.model_kwargs for r in repls if r.model_kwargs), {}))
     check_compatible(lm, repls)
-    calibrate_for(lm, repls, cfg)
+    calibrate_for(lm, repls, cfg.calib_seqs, cfg.ctx, cfg.batch_size)
     try:
         tm = mmlu.task_manager(include_path=include_path)
     except ValueError as e:

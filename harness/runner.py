@@ -213,11 +213,12 @@ def write_report(folder: Path, config: dict, result: dict) -> None:
                "td,th{border:1px solid #ccc;padding:2px 6px}</style>" + "\n".join(parts))
 
 
-def calibrate_for(lm: LoadedModel, repls: list[Replacement], cfg: RunConfig) -> None:
+def calibrate_for(lm: LoadedModel, repls: list[Replacement], calib_seqs: int = 16, ctx: int = 128,
+                  batch_size: int = 8) -> None:
     """Fit mean/PCA baselines on the train-prose calibration batch (as the CE suite does)."""
     if any(r.needs_calibration for r in repls):
-        calib = data.pack(lm.tokenizer, data.documents("train-prose"), cfg.calib_seqs, cfg.ctx)
-        calibrate(lm, repls, calib, cfg.batch_size)
+        calib = data.pack(lm.tokenizer, data.documents("train-prose"), calib_seqs, ctx)
+        calibrate(lm, repls, calib, batch_size)
     else:
         calibrate(lm, repls, None)
 

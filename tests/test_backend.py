@@ -119,11 +119,15 @@ def test_registered_model_works_from_simple_evaluate(tiny_hf_dir, tmp_path):
     from harness.saes import load_replacement
 
     task, tm = "mmlu_offline_anatomy", mmlu.task_manager()
-    res = lm_eval.simple_evaluate(model="sae-spliced", model_args=f"model={tiny_hf_dir},sae=zero@{HOOK}",
+    res = lm_eval.simple_evaluate(model="sae-spliced", model_args=f"model={tiny_hf_dir},sae=zero@{HOOK}+mean@blocks.2.hook_resid_post",
                                   tasks=[task], task_manager=tm, limit=3, log_samples=True)
-    zero = load_replacement(f"zero@{HOOK}")
-    ref = evaluate_tasks(load_model(str(tiny_hf_dir)), [Variant("zero", {HOOK: zero})], [task], tm,
-                         limit=3, log_samples=True)["zero"]
+    from harness.runner import calibrate_for
+
+    lm = load_model(str(tiny_hf_dir))
+    zero, mean = load_replacement(f"zero@{HOOK}"), load_replacement("mean@blocks.2.hook_resid_post")
+    calibrate_for(lm, [zero, mean])
+    ref = evaluate_tasks(lm, [Variant("zm", {HOOK: zero, mean.hook: mean})], [task], tm,
+                         limit=3, log_samples=True)["zm"]
     got = [float(r[0]) for s in res["samples"][task] for r in s["filtered_resps"]]
     want = [float(r[0]) for s in ref["samples"][task] for r in s["filtered_resps"]]
     assert len(got) == 12 and got == pytest.approx(want, abs=1e-6)

@@ -87,3 +87,33 @@ def test_ce_clean_and_spliced_equal_plain_pytorch(embedded_dir):
     assert rec["clean"]["ce_clean"] == pytest.approx(want_clean, abs=1e-4)
     assert rec[DEMO]["ce_spliced"] == pytest.approx(want_sae, abs=1e-4)
     assert rec[DEMO]["dce"] > 0.01  # the SAE does damage the model
+
+
+def test_main_job_end_to_end(tmp_path):
+    """`sae-harness run` (small): the run folder holds every promised file and field, and
+    `sae-harness table` rebuilds the saved category table from the per-question results."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    out = tmp_path / "main"
+    result = CliRunner().invoke(app, ["run", "--out", str(out), "--tokens", "512", "--mmlu-limit", "1"])
+    assert result.exit_code == 0, result.stderr
+    for name in ("config.json", "metrics.json", "tokens.npy", "ce.md", "ce.csv", "compute.png", "report.html",
+                 "mmlu_per_question.csv", "mmlu_category.md", "mmlu_category.tex", "mmlu_subject.csv"):
+        assert (out / name).is_file(), name
+    records = json.loads((out / "metrics.json").read_text())
+    keys = ["variant", "saes", "hooks", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "dce", "dce_ci_low",
+            "dce_ci_high", "loss_recovered_zero", "loss_recovered_mean", "kl", "explained_variance", "l0",
+            "dead_frac", "n_tokens"]
+    names = [r["variant"] for r in records]
+    assert {"clean", "l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32", "l15-w2304-k32+l22-w1152-k32",
+            "pca:32@15.resid_post", "neurons:32@15.resid_post"} <= set(names)
+    for r in records:
+        assert set(keys) <= set(r)
+    assert np.load(out / "tokens.npy").shape == (4, 128)
+    config = json.loads((out / "config.json").read_text())
+    assert config["versions"]["sae-lens"] and config["saes"][0]["files"]
+    rebuilt = CliRunner().invoke(app, ["table", str(out), "--format", "md"])
+    assert rebuilt.exit_code == 0 and rebuilt.stdout.strip() == (out / "mmlu_category.md").read_text().strip()
