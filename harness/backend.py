@@ -33,12 +33,12 @@ class SpliceEngine:
     """The model, its variants, and a cache of per-variant answers keyed by request tokens."""
 
     def __init__(self, lm: LoadedModel, variants: list[Variant], tokenizer=None, batch_size: int = 8,
-                 max_length: int | None = None):
+                 max_length: int | None = None, keep_first: bool = True):
         self.lm = lm
         self.variants = variants
         self.tokenizer = tokenizer or _hf_tokenizer(lm)
         self.batch_size = int(batch_size)
-        self.splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}))
+        self.splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}), keep_first)
         for v in variants:
             for r in v.parts.values():
                 r.to(lm.device)
@@ -228,22 +228,22 @@ class SplicedLM(TemplateLM):
 
 
 def variant_views(lm: LoadedModel, variants: list[Variant], batch_size: int = 8,
-                  max_length: int | None = None) -> list[SplicedLM]:
+                  max_length: int | None = None, keep_first: bool = True) -> list[SplicedLM]:
     """One lm-eval model per variant, all sharing one engine (and so one pass)."""
-    engine = SpliceEngine(lm, variants, batch_size=batch_size, max_length=max_length)
+    engine = SpliceEngine(lm, variants, batch_size=batch_size, max_length=max_length, keep_first=keep_first)
     return [SplicedLM(engine=engine, variant=v.name) for v in variants]
 
 
 def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], task_manager=None,
                    batch_size: int = 8, max_length: int | None = None, progress=None,
-                   **lm_eval_kwargs) -> dict[str, dict]:
+                   keep_first: bool = True, **lm_eval_kwargs) -> dict[str, dict]:
     """`lm_eval.simple_evaluate` for every variant, sharing one engine (one pass over the data).
 
     Returns {variant name: lm-eval results dict}. Extra keyword arguments (limit, num_fewshot,
     log_samples, ...) go to simple_evaluate unchanged."""
     import lm_eval
 
-    views = variant_views(lm, variants, batch_size, max_length)
+    views = variant_views(lm, variants, batch_size, max_length, keep_first)
     out = {}
     for i, view in enumerate(views):
         try:

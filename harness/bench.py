@@ -205,7 +205,8 @@ def harness_ce(lm, variants, tokens, batch_size, calib) -> dict:
     from harness import ce
 
     lm.calibration_cache.clear()  # calibration is part of what is timed
-    return _ce_records(ce.evaluate(lm, variants, tokens, batch_size, calib, n_boot=1000, seed=0))
+    # sae-lens splices position 0 too: turn off the harness's attention-sink rule to compare like for like.
+    return _ce_records(ce.evaluate(lm, variants, tokens, batch_size, calib, n_boot=1000, seed=0, keep_first=False))
 
 
 def clean_forward(lm, tokens: torch.Tensor, batch_size: int) -> None:
@@ -508,7 +509,8 @@ def compare_mmlu(lm, folder: str, hook: str, clean, sae_variants, raw_saes, ques
     del hf, res
     say(f"harness backend, clean + {len(sae_variants)} SAEs, MMLU slice")
     with Measure(device) as hm:
-        res = evaluate_tasks(lm, [clean, *sae_variants], tasks, tm, batch_size=batch_size, **common)
+        res = evaluate_tasks(lm, [clean, *sae_variants], tasks, tm, batch_size=batch_size, keep_first=False,
+                             **common)
     h_answers = {name: _mmlu_answers(r) for name, r in res.items() if name != "__engine__"}
 
     def argmax(xs):

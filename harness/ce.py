@@ -72,7 +72,7 @@ class VariantSums:
 
 def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
     """[B, ctx-1] bool: predicted positions whose input token is not special."""
-    return splicer.splice_mask(tokens, None)[:, :-1]
+    return splicer.ordinary(tokens)[:, :-1]
 
 
 def baseline_name(kind: str, hooks: list[str]) -> str:
@@ -93,14 +93,14 @@ def baseline_variants(variants: list[Variant]) -> list[Variant]:
 
 def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, batch_size: int = 8,
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
-             progress=None) -> dict:
+             progress=None, keep_first: bool = True) -> dict:
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass. Returns records and arrays."""
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
     refs = {v.name: (baseline_name("zero", v.hooks), baseline_name("mean", v.hooks)) for v in all_variants}
     hooks = sorted({h for v in all_variants for h in v.hooks})
-    splicer = Splicer(lm, hooks)
+    splicer = Splicer(lm, hooks, keep_first)
 
     calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
 
@@ -110,8 +110,10 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     for i in range(0, len(tokens), batch_size):
         batch = tokens[i:i + batch_size].to(lm.device)
         in_t = token_set(batch, splicer)
+        # Reconstruction statistics over T, where the splice applies (never position 0).
         stat_mask = torch.zeros_like(batch, dtype=torch.bool)
         stat_mask[:, :-1] = in_t
+        stat_mask &= splicer.splice_mask(batch, None)
         targets = batch[:, 1:]
 
         def on_act(v, hook, x, x_hat, latents):

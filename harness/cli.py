@@ -335,6 +335,29 @@ def table(
         typer.echo(text)
 
 
+@app.command()
+@user_errors
+def bench(
+    model: str = typer.Option("random:6x512", help="random:LAYERSxWIDTH (no download) or a model spec"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    saes: int = typer.Option(4, help="number of random TopK SAEs at one hook"),
+    tokens: int = typer.Option(4096),
+    ctx: int = typer.Option(128),
+    batch_size: int = typer.Option(8),
+    mmlu_questions: int = typer.Option(40, help="offline MMLU questions for the lm-eval comparison (0 skips)"),
+    seed: int = typer.Option(0),
+):
+    """Speed, memory and agreement side by side with sae-lens run_evals and lm-eval's HFLM."""
+    _quiet_libraries()
+    from harness.bench import print_report, run_bench
+
+    result = run_bench(model=model, device=device, dtype=dtype, saes=saes, tokens=tokens, ctx=ctx,
+                       batch_size=batch_size, mmlu_questions=mmlu_questions, seed=seed,
+                       log=lambda msg: typer.echo(msg, err=True))
+    print_report(result)
+
+
 def _value_errors_as_user_errors(fn):
     """Library functions (scaling, tables) raise ValueError for bad input: one line, exit 2."""
     @functools.wraps(fn)

@@ -74,8 +74,9 @@ def describe_valid_hooks(names: list[str]) -> str:
 class Splicer:
     """Runs one model with any number of variants, sharing the prefix below the first splice."""
 
-    def __init__(self, lm: LoadedModel, hooks: list[str]):
+    def __init__(self, lm: LoadedModel, hooks: list[str], keep_first: bool = True):
         self.lm = lm
+        self.keep_first = keep_first
         valid = set(lm.model.hook_dict)
         for hook in hooks:
             if hook not in valid:
@@ -86,9 +87,22 @@ class Splicer:
         self.special_ids = torch.tensor(lm.special_ids(), dtype=torch.long)
 
     # -- masks -------------------------------------------------------------------------
+    def ordinary(self, tokens: torch.Tensor) -> torch.Tensor:
+        """True where the input token is not special (BOS, EOS, pad, ...)."""
+        return ~torch.isin(tokens, self.special_ids.to(tokens.device))
+
     def splice_mask(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """True where the splice applies: attended, non-special input tokens."""
-        keep = ~torch.isin(tokens, self.special_ids.to(tokens.device))
+        """True where the splice applies: attended, non-special input tokens, after position 0.
+
+        Position 0 is left alone even when it holds an ordinary token: it is the attention
+        sink (in SmolLM2 its residual norm is ~25k against ~170 elsewhere, whatever the token),
+        which SAEs are trained without, exactly like BOS. lm-eval prompts for models whose
+        tokenizer adds no BOS start with an ordinary token, so without this rule the splice
+        would measure the sink, not the SAE. `keep_first=False` splices position 0 too (as
+        sae-lens' run_evals does when the first token is not special)."""
+        keep = self.ordinary(tokens)
+        if self.keep_first:
+            keep[:, 0] = False
         if attention_mask is not None:
             keep &= attention_mask.bool()
         return keep

@@ -44,12 +44,12 @@ def test_ce_metrics_against_plain_pytorch(tiny_hooked):
     hook = "blocks.1.hook_resid_post"
     sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, hook, "tiny-hooked"), {})
     out = ce.evaluate(tiny_hooked, [Variant("clean", {}), _variant(sae)], tokens, batch_size=2,
-                      calib_tokens=calib, n_boot=200)
+                      calib_tokens=calib, n_boot=200, keep_first=False)
     rec = {r["variant"]: r for r in out["records"]}["tiny"]
 
     with torch.no_grad():
         _, cache = model.run_with_cache(calib, names_filter=hook)
-        mean = cache[hook].reshape(-1, 32).double().mean(0).float()
+        mean = cache[hook][:, 1:].reshape(-1, 32).double().mean(0).float()  # calibration skips position 0
         ce_clean, logp_clean, _ = _plain_ce(model, tokens)
         acts = {}
 
@@ -84,7 +84,9 @@ def test_loss_recovered_and_kl_match_sae_lens_run_evals(tiny_hooked):
     including the last one (which predicts nothing); our KL covers predicted positions only.
     Our CE on tokens[:, :T+1] therefore sees exactly the positions run_evals' KL sees on
     tokens[:, :T]. (sae-lens also zeroes special positions in its zero baseline while we keep
-    them; this model has no special tokens, so that difference does not arise here.)"""
+    them; this model has no special tokens, so that difference does not arise here. By default
+    the harness also leaves position 0, the attention sink, unspliced; run_evals splices it, so
+    the comparison turns that rule off.)"""
     from sae_lens import run_evals
     from sae_lens.evals import EvalConfig
     from sae_lens.training.activation_scaler import ActivationScaler
@@ -113,8 +115,10 @@ def test_loss_recovered_and_kl_match_sae_lens_run_evals(tiny_hooked):
                            exclude_special_tokens=False)
     perf, behav = metrics["model_performance_preservation"], metrics["model_behavior_preservation"]
 
-    same = ce.evaluate(tiny_hooked, [Variant("clean", {}), _variant(sae)], tokens[:, :16], 3, tokens, 10)
-    longer = ce.evaluate(tiny_hooked, [Variant("clean", {}), _variant(sae)], tokens, 3, tokens, 10)
+    same = ce.evaluate(tiny_hooked, [Variant("clean", {}), _variant(sae)], tokens[:, :16], 3, tokens, 10,
+                       keep_first=False)
+    longer = ce.evaluate(tiny_hooked, [Variant("clean", {}), _variant(sae)], tokens, 3, tokens, 10,
+                         keep_first=False)
     rec = {r["variant"]: r for r in same["records"]}["tiny"]
     rec_long = {r["variant"]: r for r in longer["records"]}["tiny"]
     assert rec["ce_clean"] == pytest.approx(perf["ce_loss_without_sae"], abs=1e-5)

@@ -45,7 +45,9 @@ def test_zero_splice_matches_plain_pytorch_hook(tiny_hf):
     got = splicer.logits(tokens, variant=Variant("z", {zero.hook: zero}))
 
     def hook(module, args, out):
-        return torch.zeros_like(out[0] if isinstance(out, tuple) else out)
+        x = (out[0] if isinstance(out, tuple) else out).clone()
+        x[:, 1:] = 0  # position 0, the attention sink, keeps its activation
+        return x
     h = hf.model.layers[1]._original_component.register_forward_hook(hook)
     try:
         want = hf(input_ids=tokens).logits
