@@ -124,7 +124,8 @@ def print_mmlu_table(per_question, cfg) -> None:
     cat = tables.category_table(per_question, n_boot=cfg.n_boot, seed=cfg.seed)
     cat = cat[cat["weighting"] == "question"]
     n = int(cat[(cat["group"] == "all")]["n"].iloc[0])
-    table = Table(title=f"MMLU by category ({n} questions; delta vs clean, 95% paired bootstrap CI, McNemar p)")
+    table = Table(title=f"MMLU by category, {n} questions: accuracy, its change vs clean [95% paired bootstrap CI], "
+                        "McNemar p, and the change in log-prob of the right answer among the 4 choices")
     table.add_column("variant")
     groups = list(dict.fromkeys(cat["group"]))
     for g in groups:
@@ -135,9 +136,10 @@ def print_mmlu_table(per_question, cfg) -> None:
         for g in groups:
             r = rows.loc[g]
             if v == "clean":
-                cells.append(f"{r['acc']:.3f}")
+                cells.append(f"acc {r['acc']:.3f}\nlogp {r['logp']:.3f}")
             else:
-                cells.append(f"{r['acc']:.3f} ({r['delta']:+.3f} [{r['delta_lo']:+.3f},{r['delta_hi']:+.3f}] p={r['p_mcnemar']:.2g})")
+                cells.append(f"{r['acc']:.3f} {r['delta']:+.3f} [{r['delta_lo']:+.3f},{r['delta_hi']:+.3f}]\n"
+                             f"p={r['p_mcnemar']:.2g} dlogp {r['delta_logp']:+.3f}")
         table.add_row(v, *cells)
     Console(width=200).print(table)
 

@@ -23,6 +23,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -231,9 +232,19 @@ def task_manager(include_path=None, include_defaults: bool = True, metadata: dic
 
 # ---------------------------------------------------------------- lm-eval samples -> per-question rows
 
+def _logsumexp(xs: list[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs))
+
+
 def per_question_from_samples(samples: dict, variant: str) -> pd.DataFrame:
     """lm-eval `results["samples"]` (log_samples=True) of MMLU tasks -> the per-question table
-    harness.tables reads: variant, subject, category, doc_id, correct, logp_correct, pred."""
+    harness.tables reads: variant, subject, category, doc_id, correct, logp_correct, pred.
+
+    logp_correct is the log-probability of the gold letter *among the four choices*
+    (its log-likelihood minus the log-sum-exp over the choices). The raw log-likelihood of
+    " A" also moves with how likely the model is to answer with a letter at all, which an SAE
+    changes too; normalised over the choices it measures the knowledge the question asks for."""
     cats, rows = subjects(), []
     for task_name, task_samples in samples.items():
         subject = task_name.removeprefix(f"{PREFIX}_").removeprefix("mmlu_")
@@ -245,5 +256,5 @@ def per_question_from_samples(samples: dict, variant: str) -> pd.DataFrame:
             pred = max(range(len(lls)), key=lls.__getitem__)  # first maximum, like np.argmax
             rows.append({"variant": variant, "subject": subject, "category": cats[subject],
                          "doc_id": int(smp["doc_id"]), "correct": int(pred == gold),
-                         "logp_correct": float(lls[gold]), "pred": pred})
+                         "logp_correct": float(lls[gold] - _logsumexp(lls)), "pred": pred})
     return pd.DataFrame(rows, columns=["variant", "subject", "category", "doc_id", "correct", "logp_correct", "pred"])

@@ -1,6 +1,7 @@
 """Offline MMLU tasks: found by the TaskManager, complete, and identical to lm-eval's `mmlu`."""
 
 import importlib.util
+import math
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -200,4 +201,7 @@ def test_evaluates_through_lm_eval_and_per_question_rows(tm):
     assert len(df) == len(q) == 19 * 4
     assert df.correct.mean() == pytest.approx((q.answer == 1).mean())
     assert out["results"]["mmlu_offline_stem"]["acc,none"] == pytest.approx((q.answer == 1).mean())
-    assert set(df.pred) == {1} and set(df.logp_correct) <= {-0.5, -2.0}
+    lse = math.log(math.exp(-0.5) + 3 * math.exp(-2.0))  # the four choices' log-likelihoods
+    assert set(df.pred) == {1}
+    for gold, lp in zip(q.answer, df.logp_correct):
+        assert lp == pytest.approx((-0.5 if gold == 1 else -2.0) - lse)
