@@ -357,7 +357,9 @@ def bench(
     result = run_bench(model=model, device=device, dtype=dtype, saes=saes, tokens=tokens, ctx=ctx,
                        batch_size=batch_size, mmlu_questions=mmlu_questions, seed=seed,
                        log=lambda msg: typer.echo(msg, err=True))
-    print_report(result)
+    from rich.console import Console
+
+    print_report(result, console=Console(width=200))
 
 
 def _value_errors_as_user_errors(fn):

@@ -93,7 +93,12 @@ def embedded_checkpoint() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # Write beside the target and rename, so an interrupted conversion leaves nothing half-made.
+    _save_checkpoint(model, tok, out)
+    return out
+
+
+def _save_checkpoint(model, tok, out: Path) -> None:
+    """Write beside the target and rename, so an interrupted save leaves nothing half-made."""
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -102,7 +107,6 @@ def embedded_checkpoint() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.replace(out)
-    return out
 
 
 _RANDOM_SPEC = re.compile(r"^random:(\d+)x(\d+)$")
@@ -141,14 +145,7 @@ def random_checkpoint(spec: str, dtype: str = "float32", seed: int = 0) -> tuple
                       tie_word_embeddings=True, initializer_range=width ** -0.5)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(_dtype(storage))
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(out)
+    _save_checkpoint(model, tok, out)
     return out, shape
 
 
