@@ -230,9 +230,8 @@ def lm_eval_command(
     import json
 
     from harness import mmlu
-    from harness.backend import evaluate_tasks
-    from harness.runner import (RunConfig, build_variants, calibrate_for, check_compatible, staging, versions,
-                                write_mmlu, write_text)
+    from harness.runner import (RunConfig, build_variants, calibrate_for, check_compatible, run_tasks, staging,
+                                versions, write_mmlu, write_text)
     from harness.models import UserError, load_model
 
     extra = _parse_extra(ctx.args)
@@ -249,22 +248,16 @@ def lm_eval_command(
         tm = mmlu.task_manager(include_path=include_path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    results = evaluate_tasks(lm, variants, [t for t in tasks.split(",") if t], tm, batch_size=batch_size,
-                             limit=limit, num_fewshot=num_fewshot, log_samples=True, random_seed=seed,
-                             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, **extra)
-    engine = results.pop("__engine__")
-    frames = [mmlu.per_question_from_samples(r["samples"], name) for name, r in results.items()]
-    aggregate = {name: r["results"] for name, r in results.items()}
+    res = run_tasks(lm, variants, [t for t in tasks.split(",") if t], tm, cfg, limit, **extra)
+    aggregate = res["aggregate"]
     with staging(Path(out)) as tmp:
-        if any(len(f) for f in frames):
-            import pandas as pd
-
-            write_mmlu(tmp, pd.concat(frames, ignore_index=True), aggregate, cfg)
+        if len(res["per_question"]):
+            write_mmlu(tmp, res["per_question"], aggregate, cfg)
         else:
             write_text(tmp / "lm_eval_results.json", json.dumps(aggregate, indent=2, default=str))
         write_text(tmp / "config.json", json.dumps({"model": lm.load_info, "tasks": tasks, "limit": limit,
                                                     "num_fewshot": num_fewshot, "variants": [v.name for v in variants],
-                                                    "engine": engine, "extra": extra, "versions": versions()},
+                                                    "engine": res["engine"], "extra": extra, "versions": versions()},
                                                    indent=2, default=str))
     _print_task_results(aggregate)
     typer.echo(f"wrote {out}", err=True)

@@ -225,20 +225,27 @@ def calibrate_for(lm: LoadedModel, repls: list[Replacement], calib_seqs: int = 1
 
 def run_mmlu(lm: LoadedModel, variants: list[Variant], cfg: RunConfig, progress=None) -> dict:
     """Offline MMLU (all 57 subjects, `mmlu_limit` questions each unless None) for every variant."""
+    from harness import mmlu
+
+    return run_tasks(lm, variants, ["mmlu_offline"], mmlu.task_manager(), cfg, cfg.mmlu_limit, progress)
+
+
+def run_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], task_manager, cfg: RunConfig,
+              limit=None, progress=None, **lm_eval_kwargs) -> dict:
+    """lm-eval tasks for every variant in one pass -> per-question MMLU rows (if any) and aggregates."""
     import time
 
     from harness import mmlu
     from harness.backend import evaluate_tasks
 
     t0 = time.perf_counter()
-    results = evaluate_tasks(lm, variants, ["mmlu_offline"], mmlu.task_manager(), batch_size=cfg.batch_size,
-                             progress=progress, limit=cfg.mmlu_limit, num_fewshot=cfg.num_fewshot,
-                             log_samples=True, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                             torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    seeds = {k: cfg.seed for k in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
+    results = evaluate_tasks(lm, variants, tasks, task_manager, batch_size=cfg.batch_size, progress=progress,
+                             limit=limit, num_fewshot=cfg.num_fewshot, log_samples=True, **seeds, **lm_eval_kwargs)
     engine = results.pop("__engine__")
     frames = [mmlu.per_question_from_samples(r["samples"], name) for name, r in results.items()]
-    aggregate = {name: r["results"] for name, r in results.items()}
-    return {"per_question": pd.concat(frames, ignore_index=True), "aggregate": aggregate,
+    return {"per_question": pd.concat(frames, ignore_index=True),
+            "aggregate": {name: r["results"] for name, r in results.items()},
             "engine": engine, "seconds": time.perf_counter() - t0}
 
 

@@ -112,3 +112,19 @@ def test_equiv_below_E():
 def test_table_missing_run(tmp_path):
     result = CliRunner().invoke(app, ["table", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_lm_eval_command_writes_tables(tiny_hf_dir, tmp_path):
+    """The success path: clean + a baseline on two MMLU subjects; tables rebuild from the folder."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["lm-eval", "--model", str(tiny_hf_dir), "--sae", f"zero@{HOOK}",
+                                      "--tasks", "mmlu_offline_anatomy,mmlu_offline_virology", "--limit", "3",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    import pandas as pd
+
+    per_q = pd.read_csv(out / "mmlu_per_question.csv")
+    assert sorted(per_q.variant.unique()) == ["clean", "zero@1.resid_post"] and len(per_q) == 2 * 6
+    agg = json.loads((out / "lm_eval_results.json").read_text())
+    acc = agg["clean"]["mmlu_offline_anatomy"]["acc,none"]
+    assert acc == per_q[(per_q.variant == "clean") & (per_q.subject == "anatomy")].correct.mean()
