@@ -235,7 +235,7 @@ def lm_eval_command(
     from harness.models import UserError, load_model
 
     extra = _parse_extra(ctx.args)
-    cfg = RunConfig(model=model, saes=list(sae) or ["identity@blocks.0.hook_resid_post"], batch_size=batch_size,
+    cfg = RunConfig(model=model, saes=list(sae), batch_size=batch_size,
                     device=device, dtype=dtype, seed=seed, out=out, num_fewshot=num_fewshot)
     variants, repls = build_variants(list(sae), False, device) if sae else ([], [])
     from harness.splice import Variant

@@ -57,8 +57,6 @@ class RunConfig:
             raise UserError(f"--tokens ({self.tokens}) must be at least --ctx ({self.ctx})")
         if self.batch_size < 1:
             raise UserError("--batch-size must be positive")
-        if not self.saes:
-            raise UserError("give at least one --sae")
         if self.mmlu_limit is not None and self.mmlu_limit < 1:
             raise UserError("--mmlu-limit must be positive")
 
