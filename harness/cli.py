@@ -20,18 +20,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Measure how much an SAE spliced into a language model damages it.")
 
 
-def user_errors(fn):
-    """Turn UserError (and bad-value errors from our own validation) into one line + exit 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from harness.models import UserError
+def _one_line_errors(value_errors: bool):
+    """Turn UserError (and, for the pure-library commands, ValueError) into one line + exit 2."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            from harness.models import UserError
 
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-    return wrapper
+            try:
+                return fn(*args, **kwargs)
+            except (UserError, ValueError) if value_errors else UserError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2)
+        return wrapper
+    return decorate
+
+
+user_errors = _one_line_errors(value_errors=False)
+# scaling and tables raise ValueError for bad input; nothing else runs inside those commands.
+_value_errors_as_user_errors = _one_line_errors(value_errors=True)
 
 
 def _quiet_libraries() -> None:
@@ -306,6 +313,7 @@ def _print_task_results(aggregate: dict) -> None:
 
 
 @app.command()
+@_value_errors_as_user_errors
 def table(
     run_dirs: List[str] = typer.Argument(..., help="run folders with mmlu_per_question.csv"),
     level: str = typer.Option("category", help="category or subject"),
@@ -318,11 +326,7 @@ def table(
     """Rebuild a degradation table from saved per-question results (no model run)."""
     from harness import tables
 
-    try:
-        text = tables.build_table(run_dirs, level, format, baseline, n_boot, seed)
-    except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    text = tables.build_table(run_dirs, level, format, baseline, n_boot, seed)
     if out:
         tables.write_atomic(out, text)
         typer.echo(f"wrote {out}", err=True)
@@ -353,18 +357,6 @@ def bench(
     from rich.console import Console
 
     print_report(result, console=Console(width=200))
-
-
-def _value_errors_as_user_errors(fn):
-    """Library functions (scaling, tables) raise ValueError for bad input: one line, exit 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ValueError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-    return wrapper
 
 
 @app.command("fit-law")
