@@ -249,11 +249,12 @@ def activation_widths(lm: LoadedModel, hooks: list[str]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def collect_activations(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor, batch_size: int = 8,
-                        splicer: Splicer | None = None) -> dict[str, torch.Tensor]:
-    """Clean activations [n_positions, d] at each hook over non-special positions (calibration)."""
-    splicer = splicer or Splicer(lm, hooks)
+def collect_activations(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor,
+                        batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Clean activations [n_positions, d] at each hook, where the splice would apply (calibration)."""
+    splicer = Splicer(lm, hooks)
     out: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    last = max(hook_layer(h) for h in hooks) + 1  # no need to run the blocks above
     for i in range(0, len(tokens), batch_size):
         batch = tokens[i:i + batch_size].to(lm.device)
         mask = splicer.splice_mask(batch, None)
@@ -265,7 +266,6 @@ def collect_activations(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor,
                     out[h].append(x[_mask].float().cpu())
             return x
 
-        last = max(hook_layer(h) for h in hooks) + 1  # no need to run the blocks above
         with lm.model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
             lm.model(batch, stop_at_layer=last if last < lm.n_layers else None)
     return {h: torch.cat(v) for h, v in out.items()}
