@@ -15,6 +15,7 @@ Only the continuation positions go through the final norm and unembedding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +26,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import pad_and_concat
 
-from harness.models import LoadedModel, UserError, load_model
-from harness.splice import Splicer, Variant, splice_hooks
+from harness.models import LoadedModel, UserError
+from harness.session import prepare
+from harness.splice import Splicer, splice_hooks
+from harness.variants import Variant
 
 
 class SpliceEngine:
@@ -157,20 +160,11 @@ class SplicedLM(TemplateLM):
                  device: str = "cpu", dtype: str = "float32", max_length: int | None = None,
                  engine: SpliceEngine | None = None, variant: str | None = None, **kwargs):
         super().__init__()
-        if engine is None:
-            from harness.runner import build_variants
-
-            specs = [sae] if sae else []
-            variants, repls = build_variants(specs, False, device) if specs else ([Variant("clean", {})], [])
-            kw = next((r.model_kwargs for r in repls if r.model_kwargs), {})
-            lm = load_model(model, device, dtype, kw)
-            from harness.runner import calibrate_for, check_compatible
-
-            check_compatible(lm, repls)
-            calibrate_for(lm, repls)
-            engine = SpliceEngine(lm, variants[-1:], batch_size=int(batch_size) if batch_size != "auto" else 8,
-                                  max_length=max_length)
-            variant = variants[-1].name
+        if engine is None:  # built by lm-eval from a model_args string
+            session = prepare(model, [sae] if sae else [], device=device, dtype=dtype)
+            engine = SpliceEngine(session.lm, session.variants[-1:], max_length=max_length,
+                                  batch_size=int(batch_size) if batch_size != "auto" else 8)
+            variant = session.variants[-1].name
         self.engine = engine
         self.variant_index = engine.index(variant or engine.variants[0].name)
         self.tokenizer = engine.tokenizer
@@ -234,13 +228,19 @@ def variant_views(lm: LoadedModel, variants: list[Variant], batch_size: int = 8,
     return [SplicedLM(engine=engine, variant=v.name) for v in variants]
 
 
+@dataclass
+class TaskResults:
+    by_variant: dict[str, dict]  # variant name -> lm_eval.simple_evaluate's results dict
+    engine_stats: dict  # tokens and batches scored, blocks run shared vs naive
+
+
 def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], task_manager=None,
                    batch_size: int = 8, max_length: int | None = None, progress=None,
-                   keep_first: bool = True, **lm_eval_kwargs) -> dict[str, dict]:
+                   keep_first: bool = True, **lm_eval_kwargs) -> TaskResults:
     """`lm_eval.simple_evaluate` for every variant, sharing one engine (one pass over the data).
 
-    Returns {variant name: lm-eval results dict}. Extra keyword arguments (limit, num_fewshot,
-    log_samples, ...) go to simple_evaluate unchanged."""
+    Extra keyword arguments (limit, num_fewshot, log_samples, ...) go to simple_evaluate
+    unchanged."""
     import lm_eval
 
     views = variant_views(lm, variants, batch_size, max_length, keep_first)
@@ -253,5 +253,4 @@ def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], t
             raise UserError(f"unknown task {e}; list tasks with `lm-eval ls tasks`") from None
         if progress is not None:
             progress(i + 1)
-    out["__engine__"] = views[0].engine.forward_stats if views else {}
-    return out
+    return TaskResults(out, views[0].engine.forward_stats if views else {})

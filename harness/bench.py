@@ -197,16 +197,12 @@ def sae_lens_ce(lm, sae, tokens: torch.Tensor, batch_size: int) -> dict:
             "ce_zero": perf["ce_loss_with_ablation"], "kl": behav["kl_div_with_sae"]}
 
 
-def _ce_records(out: dict) -> dict[str, dict]:
-    return {r["variant"]: r for r in out["records"]}
-
-
 def harness_ce(lm, variants, tokens, batch_size, calib) -> dict:
     from harness import ce
 
     lm.calibration_cache.clear()  # calibration is part of what is timed
     # sae-lens splices position 0 too: turn off the harness's attention-sink rule to compare like for like.
-    return _ce_records(ce.evaluate(lm, variants, tokens, batch_size, calib, n_boot=1000, seed=0, keep_first=False))
+    return ce.evaluate(lm, variants, tokens, batch_size, calib, n_boot=1000, seed=0, keep_first=False).by_variant()
 
 
 def clean_forward(lm, tokens: torch.Tensor, batch_size: int) -> None:
@@ -314,9 +310,9 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
     `tokens` is rounded down to whole batches of `batch_size` sequences of `ctx` tokens;
     `mmlu_questions` questions are spread over four subjects (None = all of MMLU, 0 = skip).
     Returns {"meta", "rows", "checks", "memory_flat", ...}; see `format_report`."""
-    from harness.models import hook_layer, load_model
     from harness.saes import _from_sae
-    from harness.splice import Variant
+    from harness.session import prepare
+    from harness.variants import CLEAN
 
     say = log or (lambda msg: None)
     if saes < 1:
@@ -329,22 +325,27 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
 
     load_before = os.getloadavg()
     say(f"loading {model} on {device} ({dtype})")
-    lm = load_model(model, device, dtype)
+
+    def random_saes(lm):  # at the middle block, sized for the loaded model
+        hook = f"blocks.{lm.n_layers // 2}.hook_resid_post"
+        raw = make_saes(lm.d_model, hook, model, saes, device, dtype, seed)
+        return [_from_sae(f"sae{i}", f"random-topk-{i}", s, {}) for i, s in enumerate(raw)]
+
+    session = prepare(model, device=device, dtype=dtype, calib_seqs=batch_size, ctx=ctx, batch_size=batch_size,
+                      make_replacements=random_saes)
+    lm, calib = session.lm, session.calib_tokens
     n, layer = lm.n_layers, lm.n_layers // 2
     hook = f"blocks.{layer}.hook_resid_post"
-    assert hook_layer(hook) == layer
     folder = lm.load_info.get("source")
     if mmlu_questions != 0 and not folder:
         raise UserError(f"the MMLU comparison loads HFLM from a Hugging Face checkpoint folder and {model} "
                         "has none: use a folder, smollm2-135m or random:LxW, or set the MMLU questions to 0")
-    raw = make_saes(lm.d_model, hook, model, saes, device, dtype, seed)
-    repls = [_from_sae(f"sae{i}", f"random-topk-{i}", s, {}) for i, s in enumerate(raw)]
-    sae_variants = [Variant(r.name, {hook: r}) for r in repls]
-    clean = Variant("clean", {})
+    clean, *sae_variants = session.variants
+    assert clean.name == CLEAN
+    raw = [r.sae for r in session.replacements]
     vocab = int(lm.model.cfg.d_vocab)
     toks_plus = random_tokens(n_seq, ctx + 1, vocab, lm.special_ids(), seed)  # +1 column: KL check
     toks = toks_plus[:, :ctx].contiguous()
-    calib = random_tokens(batch_size, ctx, vocab, lm.special_ids(), seed + 1)
     n_tok = n_seq * ctx
     tol = {"ce": 1e-3, "kl": 1e-4 if dtype == "float32" else 1e-2, "ll": 1e-4 if dtype == "float32" else 5e-2}
 
@@ -511,7 +512,7 @@ def compare_mmlu(lm, folder: str, hook: str, clean, sae_variants, raw_saes, ques
     with Measure(device) as hm:
         res = evaluate_tasks(lm, [clean, *sae_variants], tasks, tm, batch_size=batch_size, keep_first=False,
                              **common)
-    h_answers = {name: _mmlu_answers(r) for name, r in res.items() if name != "__engine__"}
+    h_answers = {name: _mmlu_answers(r) for name, r in res.by_variant.items()}
 
     def argmax(xs):
         return max(range(len(xs)), key=xs.__getitem__)

@@ -1,6 +1,6 @@
 """Cross-entropy suite: CE / KL / loss recovered / reconstruction metrics over a token set.
 
-Definitions (DESIGN.md, used exactly):
+Definitions (docs/design.md, used exactly):
 - token set T: predicted positions (all but the last) whose *input* token is not special;
 - CE_x = mean over T of -log p(next token) for variant x; dCE = CE_spliced - CE_clean, with a
   95% paired bootstrap interval over sequences (ratio of resampled sums);
@@ -24,14 +24,23 @@ import numpy as np
 import torch
 
 from harness.models import LoadedModel, UserError
-from harness.saes import Replacement
-from harness.splice import Splicer, Variant, calibrate, short_hook
+from harness.splice import Splicer, calibrate
+from harness.variants import Variant, baseline_name, baseline_variants
 
-METRIC_KEYS = [
-    "variant", "saes", "hooks", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "dce",
-    "dce_ci_low", "dce_ci_high", "loss_recovered_zero", "loss_recovered_mean", "kl",
-    "explained_variance", "l0", "dead_frac", "n_tokens",
-]
+
+@dataclass
+class CEResult:
+    """What the CE suite measured: one record per variant (clean first, then the requested
+    variants, then the zero / mean references), and the per-token arrays behind them."""
+    records: list[dict]  # metrics.json rows
+    per_token_dce: dict[str, np.ndarray]  # "clean": [n_seq, ctx-1] nll; variant: nll - clean nll
+    seconds: float
+    n_tokens: int  # |T|
+    start_layer: int  # first block where a variant branches off the shared clean pass
+    block_cost: dict  # blocks run per batch, shared pass vs one forward per variant
+
+    def by_variant(self) -> dict[str, dict]:
+        return {r["variant"]: r for r in self.records}
 
 
 @dataclass
@@ -75,26 +84,13 @@ def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
     return splicer.ordinary(tokens)[:, :-1]
 
 
-def baseline_name(kind: str, hooks: list[str]) -> str:
-    return "+".join(f"{kind}@{short_hook(h)}" for h in hooks)
-
-
-def baseline_variants(variants: list[Variant]) -> list[Variant]:
-    """The zero and mean variants the spliced variants need, at exactly their hooks."""
-    extra: dict[str, Variant] = {}
-    for v in variants:
-        for kind in ("zero", "mean"):
-            name = baseline_name(kind, v.hooks)
-            if v.parts and name not in extra:
-                parts = {h: Replacement(name=kind, spec=f"{kind}@{h}", kind=kind, hook=h) for h in v.hooks}
-                extra[name] = Variant(name, parts)
-    return list(extra.values())
-
-
 def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, batch_size: int = 8,
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
-             progress=None, keep_first: bool = True) -> dict:
-    """Evaluate every variant on `tokens` [n_seq, ctx] in one pass. Returns records and arrays."""
+             progress=None, keep_first: bool = True) -> CEResult:
+    """Evaluate every variant on `tokens` [n_seq, ctx] in one pass.
+
+    The zero / mean references are fitted on `calib_tokens` (through the model's activation
+    cache, so a session's calibration batch is collected once)."""
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
@@ -155,9 +151,8 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     per_token = {"clean": torch.cat(clean.per_token).numpy()}
     for name, s in sums.items():
         per_token[name] = torch.cat(s.per_token).numpy() - per_token["clean"]
-    return {"records": records, "per_token_dce": per_token, "seconds": seconds,
-            "n_tokens": int(counts.sum()), "start_layer": splicer.start_layer,
-            "block_cost": splicer.block_cost(all_variants)}
+    return CEResult(records, per_token, seconds, int(counts.sum()), splicer.start_layer,
+                    splicer.block_cost(all_variants))
 
 
 def _fold(acc: VariantSums, logp, clean_ref, targets, in_t) -> None:

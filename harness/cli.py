@@ -8,10 +8,8 @@ imports happen inside the commands so `--help` stays instant.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 import math
 import os
-import sys
 from typing import List, Optional
 
 import typer
@@ -107,19 +105,18 @@ def print_ce_table(records: list[dict], title: str) -> None:
     Console(width=220).print(table)
 
 
-def _run(cfg, stages) -> dict:
+def _run(cfg, stages) -> None:
     import time
 
-    from harness.runner import run_job
+    from harness.pipeline import run_job
 
     t0 = time.perf_counter()
     result = run_job(cfg, stages, _progress_factory())
-    if "ce" in stages:
-        print_ce_table(result["records"], f"{cfg.model}: cross-entropy on {result['n_tokens']} held-out tokens")
-    if "mmlu" in stages:
-        print_mmlu_table(result["mmlu"]["per_question"], cfg)
+    if result.ce is not None:
+        print_ce_table(result.ce.records, f"{cfg.model}: cross-entropy on {result.ce.n_tokens} held-out tokens")
+    if result.tasks is not None:
+        print_mmlu_table(result.tasks.per_question, cfg)
     typer.echo(f"wrote {cfg.out} in {time.perf_counter() - t0:.0f} s", err=True)
-    return result
 
 
 def print_mmlu_table(per_question, cfg) -> None:
@@ -176,7 +173,7 @@ def ce(
 ):
     """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
     _quiet_libraries()
-    from harness.runner import RunConfig
+    from harness.pipeline import RunConfig
 
     _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
                    batch_size=batch_size, device=device, dtype=dtype, seed=seed, law=law, out=out,
@@ -208,7 +205,7 @@ def run(
     """The main job: the embedded default model, its demo SAEs and two baselines; CE suite and
     MMLU by category."""
     _quiet_libraries()
-    from harness.runner import RunConfig
+    from harness.pipeline import RunConfig
 
     _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, batch_size=batch_size,
                    mmlu_limit=None if full else mmlu_limit), ("ce", "mmlu"))
@@ -234,60 +231,27 @@ def lm_eval_command(
 
     Extra `--key value` options go to lm_eval.simple_evaluate unchanged (e.g. --apply_chat_template true)."""
     _quiet_libraries()
-    import json
-
-    from harness import mmlu
-    from harness.runner import (RunConfig, build_variants, calibrate_for, check_compatible, run_tasks, staging,
-                                versions, write_mmlu, write_text)
-    from harness.models import UserError, load_model
+    from harness.pipeline import RunConfig, run_lm_eval
 
     extra = _parse_extra(ctx.args)
     cfg = RunConfig(model=model, saes=list(sae), batch_size=batch_size,
                     device=device, dtype=dtype, seed=seed, out=out, num_fewshot=num_fewshot)
-    variants, repls = build_variants(list(sae), False, device) if sae else ([], [])
-    from harness.splice import Variant
-
-    variants = variants or [Variant("clean", {})]
-    lm = load_model(model, device, dtype, next((r.model_kwargs for r in repls if r.model_kwargs), {}))
-    check_compatible(lm, repls)
-    calibrate_for(lm, repls, cfg.calib_seqs, cfg.ctx, cfg.batch_size)
-    try:
-        tm = mmlu.task_manager(include_path=include_path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    res = run_tasks(lm, variants, [t for t in tasks.split(",") if t], tm, cfg, limit, **extra)
-    aggregate = res["aggregate"]
-    with staging(Path(out)) as tmp:
-        if len(res["per_question"]):
-            write_mmlu(tmp, res["per_question"], aggregate, cfg)
-        else:
-            write_text(tmp / "lm_eval_results.json", json.dumps(aggregate, indent=2, default=str))
-        write_text(tmp / "config.json", json.dumps({"model": lm.load_info, "tasks": tasks, "limit": limit,
-                                                    "num_fewshot": num_fewshot, "variants": [v.name for v in variants],
-                                                    "engine": res["engine"], "extra": extra, "versions": versions()},
-                                                   indent=2, default=str))
-    _print_task_results(aggregate)
+    res = run_lm_eval(cfg, [t for t in tasks.split(",") if t], limit, include_path, extra)
+    _print_task_results(res.aggregate)
     typer.echo(f"wrote {out}", err=True)
 
 
 def _parse_extra(args: list[str]) -> dict:
-    """`--key value` pairs left over on the command line -> simple_evaluate keyword arguments."""
-    import json
+    """`--key value` pairs left over on the command line -> simple_evaluate keyword arguments,
+    typed the way lm-eval's own CLI types them (true/false, none, numbers, else strings)."""
+    from lm_eval.utils import handle_arg_string
 
     from harness.models import UserError
 
-    out, i = {}, 0
-    while i < len(args):
-        key = args[i]
-        if not key.startswith("--") or i + 1 >= len(args):
-            raise UserError(f"cannot read extra lm-eval option {key!r}: use --key value")
-        value = args[i + 1]
-        try:
-            out[key[2:].replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key[2:].replace("-", "_")] = value
-        i += 2
-    return out
+    if len(args) % 2 or any(not k.startswith("--") for k in args[::2]):
+        bad = next((k for k in args[::2] if not k.startswith("--")), args[-1] if args else "")
+        raise UserError(f"cannot read extra lm-eval option {bad!r}: use --key value")
+    return {k[2:].replace("-", "_"): handle_arg_string(v) for k, v in zip(args[::2], args[1::2])}
 
 
 def _print_task_results(aggregate: dict) -> None:
@@ -423,8 +387,4 @@ def equiv(
 
 
 def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    app(prog_name="sae-harness")

@@ -23,10 +23,10 @@ import functools
 import importlib.util
 import json
 import logging
-import math
 from pathlib import Path
 
 import pandas as pd
+from scipy.special import logsumexp
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 MMLU_TASKS_DIR = TASKS_DIR / "mmlu_offline"
@@ -103,17 +103,6 @@ def _docs_by_subject() -> dict[str, list[dict]]:
                 "answer": LETTERS.index(row["correct_answer"]),
             })
     return out
-
-
-def load_questions(limit_per_subject: int | None = None) -> pd.DataFrame:
-    """All questions: subject, category, doc_id (lm-eval's doc_id), question, choices, answer."""
-    cats = subjects()
-    rows = [
-        {"subject": s, "category": cats[s], "doc_id": i, **{k: d[k] for k in ("question", "choices", "answer")}}
-        for s, docs in _docs_by_subject().items()
-        for i, d in enumerate(docs[:limit_per_subject])
-    ]
-    return pd.DataFrame(rows, columns=["subject", "category", "doc_id", "question", "choices", "answer"])
 
 
 def hf_dataset(subject: str):
@@ -232,11 +221,6 @@ def task_manager(include_path=None, include_defaults: bool = True, metadata: dic
 
 # ---------------------------------------------------------------- lm-eval samples -> per-question rows
 
-def _logsumexp(xs: list[float]) -> float:
-    top = max(xs)
-    return top + math.log(sum(math.exp(x - top) for x in xs))
-
-
 def per_question_from_samples(samples: dict, variant: str) -> pd.DataFrame:
     """lm-eval `results["samples"]` (log_samples=True) of MMLU tasks -> the per-question table
     harness.tables reads: variant, subject, category, doc_id, correct, logp_correct, pred.
@@ -256,5 +240,5 @@ def per_question_from_samples(samples: dict, variant: str) -> pd.DataFrame:
             pred = max(range(len(lls)), key=lls.__getitem__)  # first maximum, like np.argmax
             rows.append({"variant": variant, "subject": subject, "category": cats[subject],
                          "doc_id": int(smp["doc_id"]), "correct": int(pred == gold),
-                         "logp_correct": float(lls[gold] - _logsumexp(lls)), "pred": pred})
+                         "logp_correct": float(lls[gold] - logsumexp(lls)), "pred": pred})
     return pd.DataFrame(rows, columns=["variant", "subject", "category", "doc_id", "correct", "logp_correct", "pred"])

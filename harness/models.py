@@ -155,12 +155,30 @@ def _is_tl_official(name: str) -> bool:
     return name in OFFICIAL_MODEL_NAMES or any(name in a for a in MODEL_ALIASES.values())
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before anything is loaded onto it."""
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"--device {device}: CUDA is not available on this machine ({why}); use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: Apple MPS is not available on this machine; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {device!r}; use cpu, cuda[:N] or mps")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else with a slash (or ~, ./, ../) is a path."""
+    return spec.startswith(("/", ".", "~")) or spec.endswith("/") or spec.count("/") > 1
+
+
 def load_model(
     spec: str = EMBEDDED_DEFAULT,
     device: str = "cpu",
     dtype: str = "float32",
     from_pretrained_kwargs: dict | None = None,
 ) -> LoadedModel:
+    check_device(device)
     torch_dtype = _dtype(dtype)
     kwargs = dict(from_pretrained_kwargs or {})
     info = {"spec": spec, "device": device, "dtype": dtype}
@@ -172,17 +190,27 @@ def load_model(
         path = embedded_checkpoint()
         info.update(loader="TransformerBridge.boot_transformers", source=str(path), gguf=_GGUF_NAME)
         return _boot_bridge(spec, str(path), device, torch_dtype, info)
-    if spec.startswith("tl:") or (not Path(spec).exists() and _is_tl_official(spec)):
+    local = Path(spec).expanduser()
+    if spec.startswith("tl:") or (not local.exists() and _is_tl_official(spec)):
         name = spec.removeprefix("tl:")
         from transformer_lens import HookedTransformer
 
         info.update(loader="HookedTransformer.from_pretrained", from_pretrained_kwargs=kwargs)
         model = HookedTransformer.from_pretrained(name, device=device, dtype=torch_dtype, **kwargs)
         return wrap_hooked(spec, model, info)
-    if Path(spec).exists() and not (Path(spec) / "config.json").exists():
+    if not local.exists() and _looks_like_path(spec):
+        raise UserError(f"model folder {spec} does not exist")
+    if local.exists() and not (local / "config.json").exists():
         raise UserError(f"model folder {spec} has no config.json")
-    info.update(loader="TransformerBridge.boot_transformers", source=spec)
-    return _boot_bridge(spec, spec, device, torch_dtype, info)
+    source = str(local) if local.exists() else spec
+    info.update(loader="TransformerBridge.boot_transformers", source=source)
+    try:
+        return _boot_bridge(spec, source, device, torch_dtype, info)
+    except OSError as e:  # a hub id that cannot be fetched (offline, typo, gated)
+        if local.exists():
+            raise
+        raise UserError(f"cannot load model {spec!r}: not a local folder, and the hub gave "
+                        f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def _boot_bridge(spec: str, source: str, device: str, dtype: torch.dtype, info: dict) -> LoadedModel:
@@ -202,10 +230,12 @@ def wrap_hooked(spec: str, model: Any, info: dict | None = None) -> LoadedModel:
 
 
 def _dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
-    return table[name]
+    from sae_lens.util import str_to_dtype  # the same names sae-lens accepts for its SAEs
+
+    try:
+        return str_to_dtype(name)
+    except ValueError:
+        raise UserError(f"unknown dtype {name!r}; choose float32, bfloat16, float16 or float64") from None
 
 
 _MODULE_PATH = re.compile(

@@ -1,7 +1,7 @@
 """Measured scaling references: other models (or checkpoints) evaluated on the run's own tokens.
 
-A preset law belongs to another corpus and tokenizer; the honest alternative (DESIGN.md,
-"Family fit") is to evaluate a family of models trained on the same data on exactly the
+A preset law belongs to another corpus and tokenizer; the honest alternative (docs/design.md,
+"Compute-equivalents", the family fit) is to evaluate a family of models trained on the same data on exactly the
 tokens the SAEs were scored on, fit L(N) = E + A/N^alpha (or L(D) for one model's
 checkpoints), and read the spliced loss off that curve. Every reference must share the main
 model's tokenizer: a loss per token is only comparable over the same tokens.
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from harness import ce, scaling
 from harness.models import LoadedModel, UserError, load_model
+from harness.variants import CLEAN, Variant
 
 
 def parameter_count(lm: LoadedModel) -> int:
@@ -21,10 +23,7 @@ def parameter_count(lm: LoadedModel) -> int:
 
 
 def clean_loss(lm: LoadedModel, tokens: torch.Tensor, batch_size: int) -> float:
-    from harness import ce
-    from harness.splice import Variant
-
-    return ce.evaluate(lm, [Variant("clean", {})], tokens, batch_size, None, n_boot=1)["records"][0]["ce_clean"]
+    return ce.evaluate(lm, [Variant(CLEAN, {})], tokens, batch_size, None, n_boot=1).records[0]["ce_clean"]
 
 
 def _same_tokenizer(a, b) -> bool:
@@ -47,8 +46,6 @@ def measure(main: LoadedModel, specs: list[str], tokens: torch.Tensor, batch_siz
 
 def family_law(points: list[dict], main_N: int, main_loss: float, tokens: list[float] | None, seed: int):
     """Fit the family (fixed D: L(N); differing D: the full L(N, D)) including the main model."""
-    from harness import scaling
-
     N = [p["N"] for p in points] + [main_N]
     L = [p["loss"] for p in points] + [main_loss]
     try:
@@ -60,8 +57,6 @@ def family_law(points: list[dict], main_N: int, main_loss: float, tokens: list[f
 
 
 def checkpoint_law(points: list[dict], seed: int):
-    from harness import scaling
-
     try:
         return scaling.fit_checkpoints([p["D"] for p in points], [p["loss"] for p in points], seed=seed,
                                        name="checkpoints L(D)")
@@ -72,8 +67,6 @@ def checkpoint_law(points: list[dict], seed: int):
 def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torch.Tensor, cfg) -> dict:
     """n_eff_frac (family) and d_eff_frac (checkpoints) columns, each with an interval from the
     fit's bootstrap and the dCE interval. Returns what was measured, for config.json."""
-    from harness import scaling
-
     out: dict = {}
     clean = records[0]["ce_clean"]
     N_main = parameter_count(lm)

@@ -29,7 +29,7 @@ from harness.models import UserError, to_tl_hook_name
 
 DEMO_DIR = Path(__file__).parent / "demo_saes"
 BASELINES = ("identity", "zero", "mean", "pca", "neurons")
-_BASELINE_SPEC = re.compile(r"^(identity|zero|mean|pca|neurons)(?::(\d+))?(?:@(.+))?$")
+_BASELINE_SPEC = re.compile(rf"^({'|'.join(BASELINES)})(?::(\d+))?(?:@(.+))?$")
 
 
 @dataclass
@@ -53,10 +53,6 @@ class Replacement:
     @property
     def needs_calibration(self) -> bool:
         return self.kind in ("mean", "pca")
-
-    @property
-    def has_latents(self) -> bool:
-        return self.kind in ("sae", "pca", "neurons")
 
     def fit(self, acts: torch.Tensor) -> None:
         """Fit mean / PCA on calibration activations [n, d] (float64 for a stable covariance)."""

@@ -2,7 +2,7 @@
 
 A sparse autoencoder spliced into a model raises its cross-entropy.  "How bad is that?"
 is easier to read as "the spliced model is as good as one trained with f times the
-compute".  Three routes (DESIGN.md, "Compute-equivalent scoring"):
+compute".  Three routes (docs/design.md, "Compute-equivalents"):
 
 1. a full law L(N, D) = E + A/N^alpha + B/D^beta (fitted, or a literature preset) read
    along its compute-optimal frontier: `compute_fraction`, `compute_fraction_over_E`;
@@ -119,10 +119,6 @@ class Curve:
 
     def loss(self, x):
         return self.E + self.A / np.asarray(x, float) ** self.alpha
-
-    def invert(self, L):
-        """x at which the curve reaches loss L (requires L > E)."""
-        return (self.A / (np.asarray(L, float) - self.E)) ** (1.0 / self.alpha)
 
     def _names(self):
         return ("E", "A", "alpha") if self.var == "N" else ("E", "B", "beta")
@@ -564,12 +560,35 @@ def load_law(spec: str):
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if "var" in d:
-        return Curve.from_json(d)
-    missing = [p for p in PARAMS if p not in d]
-    if missing:
-        raise ValueError(f"{path} lacks law parameters {missing}")
-    return Law.from_json(d)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds no law (expected a JSON object with E, A, B, alpha, beta)")
+    if "var" not in d:  # a one-term law written by hand: a family curve in N or a curve in D
+        if {"E", "A", "alpha"} <= set(d) and not {"B", "beta"} & set(d):
+            d = {**d, "var": "N"}
+        elif {"E", "B", "beta"} <= set(d) and not {"A", "alpha"} & set(d):
+            d = {**d, "var": "D"}
+    try:
+        if "var" in d:
+            if d["var"] not in ("N", "D"):
+                raise ValueError(f"var must be 'N' or 'D', not {d['var']!r}")
+            return Curve.from_json(d)
+        missing = [p for p in PARAMS if p not in d]
+        if missing:
+            raise ValueError(f"lacks law parameters {missing}")
+        return one_term(Law.from_json(d))
+    except (KeyError, TypeError, ValueError) as e:
+        why = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path} is not a usable law: {why}") from None
+
+
+def one_term(law):
+    """A full law with B = 0 (or A = 0) has no compute-optimal frontier (loss does not fall
+    with that variable): it is the curve in the other variable, and is read as one."""
+    if isinstance(law, Law) and law.B == 0 and law.A > 0:
+        return Curve(E=law.E, A=law.A, alpha=law.alpha, var="N", name=law.name)
+    if isinstance(law, Law) and law.A == 0 and law.B > 0:
+        return Curve(E=law.E, A=law.B, alpha=law.beta, var="D", name=law.name)
+    return law
 
 
 def equivalents(law, L_clean: float, L_spliced: float, N: float | None = None,
@@ -579,6 +598,7 @@ def equivalents(law, L_clean: float, L_spliced: float, N: float | None = None,
     compute_fraction: frontier reading (full laws and Kaplan); n_eff_frac: size at fixed
     tokens (a family curve, or a full law with --tokens); d_eff_frac: tokens at fixed size (a
     checkpoint curve, or a full law with --params)."""
+    law = one_term(law)
     out: dict = {"law": getattr(law, "name", ""), "L_clean": float(L_clean), "L_spliced": float(L_spliced),
                  "assumptions": {}}
     if isinstance(law, Curve):

@@ -28,20 +28,11 @@ import torch
 
 from harness.models import LoadedModel, UserError, hook_layer
 from harness.saes import Replacement
+from harness.variants import Variant
 
 
 class _StopForward(Exception):
     pass
-
-
-@dataclass
-class Variant:
-    name: str
-    parts: dict[str, Replacement]  # hook -> replacement
-
-    @property
-    def hooks(self) -> list[str]:
-        return sorted(self.parts)
 
 
 @dataclass
@@ -52,11 +43,6 @@ class Prefix:
     kwargs: dict = field(default_factory=dict)
     tokens: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
-
-
-def short_hook(hook: str) -> str:
-    """`blocks.15.hook_resid_post` -> `15.resid_post`, for variant labels."""
-    return hook.replace("blocks.", "").replace("hook_", "")
 
 
 def describe_valid_hooks(names: list[str]) -> str:
@@ -71,16 +57,21 @@ def describe_valid_hooks(names: list[str]) -> str:
     return ", ".join(shown)
 
 
+def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
+    """UserError naming the valid hooks if any hook is not one of the model's hook points."""
+    valid = set(lm.model.hook_dict)
+    for hook in hooks:
+        if hook not in valid:
+            raise UserError(f"unknown hook {hook!r}; valid hooks: {describe_valid_hooks(sorted(valid))}")
+
+
 class Splicer:
     """Runs one model with any number of variants, sharing the prefix below the first splice."""
 
     def __init__(self, lm: LoadedModel, hooks: list[str], keep_first: bool = True):
         self.lm = lm
         self.keep_first = keep_first
-        valid = set(lm.model.hook_dict)
-        for hook in hooks:
-            if hook not in valid:
-                raise UserError(f"unknown hook {hook!r}; valid hooks: {describe_valid_hooks(sorted(valid))}")
+        check_hooks(lm, hooks)
         # Layers where some variant branches off the clean pass (bridge tails need >= 1 block).
         self.layers = sorted({min(hook_layer(h), lm.n_layers - 1) for h in hooks}) or [lm.n_layers - 1]
         self.start_layer = self.layers[0]

@@ -275,19 +275,15 @@ def to_json(table: pd.DataFrame, path=None) -> str:
 
 
 def to_markdown(table: pd.DataFrame, path=None) -> str:
-    """GitHub-style pipe table, written by hand (no tabulate dependency)."""
+    """GitHub-style pipe table (pandas' to_markdown), cells formatted as in every export."""
     t = _flat(table)
     # a literal "|" inside a cell would end it
-    cells = [[_cell(v, c).replace("|", r"\|") for c, v in zip(t.columns, row)] for row in t.itertuples(index=False)]
-    header = [str(c).replace("|", r"\|") for c in t.columns]
-    width = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    right = [_is_numeric(t[c]) for c in t.columns]
-
-    def line(values):
-        return "| " + " | ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, width, right)) + " |"
-
-    rule = "| " + " | ".join(("-" * (w - 1) + ":") if r else "-" * w for w, r in zip(width, right)) + " |"
-    return _emit("\n".join([line(header), rule, *map(line, cells)]) + "\n", path)
+    cells = pd.DataFrame([[_cell(v, c).replace("|", r"\|") for c, v in zip(t.columns, row)]
+                          for row in t.itertuples(index=False)],
+                         columns=[str(c).replace("|", r"\|") for c in t.columns])
+    align = ["right" if _is_numeric(t[c]) else "left" for c in t.columns]
+    text = cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True)
+    return _emit(text + "\n", path)
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",

@@ -427,7 +427,7 @@ def write_readme(path: Path, results: list[dict], run: dict) -> None:
         f"- Explained variance, L0 and dead fraction: on {run['eval_seqs']} held-out rows ({ev_tokens:,} non-special",
         "  tokens) of the TRAIN split that were never trained on (the last rows after the seeded shuffle),",
         "  with the shipped float16 weights loaded as float32, over positions whose token is not special",
-        "  (BOS/EOS/pad), as in DESIGN.md: EV = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2, L0 = mean",
+        "  (BOS/EOS/pad), as in docs/design.md: EV = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2, L0 = mean",
         "  number of non-zero latents per token, dead = fraction of latents never active on those tokens.",
         "  A plain torch loop (HF model, forward hook on `model.model.layers[N]`, sae-lens' `encode`/`decode`).",
         f"- Training wall time: the sae-lens training run alone, on {run['threads']} CPU threads shared with other",

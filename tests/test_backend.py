@@ -9,7 +9,8 @@ from conftest import make_topk_sae
 from harness import ce
 from harness.backend import SpliceEngine, SplicedLM, variant_views
 from harness.saes import _from_sae
-from harness.splice import Splicer, Variant
+from harness.splice import Splicer
+from harness.variants import Variant
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -35,8 +36,8 @@ def test_loglikelihood_equals_ce_path_per_token(tiny_hf, sae_variant):
         n_ctx = len(tok.encode(ctx, add_special_tokens=False))
         tokens = torch.tensor([whole])
         out = ce.evaluate(tiny_hf, [Variant("clean", {}), sae_variant], tokens, 1, tokens, 10)
-        clean_nll = out["per_token_dce"]["clean"][0]
-        sae_nll = clean_nll + out["per_token_dce"]["tiny-sae"][0]
+        clean_nll = out.per_token_dce["clean"][0]
+        sae_nll = clean_nll + out.per_token_dce["tiny-sae"][0]
         # position t predicts token t+1: the continuation is predicted from positions n_ctx-1 ..
         assert got["clean"][i] == pytest.approx(-clean_nll[n_ctx - 1:].sum(), abs=1e-4)
         assert got["tiny-sae"][i] == pytest.approx(-sae_nll[n_ctx - 1:].sum(), abs=1e-4)
@@ -93,7 +94,7 @@ def test_clean_backend_equals_hflm_on_mmlu(embedded_dir):
     tasks = ["mmlu_offline_anatomy", "mmlu_offline_college_physics", "mmlu_offline_marketing"]
     tm = mmlu.task_manager()
     lm = load_model("smollm2-135m")
-    ours = evaluate_tasks(lm, [Variant("clean", {})], tasks, tm, batch_size=8, limit=10, log_samples=True)["clean"]
+    ours = evaluate_tasks(lm, [Variant("clean", {})], tasks, tm, batch_size=8, limit=10, log_samples=True).by_variant["clean"]
     ref = lm_eval.simple_evaluate(model=HFLM(pretrained=str(embedded_dir), batch_size=8, device="cpu"),
                                   tasks=tasks, task_manager=tm, limit=10, log_samples=True)
     n = 0
@@ -121,13 +122,14 @@ def test_registered_model_works_from_simple_evaluate(tiny_hf_dir, tmp_path):
     task, tm = "mmlu_offline_anatomy", mmlu.task_manager()
     res = lm_eval.simple_evaluate(model="sae-spliced", model_args=f"model={tiny_hf_dir},sae=zero@{HOOK}+mean@blocks.2.hook_resid_post",
                                   tasks=[task], task_manager=tm, limit=3, log_samples=True)
-    from harness.runner import calibrate_for
+    from harness import data
+    from harness.splice import calibrate
 
     lm = load_model(str(tiny_hf_dir))
     zero, mean = load_replacement(f"zero@{HOOK}"), load_replacement("mean@blocks.2.hook_resid_post")
-    calibrate_for(lm, [zero, mean])
+    calibrate(lm, [zero, mean], data.pack(lm.tokenizer, data.documents("train-prose"), 16, 128))
     ref = evaluate_tasks(lm, [Variant("zm", {HOOK: zero, mean.hook: mean})], [task], tm,
-                         limit=3, log_samples=True)["zm"]
+                         limit=3, log_samples=True).by_variant["zm"]
     got = [float(r[0]) for s in res["samples"][task] for r in s["filtered_resps"]]
     want = [float(r[0]) for s in ref["samples"][task] for r in s["filtered_resps"]]
     assert len(got) == 12 and got == pytest.approx(want, abs=1e-6)

@@ -7,7 +7,7 @@ import torch
 from conftest import make_topk_sae
 from harness import ce
 from harness.saes import Replacement, _from_sae
-from harness.splice import Variant
+from harness.variants import Variant
 
 
 def _variant(repl):
@@ -19,7 +19,7 @@ def test_identity_splice_changes_nothing(tiny_hf):
     ident = Replacement(name="identity", spec="identity", kind="identity", hook="blocks.2.hook_resid_post")
     out = ce.evaluate(tiny_hf, [Variant("clean", {}), _variant(ident)], tokens, batch_size=4,
                       calib_tokens=tokens, n_boot=50)
-    rec = {r["variant"]: r for r in out["records"]}["identity"]
+    rec = {r["variant"]: r for r in out.records}["identity"]
     assert rec["dce"] == 0.0 and rec["kl"] == pytest.approx(0.0, abs=1e-7)
     assert rec["dce_ci_low"] == 0.0 and rec["dce_ci_high"] == 0.0
     assert rec["explained_variance"] == 1.0
@@ -45,7 +45,7 @@ def test_ce_metrics_against_plain_pytorch(tiny_hooked):
     sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, hook, "tiny-hooked"), {})
     out = ce.evaluate(tiny_hooked, [Variant("clean", {}), _variant(sae)], tokens, batch_size=2,
                       calib_tokens=calib, n_boot=200, keep_first=False)
-    rec = {r["variant"]: r for r in out["records"]}["tiny"]
+    rec = {r["variant"]: r for r in out.records}["tiny"]
 
     with torch.no_grad():
         _, cache = model.run_with_cache(calib, names_filter=hook)
@@ -119,8 +119,8 @@ def test_loss_recovered_and_kl_match_sae_lens_run_evals(tiny_hooked):
                        keep_first=False)
     longer = ce.evaluate(tiny_hooked, [Variant("clean", {}), _variant(sae)], tokens, 3, tokens, 10,
                          keep_first=False)
-    rec = {r["variant"]: r for r in same["records"]}["tiny"]
-    rec_long = {r["variant"]: r for r in longer["records"]}["tiny"]
+    rec = {r["variant"]: r for r in same.records}["tiny"]
+    rec_long = {r["variant"]: r for r in longer.records}["tiny"]
     assert rec["ce_clean"] == pytest.approx(perf["ce_loss_without_sae"], abs=1e-5)
     assert rec["ce_spliced"] == pytest.approx(perf["ce_loss_with_sae"], abs=1e-5)
     assert rec["ce_zero"] == pytest.approx(perf["ce_loss_with_ablation"], abs=1e-5)
@@ -151,7 +151,7 @@ def test_baselines_against_numpy(tiny_hooked):
 
 
 def test_joint_splice_reports_joint_and_alone(tiny_hooked):
-    from harness.runner import build_variants
+    from harness.variants import build_variants
 
     hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
     variants, _ = build_variants([f"pca:4@{hooks[0]}+neurons:4@{hooks[1]}"], False, "cpu")
@@ -160,7 +160,7 @@ def test_joint_splice_reports_joint_and_alone(tiny_hooked):
                      "pca:4@0.resid_post+neurons:4@2.resid_post"]
     tokens = torch.randint(0, 97, (4, 12))
     out = ce.evaluate(tiny_hooked, variants, tokens, 2, tokens, 20)
-    recs = {r["variant"]: r for r in out["records"]}
+    recs = {r["variant"]: r for r in out.records}
     joint = recs[names[3]]
     assert joint["hooks"] == hooks
     assert recs["zero@0.resid_post+zero@2.resid_post"]["ce_spliced"] == joint["ce_zero"]

@@ -128,3 +128,55 @@ def test_lm_eval_command_writes_tables(tiny_hf_dir, tmp_path):
     agg = json.loads((out / "lm_eval_results.json").read_text())
     acc = agg["clean"]["mmlu_offline_anatomy"]["acc,none"]
     assert acc == per_q[(per_q.variant == "clean") & (per_q.subject == "anatomy")].correct.mean()
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    out = tmp_path / "run"
+    code, lines = _run(["ce", "--model", str(tmp_path / "no" / "such-model"), "--sae", f"zero@{HOOK}",
+                        "--tokens", "64", "--ctx", "16"], out)
+    assert code == 2 and len(lines) == 1
+    assert lines[0] == f"error: model folder {tmp_path / 'no' / 'such-model'} does not exist"
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(tiny_hf_dir, tmp_path):
+    out = tmp_path / "run"
+    code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", f"zero@{HOOK}", "--device", "cuda",
+                        "--tokens", "64", "--ctx", "16"], out)
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: --device cuda: CUDA is not available on this machine")
+    assert not out.exists()
+
+
+def test_bad_law_file_is_refused_before_any_model_work(tiny_hf_dir, tmp_path, monkeypatch):
+    import harness.session
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the law was checked")
+
+    monkeypatch.setattr(harness.session, "load_model", no_model)
+    for text, why in (("{not json", "is not valid JSON"), ('{"E": 1.7, "A": 400}', "is not a usable law"),
+                      ('{"E": 1.7, "A": 400, "B": 400, "alpha": 0.3}', "lacks law parameters ['beta']")):
+        law = tmp_path / "law.json"
+        law.write_text(text)
+        out = tmp_path / "run"
+        code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", f"zero@{HOOK}", "--law", str(law),
+                            "--tokens", "64", "--ctx", "16"], out)
+        assert code == 2 and len(lines) == 1 and why in lines[0], lines
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("law", [{"E": 1.8, "A": 400.0, "alpha": 0.34},
+                                 {"E": 1.8, "A": 400.0, "B": 0.0, "alpha": 0.34, "beta": 0.28}])
+def test_equiv_with_a_family_law_gives_n_eff(tmp_path, law):
+    """A law with no D term, used with --params: N_eff/N from L(N) = E + A/N^alpha (closed form)."""
+    path = tmp_path / "family.json"
+    path.write_text(json.dumps(law))
+    result = CliRunner().invoke(app, ["equiv", "--clean", "3.0", "--spliced", "3.1", "--law", str(path),
+                                      "--params", "1e8", "--json"])
+    assert result.exit_code == 0, result.stderr
+    got = json.loads(result.stdout)
+    want = ((3.1 - 1.8) / (3.0 - 1.8)) ** (-1 / 0.34)
+    assert got["n_eff_frac"] == pytest.approx(want, rel=1e-12)
+    assert got["n_eff"] == pytest.approx(want * 1e8, rel=1e-12)

@@ -46,7 +46,7 @@ def test_ce_clean_and_spliced_equal_plain_pytorch(embedded_dir):
 
     from harness import ce, data
     from harness.models import load_model
-    from harness.runner import build_variants
+    from harness.variants import build_variants
 
     tok = AutoTokenizer.from_pretrained(embedded_dir)
     docs = data.documents("eval")[:6]
@@ -85,7 +85,7 @@ def test_ce_clean_and_spliced_equal_plain_pytorch(embedded_dir):
     variants, _ = build_variants([DEMO], False, "cpu")
     calib = data.pack(lm.tokenizer, data.documents("train-prose"), 4, 96)
     out = ce.evaluate(lm, variants, tokens, 2, calib, n_boot=10)
-    rec = {r["variant"]: r for r in out["records"]}
+    rec = {r["variant"]: r for r in out.records}
     assert rec["clean"]["ce_clean"] == pytest.approx(want_clean, abs=1e-4)
     assert rec[DEMO]["ce_spliced"] == pytest.approx(want_sae, abs=1e-4)
     assert rec[DEMO]["dce"] > 0.01  # the SAE does damage the model

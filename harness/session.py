@@ -1,0 +1,69 @@
+"""The one setup path: model + replacements loaded, checked and calibrated, once.
+
+Every command that runs a model (`run`, `ce`, `lm-eval`, `bench`, the lm-eval model
+`sae-spliced`) starts with `prepare(...)`, so they all load the model the way the SAEs were
+trained (their `model_from_pretrained_kwargs`), refuse the same bad input (SAE for another
+model, unknown hook, wrong width) with the same message, and fit the mean / PCA baselines on
+the same calibration batch (the train-prose split, never evaluated tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from harness import data
+from harness.models import LoadedModel, UserError, check_device, load_model
+from harness.saes import Replacement, same_model
+from harness.splice import activation_widths, calibrate, check_hooks
+from harness.variants import CLEAN, Variant, build_variants, variants_of
+
+
+@dataclass
+class Session:
+    lm: LoadedModel
+    variants: list[Variant]  # clean first, then what the specs ask for
+    replacements: list[Replacement]  # each distinct SAE / baseline once, checked and calibrated
+    calib_tokens: torch.Tensor | None  # [calib_seqs, ctx] train-prose tokens; None without replacements
+    calibration: str = ""  # how the calibration batch was made, for config.json
+
+
+def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: str = "cpu",
+            dtype: str = "float32", calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
+            make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None) -> Session:
+    """Load `model` and the `saes` specs, check they fit together, calibrate baselines.
+
+    `make_replacements(lm)` adds replacements built in memory for the loaded model (the
+    bench's random SAEs); each becomes a variant of its own and is checked like the rest."""
+    check_device(device)
+    variants, repls = build_variants(list(saes), joint, device) if saes else ([Variant(CLEAN, {})], [])
+    kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
+    lm = load_model(model, device, dtype, kwargs)
+    if make_replacements is not None:
+        extra = make_replacements(lm)
+        repls = repls + extra
+        variants = variants + variants_of([[r] for r in extra])[1:]
+    check_compatible(lm, repls)
+    calib, how = None, ""
+    if repls:
+        try:
+            calib = data.pack(lm.tokenizer, data.documents("train-prose"), calib_seqs, ctx)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        how = f"{calib_seqs} x {ctx} tokens of the train-prose split"
+    calibrate(lm, repls, calib, batch_size)
+    return Session(lm, variants, repls, calib, how)
+
+
+def check_compatible(lm: LoadedModel, repls: list[Replacement]) -> None:
+    """Every SAE was trained on this model, at an existing hook of the width it expects."""
+    for r in repls:
+        if r.kind == "sae" and not same_model(r.model_name, lm.spec):
+            raise UserError(f"SAE {r.spec!r} was trained on {r.model_name!r}, not on {lm.spec!r}")
+    check_hooks(lm, sorted({r.hook for r in repls}))
+    widths = activation_widths(lm, sorted({r.hook for r in repls if r.kind == "sae"}))
+    for r in repls:
+        if r.kind == "sae" and widths.get(r.hook) != r.d_in:
+            raise UserError(f"SAE {r.spec!r} has width {r.d_in} but {r.hook} has width {widths.get(r.hook)}")
