@@ -6,33 +6,37 @@ the first splice point: `prefix` runs them once, `tail` replays the rest once pe
 
 How the tail is replayed depends on the model:
 - TransformerBridge (any Hugging Face model): TransformerBridge cannot start at a layer (it
-  delegates to the HF forward), so a forward pre-hook registered `with_kwargs=True` on the
-  first tail block captures that block's input and keyword arguments (attention mask,
-  rotary position embeddings, position ids) and aborts the pass. The tail then calls the
-  remaining blocks, the final norm and the unembedding with the same keywords; this equals
-  the full forward exactly (tested).
+  delegates to the HF forward), so both halves run the model's own forward, rerouted
+  (`harness.replay`): the prefix stops at the first tail block and keeps its input; a tail
+  skips the blocks below its start, swaps in the variant's residual there, and lets the
+  model's code do the rest: per-layer masks (Gemma's sliding/full layers), per-layer rotary
+  tables, logit soft-capping or scaling. Models whose layers hand each other state outside
+  the residual are refused (`replay.check_supported`).
 - HookedTransformer: its own `stop_at_layer` / `start_at_layer`.
 
 Splices are TransformerLens hook functions on the model's own hook points, so the one hook
 vocabulary is TransformerLens'. Positions whose input token is special (BOS, EOS, pad) keep
-their original activation, for SAEs and baselines alike.
+their original activation, for SAEs and baselines alike. Head-split sites (`attn.hook_z`,
+[batch, pos, heads, d_head]) are spliced flattened to [batch, pos, heads * d_head], the
+layout SAEs trained there read (sae-lens' `hook_z` reshaping).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from harness import replay
 from harness.models import LoadedModel, UserError, hook_layer
+from harness.replay import take_positions as _take
 from harness.saes import Replacement
 from harness.variants import Variant
 
-
-class _StopForward(Exception):
-    pass
+# Sites whose second axis is not the position: a per-position splice cannot apply there.
+_NOT_PER_POSITION = ("hook_pattern", "hook_attn_scores")
 
 
 @dataclass
@@ -40,7 +44,6 @@ class Prefix:
     """What the tail needs to continue a batch: the residual entering `layer`, and context."""
     layer: int
     resid: torch.Tensor
-    kwargs: dict = field(default_factory=dict)
     tokens: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
 
@@ -58,11 +61,14 @@ def describe_valid_hooks(names: list[str]) -> str:
 
 
 def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
-    """UserError naming the valid hooks if any hook is not one of the model's hook points."""
+    """UserError if a hook is not one of the model's hook points (naming the valid ones), or has
+    no activation per position (attention patterns)."""
     valid = set(lm.model.hook_dict)
     for hook in hooks:
         if hook not in valid:
             raise UserError(f"unknown hook {hook!r}; valid hooks: {describe_valid_hooks(sorted(valid))}")
+        if hook.endswith(_NOT_PER_POSITION):
+            raise UserError(f"{hook} is [batch, head, query, key]: splices need one activation per position")
 
 
 class Splicer:
@@ -74,6 +80,8 @@ class Splicer:
         check_hooks(lm, hooks)
         # Layers where some variant branches off the clean pass (bridge tails need >= 1 block).
         self.layers = sorted({min(hook_layer(h), lm.n_layers - 1) for h in hooks}) or [lm.n_layers - 1]
+        if lm.kind == "bridge":
+            replay.check_supported(lm.model, self.layers)
         self.start_layer = self.layers[0]
         self.special_ids = torch.tensor(lm.special_ids(), dtype=torch.long)
 
@@ -124,11 +132,8 @@ class Splicer:
             resid = model(pre.resid, start_at_layer=pre.layer, stop_at_layer=layer, tokens=pre.tokens,
                           attention_mask=pre.attention_mask)
             return Prefix(layer, resid, tokens=pre.tokens, attention_mask=pre.attention_mask)
-        x = pre.resid
-        for block in model.blocks[pre.layer:layer]:
-            out = block(x, **pre.kwargs)
-            x = out[0] if isinstance(out, tuple) else out
-        return Prefix(layer, x, pre.kwargs, pre.tokens, pre.attention_mask)
+        resid = replay.run_to(model, pre.tokens, pre.attention_mask, layer, pre.layer, pre.resid)
+        return Prefix(layer, resid, pre.tokens, pre.attention_mask)
 
     @torch.no_grad()
     def prefix(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Prefix:
@@ -137,22 +142,8 @@ class Splicer:
         if self.lm.kind == "hooked":
             resid = model(tokens, stop_at_layer=layer, attention_mask=attention_mask)
             return Prefix(layer, resid, tokens=tokens, attention_mask=attention_mask)
-        captured: dict[str, Any] = {}
-
-        def grab(module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, dict(kwargs)
-            raise _StopForward
-
-        handle = model.blocks[layer].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            model.original_model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        kwargs = captured["kwargs"]
-        resid = captured["args"][0] if captured["args"] else kwargs.pop("hidden_states")
-        return Prefix(layer, resid, kwargs, tokens=tokens, attention_mask=attention_mask)
+        resid = replay.run_to(model, tokens, attention_mask, layer)
+        return Prefix(layer, resid, tokens, attention_mask)
 
     @torch.no_grad()
     def tail(self, pre: Prefix, fwd_hooks: list[tuple[str, Callable]] = (),
@@ -161,20 +152,15 @@ class Splicer:
 
         `positions` [batch, P] keeps only those positions' logits; on a bridge model the final
         norm and unembedding then run on those positions alone (for multiple choice, one
-        position in hundreds: the unembedding is a large share of a small model's FLOPs)."""
+        position in hundreds: the unembedding is a large share of a small model's FLOPs).
+        A bridge tail is the model's own forward from `pre.layer` on (see `harness.replay`)."""
         model = self.lm.model
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             if self.lm.kind == "hooked":
                 logits = model(pre.resid, start_at_layer=pre.layer, tokens=pre.tokens,
                                attention_mask=pre.attention_mask)
                 return logits if positions is None else _take(logits, positions)
-            x = pre.resid
-            for block in model.blocks[pre.layer:]:
-                out = block(x, **pre.kwargs)
-                x = out[0] if isinstance(out, tuple) else out
-            if positions is not None:
-                x = _take(x, positions)
-            return model.unembed(model.ln_final(x))
+            return replay.run_from(model, pre.tokens, pre.attention_mask, pre.layer, pre.resid, positions)
 
     @torch.no_grad()
     def logits(self, tokens, attention_mask=None, variant: Variant | None = None, on_act=None):
@@ -201,35 +187,37 @@ class Splicer:
             yield v, self.tail(points[self.variant_layer(v)], splice_hooks(v, mask, act), positions)
 
 
-def _take(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x[b, positions[b, j]] -> [batch, P, d]."""
-    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """[batch, pos, d] unchanged; head-split [batch, pos, heads, d_head] -> [batch, pos, heads*d_head]."""
+    return x.flatten(2) if x.dim() > 3 else x
 
 
 def splice_hooks(variant: Variant, mask: torch.Tensor, on_act=None) -> list[tuple[str, Callable]]:
     """TransformerLens hook functions that replace each hook's activation where mask is True.
 
-    `on_act(hook, x, x_hat, latents)` is called for statistics (explained variance, L0)."""
+    Replacements see the flattened activation (`flat`); `on_act(hook, x, x_hat, latents)` is
+    called with it for statistics (explained variance, L0)."""
     hooks = []
     for hook, repl in variant.parts.items():
-        def fn(x, hook=None, _repl=repl, _name=hook):
+        def fn(act, hook=None, _repl=repl, _name=hook):
+            x = flat(act)
             if x.shape[-1] != (_repl.d_in or x.shape[-1]):
                 raise UserError(f"SAE {_repl.spec!r} has width {_repl.d_in} but {_name} has {x.shape[-1]}")
             x_hat, latents = _repl(x)
             if on_act is not None:
                 on_act(_name, x, x_hat, latents)
-            return torch.where(mask[..., None], x_hat, x)
+            return torch.where(mask[..., None], x_hat, x).reshape(act.shape)
         hooks.append((hook, fn))
     return hooks
 
 
 @torch.no_grad()
 def activation_widths(lm: LoadedModel, hooks: list[str]) -> dict[str, int]:
-    """Width of each hook's activation, from a two-token forward pass."""
+    """Width of each hook's (flattened) activation, from a two-token forward pass."""
     widths: dict[str, int] = {}
 
     def record(x, hook):
-        widths[hook.name] = x.shape[-1]
+        widths[hook.name] = flat(x).shape[-1]
         return x
 
     tokens = torch.tensor([[lm.special_ids()[0] if lm.special_ids() else 0, 1]], device=lm.device)
@@ -254,7 +242,7 @@ def collect_activations(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor,
             name = hook.name
             for h in hooks:
                 if lm.model.hook_dict[h].name == name:
-                    out[h].append(x[_mask].float().cpu())
+                    out[h].append(flat(x)[_mask].float().cpu())
             return x
 
         with lm.model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
