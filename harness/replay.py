@@ -94,9 +94,10 @@ def _run(bridge, tokens, attention_mask, start: int = 0, resid=None, stop: int |
             handles.append(blocks[start].register_forward_pre_hook(inject, with_kwargs=True))
         if stop is not None:
             handles.append(blocks[stop].register_forward_pre_hook(grab, with_kwargs=True))
-        elif positions is not None and isinstance(getattr(bridge, "ln_final", None), torch.nn.Module):
-            # Norm and head act per position: keep only the positions asked for before them.
-            handles.append(bridge.ln_final.register_forward_pre_hook(gather))
+        elif positions is not None and isinstance(getattr(bridge, "unembed", None), torch.nn.Module):
+            # The head acts per position: keep only the positions asked for before it (the
+            # final norm runs on all of them, since e.g. GPT-2 reshapes its output).
+            handles.append(bridge.unembed.register_forward_pre_hook(gather))
         out = bridge.original_model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
     except _Stop:
         return seen["resid"]

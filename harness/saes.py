@@ -196,6 +196,11 @@ def _from_sae(name: str, spec: str, sae: Any, files: dict) -> Replacement:
     if getattr(meta, "hook_head_index", None) is not None:
         raise UserError(f"SAE {spec!r} reads a single attention head; only whole-hook SAEs are supported")
     k = getattr(sae.cfg, "k", None)
+    if getattr(sae, "hook_z_reshaping_mode", False):
+        # The splice hands every SAE the site's activation flattened to [..., heads * d_head]
+        # (harness.splice.flat), which is what sae-lens' hook_z reshaping feeds the encoder;
+        # left on, sae-lens would flatten it a second time.
+        sae.turn_off_forward_pass_hook_z_reshaping()
     sae.eval()
     return Replacement(
         name=name, spec=spec, kind="sae", hook=to_tl_hook_name(hook), k=k, sae=sae,

@@ -150,9 +150,9 @@ class Splicer:
              positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, pos, vocab] of the rest of the model, with the given hooks active.
 
-        `positions` [batch, P] keeps only those positions' logits; on a bridge model the final
-        norm and unembedding then run on those positions alone (for multiple choice, one
-        position in hundreds: the unembedding is a large share of a small model's FLOPs).
+        `positions` [batch, P] keeps only those positions' logits; on a bridge model the
+        unembedding then runs on those positions alone (for multiple choice, one position in
+        hundreds: the unembedding is a large share of a small model's FLOPs).
         A bridge tail is the model's own forward from `pre.layer` on (see `harness.replay`)."""
         model = self.lm.model
         with model.hooks(fwd_hooks=list(fwd_hooks)):

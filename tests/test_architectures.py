@@ -1,0 +1,339 @@
+"""Every architecture x hook site: the harness equals the plain Hugging Face forward.
+
+Tiny random models (4 layers, width 64, a 384-token BPE vocabulary trained here on CPython's
+pydoc topics) are built with transformers, saved to a folder and booted the way the harness
+boots any local checkpoint. Sliding windows are 16 tokens and contexts 40, so sliding and
+full-attention layers see different masks; logit soft-caps and scales are set low enough to
+bite. The references are independent of the harness: a fresh `AutoModelForCausalLM` from the
+same folder with a PyTorch forward hook on the spliced module, and lm-eval's own HFLM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from lm_eval.api.instance import Instance
+
+from conftest import make_topk_sae
+from harness import ce
+from harness.backend import variant_views
+from harness.models import UserError, load_model
+from harness.saes import _from_sae, load_replacement
+from harness.splice import Splicer, Variant
+
+WIDTH, WINDOW, CTX, HOOK = 64, 16, 40, "blocks.1.hook_resid_post"
+
+
+def _config(arch: str, common: dict):
+    """(model class, config) of `arch`, with the features that must be replayed switched on.
+    Built on demand: each transformers model module imported costs seconds on a busy machine."""
+    attn = dict(common, hidden_size=WIDTH, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+    makers = {
+        "gemma2": lambda: (T.Gemma2ForCausalLM, T.Gemma2Config(  # alternating sliding/full, both soft-caps
+            **attn, head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0,
+            attn_logit_softcapping=5.0, query_pre_attn_scalar=16)),
+        "gemma3": lambda: (T.Gemma3ForCausalLM, T.Gemma3TextConfig(  # per-type masks and rotary tables
+            **attn, head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0,
+            query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2)),
+        "gemma": lambda: (T.GemmaForCausalLM, T.GemmaConfig(**attn, head_dim=16)),
+        "llama3": lambda: (T.LlamaForCausalLM, T.LlamaConfig(**attn, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+        "mistral": lambda: (T.MistralForCausalLM, T.MistralConfig(**attn, sliding_window=WINDOW)),
+        "qwen2": lambda: (T.Qwen2ForCausalLM, T.Qwen2Config(  # sliding window from layer 2 on
+            **attn, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)),
+        "qwen3": lambda: (T.Qwen3ForCausalLM, T.Qwen3Config(**attn, head_dim=16)),
+        "gpt2": lambda: (T.GPT2LMHeadModel, T.GPT2Config(
+            vocab_size=common["vocab_size"], n_layer=4, n_embd=WIDTH, n_head=4, n_positions=256,
+            bos_token_id=common["bos_token_id"], eos_token_id=common["eos_token_id"])),
+        "gpt_neox": lambda: (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(
+            **common, hidden_size=WIDTH, intermediate_size=128, num_attention_heads=4,
+            max_position_embeddings=256)),
+        "phi3": lambda: (T.Phi3ForCausalLM, T.Phi3Config(**attn, sliding_window=WINDOW)),
+        "olmo2": lambda: (T.Olmo2ForCausalLM, T.Olmo2Config(**attn)),
+        "granite": lambda: (T.GraniteForCausalLM, T.GraniteConfig(  # logits divided by logits_scaling
+            **attn, logits_scaling=0.5, embedding_multiplier=3.0, residual_multiplier=0.5,
+            attention_multiplier=0.1)),
+        "cohere": lambda: (T.CohereForCausalLM, T.CohereConfig(**attn, logit_scale=0.5)),
+    }
+    return makers[arch]()
+
+
+ARCHS = ["gemma2", "gemma3", "gemma", "llama3", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3",
+         "olmo2", "granite"]  # cohere: refused, see test_cohere_is_refused_not_mis_scored
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A 384-token byte-level BPE tokenizer trained on the first 40 pydoc topics (deterministic)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(topics.values())[:40], trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    return tok
+
+
+def build(arch: str, tokenizer, folder) -> None:
+    """Save a seeded random model of `arch`, weights ~N(0, 0.15) so logits reach the soft-caps."""
+    common = {"vocab_size": len(tokenizer), "num_hidden_layers": 4, "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    cls, cfg = _config(arch, common)
+    torch.manual_seed(0)
+    model = cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request, tokenizer, tmp_path_factory):
+    """(name, folder, harness model, independent plain HF model) for one architecture."""
+    folder = tmp_path_factory.mktemp(request.param)
+    build(request.param, tokenizer, folder)
+    hf = T.AutoModelForCausalLM.from_pretrained(folder).eval()
+    return request.param, folder, load_model(str(folder)), hf
+
+
+def decoder_layers(hf) -> torch.nn.ModuleList:
+    """The decoder layer list of a plain HF causal LM, whatever its attribute name."""
+    return next(m for m in hf.base_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 4)
+
+
+def _replace_output(fn):
+    """Forward hook: positions 1.. of a module's (first) output go through fn; 0 keeps its value."""
+    def hook(module, args, out):
+        x = out[0] if isinstance(out, tuple) else out
+        y = x.clone()
+        y[:, 1:] = fn(x[:, 1:])
+        return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+    return hook
+
+
+def _replace_input(fn):
+    """Forward pre-hook doing the same to a module's first (hidden-state) input."""
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        y = x.clone()
+        y[:, 1:] = fn(x[:, 1:])
+        return ((y,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
+    return hook
+
+
+@torch.no_grad()
+def plain_ce(hf, tokens, module=None, fn=None, pre=False) -> float:
+    """Mean next-token CE over every predicted position of a plain HF forward, optionally with
+    the activation at `module` (its output, or its input when pre) replaced by fn(x)."""
+    handle = None
+    if module is not None:
+        handle = (module.register_forward_pre_hook(_replace_input(fn), with_kwargs=True) if pre
+                  else module.register_forward_hook(_replace_output(fn)))
+    try:
+        logits = hf(input_ids=tokens).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    return float(-logp.gather(-1, tokens[:, 1:, None]).mean())
+
+
+def _tokens(n_seq: int, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randint(3, 384, (n_seq, CTX))  # ids 0-2 are special: every position is in T
+
+
+def _records(lm, variants, tokens):
+    out = ce.evaluate(lm, [Variant("clean", {})] + variants, tokens, batch_size=2, calib_tokens=_tokens(4, 9),
+                      n_boot=10)
+    return {r["variant"]: r for r in out["records"]}
+
+
+def test_ce_clean_spliced_zero_equal_plain_hf(arch):
+    name, _, lm, hf = arch
+    tokens = _tokens(4)
+    sae = make_topk_sae(WIDTH, 128, 8, HOOK, name, seed=1)
+    rec = _records(lm, [Variant("sae", {HOOK: _from_sae("sae", "sae", sae, {})})], tokens)["sae"]
+    layer = decoder_layers(hf)[1]
+    assert rec["ce_clean"] == pytest.approx(plain_ce(hf, tokens), abs=1e-5)
+    assert rec["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, layer, lambda x: sae.decode(sae.encode(x))), abs=1e-5)
+    assert rec["ce_zero"] == pytest.approx(plain_ce(hf, tokens, layer, torch.zeros_like), abs=1e-5)
+    # The splices move CE by far more than the tolerance, so the equalities above are not vacuous.
+    assert abs(rec["ce_zero"] - rec["ce_clean"]) > 5e-4 and abs(rec["dce"]) > 5e-4
+
+
+def test_logit_processing_bites(arch):
+    """Where the model processes its logits (soft-cap, scaling), lm_head(final hidden state) is
+    far from them here, so the CE test above would catch a tail that skipped it."""
+    name, _, _, hf = arch
+    with torch.no_grad():
+        out = hf(input_ids=_tokens(2), output_hidden_states=True)
+    raw = hf.get_output_embeddings()(out.hidden_states[-1])
+    gap = float((raw - out.logits).abs().max())
+    if name in ("gemma2", "gemma3", "granite"):
+        assert gap > 0.5
+    else:
+        assert gap < 1e-5
+
+
+def _loglikelihood(lm_obj, pairs):
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    return [ll for ll, _ in lm_obj.loglikelihood(reqs)]
+
+
+def test_backend_loglikelihoods_equal_hflm(arch):
+    from lm_eval.models.huggingface import HFLM
+
+    from pydoc_data.topics import topics
+
+    name, folder, lm, _ = arch
+    text = topics["assert"]
+    pairs = [(text[:200], text[200:230]), (text[300:420], " the"), (text[300:420], " assert"), ("x", " = 1")]
+    ours = variant_views(lm, [Variant("clean", {})], batch_size=2)[0]
+    ref = HFLM(pretrained=str(folder), batch_size=2, device="cpu")
+    n_tokens = len(ours.tok_encode(pairs[0][0] + pairs[0][1]))
+    assert n_tokens > 2 * WINDOW  # the long request crosses the sliding window
+    np.testing.assert_allclose(_loglikelihood(ours, pairs), _loglikelihood(ref, pairs), rtol=0, atol=1e-4)
+
+
+def test_cohere_is_refused_not_mis_scored(tokenizer, tmp_path):
+    """TransformerBridge's own Cohere forward differs from Hugging Face's (its RoPE): refused by name."""
+    build("cohere", tokenizer, tmp_path)
+    lm = load_model(str(tmp_path))
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = _tokens(1)
+    with torch.no_grad():
+        gap = (lm.model.original_model(input_ids=tokens).logits - hf(input_ids=tokens).logits).abs().max()
+    assert gap > 1e-2  # the reason for the refusal; drop cohere from BRIDGE_MISMATCH once this fails
+    with pytest.raises(UserError, match=r"^cohere is not supported: TransformerBridge 3\.9 rotates"):
+        Splicer(lm, [HOOK])
+
+
+# -- refusals ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_folder(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama3-sites")
+    build("llama3", tokenizer, folder)
+    return folder
+
+
+def test_state_passed_between_layers_is_refused(llama_folder):
+    """A model whose layer 2 reads what layer 0 left behind cannot be replayed from layer 1."""
+    lm = load_model(str(llama_folder))
+    layers = lm.model.original_model.model.layers
+    stash = {}
+    layers[0].register_forward_hook(lambda m, a, out: stash.update(x=out[0] if isinstance(out, tuple) else out))
+    layers[2].register_forward_pre_hook(lambda m, a: (a[0] + stash.pop("x", 0),) + tuple(a[1:]) if a else None)
+    with pytest.raises(UserError, match=r"replaying it from block 1 differs from its own forward"):
+        Splicer(lm, [HOOK])
+
+
+def test_shared_key_values_are_refused(llama_folder):
+    lm = load_model(str(llama_folder))
+    lm.model.original_model.config.num_kv_shared_layers = 2
+    with pytest.raises(UserError, match=r"reuse the keys and values of earlier layers \(num_kv_shared_layers\)"):
+        Splicer(lm, [HOOK])
+
+
+# -- hook sites on the tiny Llama-3 ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama(llama_folder):
+    return load_model(str(llama_folder)), T.AutoModelForCausalLM.from_pretrained(llama_folder).eval()
+
+
+def _site(hf, kind):
+    """(module, pre) of the HF module whose output (or input) a TransformerLens site equals."""
+    layer = hf.model.layers[1]
+    return {"resid_pre": (layer, True), "resid_post": (layer, False), "attn_out": (layer.self_attn, False),
+            "mlp_out": (layer.mlp, False), "attn.hook_z": (layer.self_attn.o_proj, True)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "attn_out", "mlp_out"])
+def test_residual_and_sublayer_sites_equal_hf_module_hooks(llama, kind):
+    lm, hf = llama
+    hook = f"blocks.1.hook_{kind}"
+    sae = make_topk_sae(WIDTH, 128, 8, hook, "llama3", seed=2)
+    tokens = _tokens(4, 3)
+    rec = _records(lm, [Variant("sae", {hook: _from_sae("sae", "sae", sae, {})})], tokens)["sae"]
+    module, pre = _site(hf, kind)
+    assert rec["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, module, lambda x: sae.decode(sae.encode(x)), pre), abs=1e-5)
+    assert rec["ce_zero"] == pytest.approx(plain_ce(hf, tokens, module, torch.zeros_like, pre), abs=1e-5)
+
+
+def _o_proj_inputs(hf, tokens) -> torch.Tensor:
+    """Attention outputs before o_proj ([n, heads * d_head]) at positions 1.. (where splices act)."""
+    seen = []
+    h = hf.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][:, 1:]))
+    with torch.no_grad():
+        hf(input_ids=tokens)
+    h.remove()
+    return torch.cat(seen).reshape(-1, seen[0].shape[-1]).double()
+
+
+def test_hook_z_baselines_on_the_flattened_activation(llama):
+    """zero / mean / pca / neurons at attn.hook_z ([batch, pos, 4 heads, 16]) act on the 64-wide
+    flattened activation, equal to the same operation on o_proj's input in plain PyTorch."""
+    lm, hf = llama
+    hook, tokens, calib = "blocks.1.attn.hook_z", _tokens(4, 4), _tokens(4, 9)
+    specs = [f"{b}@{hook}" for b in ("zero", "mean", "pca:8", "neurons:8")]
+    recs = _records(lm, [Variant(s, {hook: load_replacement(s)}) for s in specs], tokens)
+    acts = _o_proj_inputs(hf, calib)
+    mean = acts.mean(0)
+    _, _, vh = np.linalg.svd((acts - mean).numpy(), full_matrices=False)
+    comps = torch.from_numpy(vh[:8])
+
+    def pca(x):
+        x = x.double()
+        return (((x - mean) @ comps.T) @ comps + mean).float()
+
+    def neurons(x):
+        keep = x.abs() >= x.abs().topk(8, -1).values[..., -1:]
+        return torch.where(keep, x, torch.zeros_like(x))
+    o_proj, _ = _site(hf, "attn.hook_z")
+    want = {"zero": torch.zeros_like, "mean": lambda x: mean.float().expand_as(x), "pca:8": pca, "neurons:8": neurons}
+    for spec in specs:
+        fn = want[spec.split("@")[0]]
+        assert recs[spec]["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, o_proj, fn, pre=True), abs=1e-5), spec
+    assert recs[specs[2]]["explained_variance"] < 1
+
+
+def test_sae_lens_hook_z_sae_splices_like_plain_pytorch(llama, tmp_path):
+    """A sae-lens SAE saved with `reshape_activations: hook_z` loads from its folder and splices
+    as x_hat = relu((z - b_dec) W_enc + b_enc) W_dec + b_dec on z flattened over heads."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    lm, hf = llama
+    hook = "blocks.1.attn.hook_z"
+    torch.manual_seed(5)
+    sae = StandardSAE(StandardSAEConfig(d_in=WIDTH, d_sae=96, reshape_activations="hook_z",
+                                        metadata=SAEMetadata(hook_name=hook, model_name="llama3")))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.2)
+    sae.save_model(tmp_path / "z-sae")
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().double() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+
+    def by_hand(x):
+        return (torch.relu((x.double() - b_dec) @ W_enc + b_enc) @ W_dec + b_dec).float()
+
+    z = torch.randn(2, 3, 4, 16)  # sae-lens' own hook_z path on [batch, pos, heads, d_head]
+    torch.testing.assert_close(sae.decode(sae.encode(z)), by_hand(z.flatten(2)).reshape(z.shape), rtol=0, atol=1e-5)
+
+    repl = load_replacement(str(tmp_path / "z-sae"))
+    assert repl.hook == hook and repl.d_in == WIDTH
+    tokens = _tokens(4, 6)
+    rec = _records(lm, [Variant("z", {hook: repl})], tokens)["z"]
+    o_proj, _ = _site(hf, "attn.hook_z")
+    assert rec["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, o_proj, by_hand, pre=True), abs=1e-5)
+    assert rec["l0"] > 0 and rec["dce"] != 0
