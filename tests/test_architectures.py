@@ -206,6 +206,42 @@ def test_backend_loglikelihoods_equal_hflm(arch):
     np.testing.assert_allclose(_loglikelihood(ours, pairs), _loglikelihood(ref, pairs), rtol=0, atol=1e-4)
 
 
+def test_greedy_generation_equals_hf_generate(arch):
+    """The backend's greedy decoding (clean and SAE-spliced, no KV cache) equals transformers'
+    `generate` (KV cache; the splice hook leaves absolute position 0 alone)."""
+    name, _, lm, hf = arch
+    sae = make_topk_sae(WIDTH, 128, 8, HOOK, name, seed=1)
+    variants = [Variant("clean", {}), Variant("sae", {HOOK: _from_sae("sae", "sae", sae, {})})]
+    prompt = "The value of x is"
+    req = [Instance(request_type="generate_until", doc={}, idx=0,
+                    arguments=(prompt, {"until": ["\x00\x00"], "max_gen_toks": 12}))]
+    views = variant_views(lm, variants)
+    got = {v.variant.name: v.generate_until(req)[0] for v in views}
+
+    def reconstruct(module, args, out):  # prefill: positions 1..; later steps: the new token
+        x = out[0] if isinstance(out, tuple) else out
+        y = x.clone()
+        start = 1 if x.shape[1] > 1 else 0
+        y[:, start:] = sae.decode(sae.encode(x[:, start:]))
+        return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+
+    ids = torch.tensor([views[0].tok_encode(prompt)])
+    want = {}
+    for tag in ("clean", "sae"):
+        handle = decoder_layers(hf)[1].register_forward_hook(reconstruct) if tag == "sae" else None
+        try:
+            with torch.no_grad():
+                out = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=hf.config.eos_token_id)
+        finally:
+            if handle is not None:
+                handle.remove()
+        new = out[0, ids.shape[1]:].tolist()
+        if hf.config.eos_token_id in new:
+            new = new[:new.index(hf.config.eos_token_id)]
+        want[tag] = lm.tokenizer.decode(new)
+    assert got == want and got["clean"] != got["sae"]
+
+
 def test_cohere_is_refused_not_mis_scored(tokenizer, tmp_path):
     """TransformerBridge's own Cohere forward differs from Hugging Face's (its RoPE): refused by name."""
     build("cohere", tokenizer, tmp_path)
