@@ -281,6 +281,24 @@ def test_shared_key_values_are_refused(llama_folder):
         Splicer(lm, [HOOK])
 
 
+def test_looped_block_is_refused(llama_folder):
+    """A forward that runs block 1 twice (looped depth) cannot be replayed from block 1."""
+    lm = load_model(str(llama_folder))
+    blocks = lm.model.blocks
+
+    def run_block_1_again(module, args, kwargs, out):
+        blocks[1](*args, **kwargs)  # output unused: only the second call matters
+    blocks[2].register_forward_hook(run_block_1_again, with_kwargs=True)
+    with pytest.raises(UserError, match=r"runs block 1 2 times per forward \(looped layers\)"):
+        Splicer(lm, [HOOK])
+
+
+def test_attention_pattern_is_not_a_splice_site(llama):
+    lm, _ = llama
+    with pytest.raises(UserError, match=r"^blocks\.1\.attn\.hook_pattern is \[batch, head, query, key\]"):
+        Splicer(lm, ["blocks.1.attn.hook_pattern"])
+
+
 # -- hook sites on the tiny Llama-3 ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama(llama_folder):
