@@ -90,18 +90,26 @@ def _interval(reps: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _row_stats(base: pd.DataFrame, var: pd.DataFrame, n_boot: int, seed: int, by_subject: bool,
+def _arrays(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """A variant's aligned per-question columns as numpy arrays (pandas indexing per table
+    row would dominate the run time)."""
+    return {"correct": rows["correct"].to_numpy(float), "correct_norm": rows["correct_norm"].to_numpy(float),
+            "logp": rows["logp_correct"].to_numpy(float), "subject": rows["subject"].to_numpy(str)}
+
+
+def _row_stats(base: dict, var: dict, idx: np.ndarray, n_boot: int, seed: int, by_subject: bool,
                score: str = "correct") -> dict:
-    """Paired statistics of one variant against the baseline on one set of questions.
-    base and var are aligned row by row (same task, subject, doc_id); `score` is the 0/1
-    column compared (correct for acc, correct_norm for acc_norm)."""
-    cb, cv = base[score].to_numpy(float), var[score].to_numpy(float)
-    lb, lv = base["logp_correct"].to_numpy(float), var["logp_correct"].to_numpy(float)
+    """Paired statistics of one variant against the baseline on the questions `idx`.
+    base and var are _arrays of rows aligned one to one (same task, subject, doc_id); `score`
+    is the 0/1 column compared (correct for acc, correct_norm for acc_norm)."""
+    cb, cv = base[score][idx], var[score][idx]
+    lb, lv = base["logp"][idx], var["logp"][idx]
+    subject = base["subject"][idx]
     diff = cv - cb
     rng = np.random.default_rng(seed)
     if by_subject:
         # every subject counts once, whatever its size; bootstrap within each subject
-        groups = [np.flatnonzero(base["subject"].to_numpy() == s) for s in sorted(base["subject"].unique())]
+        groups = [np.flatnonzero(subject == s) for s in sorted(set(subject))]
         acc = np.mean([cv[g].mean() for g in groups])
         delta = np.mean([diff[g].mean() for g in groups])
         logp = np.mean([lv[g].mean() for g in groups])
@@ -112,8 +120,7 @@ def _row_stats(base: pd.DataFrame, var: pd.DataFrame, n_boot: int, seed: int, by
         reps = _boot_means(diff, n_boot, rng) if n_boot else np.array([])
     lo, hi = _interval(reps)
     b, c = int(((cb == 1) & (cv == 0)).sum()), int(((cb == 0) & (cv == 1)).sum())
-    subjects = base["subject"][base["subject"] != ""]
-    return {"n": len(cb), "n_subjects": subjects.nunique(), "acc": float(acc),
+    return {"n": len(cb), "n_subjects": len(set(subject) - {""}), "acc": float(acc),
             "delta": float(delta), "delta_lo": lo, "delta_hi": hi, "b": b, "c": c,
             "p_mcnemar": mcnemar_p(b, c), "logp": float(logp), "delta_logp": float(delta_logp)}
 
@@ -202,20 +209,24 @@ def _category_names(categories) -> list[str]:
 def _table(df, level, baseline, n_boot, seed) -> pd.DataFrame:
     paired = _paired(_mmlu(df, baseline), baseline)
     base = paired[baseline]
+    subject, cats = base["subject"].to_numpy(str), base["category"].to_numpy(str)
+    every = np.arange(len(base))
     if level == "subject":
-        groups = [(s, "question", base["subject"] == s) for s in sorted(base["subject"].unique())]
-        groups.append(("all", "question", pd.Series(True, index=base.index)))
+        groups = [(s, "question", np.flatnonzero(subject == s)) for s in sorted(set(subject))]
+        groups.append(("all", "question", every))
     else:
         groups = []
         for weighting in ("question", "subject"):
-            for c in _category_names(base["category"]):
-                groups.append((c, weighting, base["category"] == c))
-            groups.append(("all", weighting, pd.Series(True, index=base.index)))
+            for c in _category_names(cats):
+                groups.append((c, weighting, np.flatnonzero(cats == c)))
+            groups.append(("all", weighting, every))
+    arrays = {v: _arrays(rows) for v, rows in paired.items()}
     rows = []
-    for v, var in paired.items():
-        for name, weighting, mask in groups:
-            category = name if level == "category" or name == "all" else base.loc[mask, "category"].iloc[0]
-            stats = _row_stats(base[mask], var[mask], n_boot if v != baseline else 0, seed, weighting == "subject")
+    for v in paired:
+        for name, weighting, idx in groups:
+            category = name if level == "category" or name == "all" else cats[idx[0]]
+            stats = _row_stats(arrays[baseline], arrays[v], idx, n_boot if v != baseline else 0, seed,
+                               weighting == "subject")
             if v == baseline:  # the baseline against itself: an exact zero, no interval needed
                 stats["delta_lo"] = stats["delta_hi"] = 0.0
             rows.append({"level": level, "group": name, "category": category, "weighting": weighting,
@@ -256,16 +267,18 @@ def task_table(df: pd.DataFrame, baseline: str = "clean", n_boot: int = 1000, se
     for task in tasks:
         paired = _paired(df[df["task"] == task], baseline)
         base = paired[baseline]
-        groups = [("all", "", pd.Series(True, index=base.index))]
+        cats = base["category"].to_numpy(str)
+        groups = [("all", "", np.arange(len(base)))]
         if task == MMLU:
-            groups += [(c, c, base["category"] == c) for c in _category_names(base["category"])]
+            groups += [(c, c, np.flatnonzero(cats == c)) for c in _category_names(cats)]
+        arrays = {v: _arrays(rows) for v, rows in paired.items()}
         for metric in task_metrics(base):
             for v, var in paired.items():
                 if var[METRIC_COLUMN[metric]].isna().any():
                     raise ValueError(f"variant {v!r} lacks {metric} on task {task!r} where {baseline!r} has it")
-                for name, category, mask in groups:
-                    stats = _row_stats(base[mask], var[mask], n_boot if v != baseline else 0, seed, False,
-                                       METRIC_COLUMN[metric])
+                for name, category, idx in groups:
+                    stats = _row_stats(arrays[baseline], arrays[v], idx, n_boot if v != baseline else 0, seed,
+                                       False, METRIC_COLUMN[metric])
                     if v == baseline:
                         stats["delta_lo"] = stats["delta_hi"] = 0.0
                     rows.append({"level": "task", "task": task, "group": name, "category": category,
@@ -516,8 +529,6 @@ def build_table(run_dirs, level: str = "category", fmt: str = "md", baseline: st
     multiple-choice task) or ce (CE suite); layout: see default_layout (wide=True/False is
     the older spelling of layout "wide"/"long"); metric: the paper task table's score, acc,
     acc_norm, or auto (acc_norm where the task has it)."""
-    from harness import layouts
-
     if level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     if fmt not in FORMATS:
@@ -528,14 +539,28 @@ def build_table(run_dirs, level: str = "category", fmt: str = "md", baseline: st
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     if metric not in ("auto", "acc", "acc_norm"):
         raise ValueError(f"metric must be auto, acc or acc_norm, not {metric!r}")
+    source = load_ce_records(run_dirs) if level == "ce" else load_run_results(run_dirs)
+    return render_table(compute_table(source, level, baseline, n_boot, seed), level, fmt, layout, n_boot, metric)
+
+
+def compute_table(source, level: str, baseline: str = "clean", n_boot: int = 1000, seed: int = 0):
+    """The long table of a level from loaded results (per-question rows; for ce the
+    (records, info) pair of load_ce_records, returned as is)."""
     if level == "ce":
-        records, info = load_ce_records(run_dirs)
+        return source
+    make = {"category": category_table, "subject": subject_table, "task": task_table}[level]
+    return make(source, baseline, n_boot, seed)
+
+
+def render_table(table, level: str, fmt: str, layout: str, n_boot: int, metric: str = "auto") -> str:
+    """A computed table as text in one format and layout (see build_table)."""
+    from harness import layouts
+
+    if level == "ce":
+        records, info = table
         if layout == "paper":
             return layouts.render(layouts.ce_grid(records, info), fmt)
         return FORMATS[fmt](layouts.ce_numbers(records))
-    df = load_run_results(run_dirs)
-    make = {"category": category_table, "subject": subject_table, "task": task_table}[level]
-    table = make(df, baseline, n_boot, seed)
     if layout == "wide":
         return FORMATS[fmt](wide_table(table))
     if layout == "long" and fmt in ("csv", "json"):
@@ -563,16 +588,19 @@ def write_tables(run_dirs, out_dir=None, n_boot: int = 1000, seed: int = 0, base
         raise ValueError("several run folders: say where the merged tables go (--out FOLDER)")
     has_ce = all((d / "metrics.json").is_file() for d in folders)
     has_q = all(any((d / n).is_file() for n in (PER_QUESTION_FILE, LEGACY_PER_QUESTION_FILE)) for d in folders)
-    has_mmlu = has_q and (load_run_results(folders)["task"] == MMLU).any()
     if not (has_ce or has_q):
         raise ValueError(f"no metrics.json or {PER_QUESTION_FILE} in {', '.join(map(str, folders))}: nothing to tabulate")
     texts = {}
+    per_question = load_run_results(folders) if has_q else None
+    has_mmlu = has_q and (per_question["task"] == MMLU).any()
     for stem in which:
         level, formats = RUN_TABLES[stem]
         if (level == "ce" and not has_ce) or (level != "ce" and not has_q) or \
                 (level in ("category", "subject") and not has_mmlu):
             continue
+        table = compute_table(load_ce_records(folders) if level == "ce" else per_question, level, baseline,
+                              n_boot, seed)
         for fmt in formats:
-            texts[f"{stem}.{EXTENSION[fmt]}"] = build_table(folders, level, fmt, baseline, n_boot, seed)
+            texts[f"{stem}.{EXTENSION[fmt]}"] = render_table(table, level, fmt, default_layout(level, fmt), n_boot)
     out_dir = Path(out_dir) if out_dir is not None else folders[0]
     return [write_atomic(out_dir / name, text) for name, text in texts.items()]
