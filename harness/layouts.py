@@ -46,7 +46,7 @@ class Grid:
     rows: list[tuple[list[str], list[Cell]]]
     caption: tuple[str, str]             # (plain/Markdown, LaTeX)
     label: str
-    sub: list[str] | None = None         # second header line of the value columns (plain)
+    sub: list[list[str]] | None = None   # small header lines under each value column (plain)
     breaks: list[int] = field(default_factory=list)  # a rule before these rows (LaTeX)
 
 
@@ -114,7 +114,7 @@ def paper_grid(table: pd.DataFrame, level: str, n_boot: int, metric: str = "auto
     sub = []
     for key, _, m, sel in cols:
         n = int(table.loc[sel & (table["variant"] == baseline), "n"].iloc[0])
-        sub.append(f"{m}, n={n}" if m else f"n={n}")
+        sub.append([m, f"n={n}"] if m else [f"n={n}"])
     rows = []
     for v in variants:
         cells = []
@@ -280,7 +280,7 @@ def _plain(c: Cell, empty: str) -> str:
 def _headers(g: Grid) -> list[str]:
     heads = [h for h, _ in g.columns]
     if g.sub:
-        heads = [f"{h} ({s})" for h, s in zip(heads, g.sub)]
+        heads = [f"{h} ({', '.join(s)})" for h, s in zip(heads, g.sub)]
     return g.lead + heads
 
 
@@ -353,9 +353,9 @@ def _tex_tabular(g: Grid, cols: list[int]) -> list[str]:
     spec = "@{}" + "l" * len(g.lead) + "r" * len(cols) + "@{}"
     lines = [r"\begin{tabular}{" + spec + "}", r"\toprule",
              " & ".join([_tex_text(h) for h in g.lead] + [g.columns[j][1] for j in cols]) + r" \\"]
-    if g.sub:
-        lines.append(" & ".join([""] * len(g.lead) + [r"{\scriptsize " + _tex_text(g.sub[j]) + "}" for j in cols])
-                     + r" \\")
+    for k in range(max((len(s) for s in g.sub), default=0) if g.sub else 0):  # one row per header line
+        lines.append(" & ".join([""] * len(g.lead) + [r"{\scriptsize " + _tex_text(g.sub[j][k]) + "}"
+                                                      if k < len(g.sub[j]) else "" for j in cols]) + r" \\")
     lines.append(r"\midrule")
     for i, (lead, cells) in enumerate(g.rows):
         if i in g.breaks:
