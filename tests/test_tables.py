@@ -414,3 +414,16 @@ def test_table_command(tmp_path):
     assert res.exit_code == 0 and (run / "tasks.tex").is_file() and (run / "mmlu_category.md").is_file()
     res = CliRunner().invoke(app, ["table", str(run), "--layout", "tall"])
     assert res.exit_code == 2 and res.stderr.strip().splitlines() == ["error: layout must be one of paper, wide, long, not 'tall'"]
+
+
+def test_a_variant_without_a_task_gets_an_empty_cell(tmp_path):
+    df = tasks_df()
+    df = df[~((df.variant == SAE_NAME) & (df.task == "winogrande_offline"))]
+    t = tables.task_table(df, n_boot=50)
+    assert not ((t.task == "winogrande_offline") & (t.variant == SAE_NAME)).any()
+    run = tmp_path / "run"
+    tables.save_per_question(df, run)
+    md = tables.build_table(run, level="task", fmt="md", n_boot=50).splitlines()
+    assert md[3].startswith(f"| {SAE_NAME} |") and md[3].endswith("| – |")
+    with pytest.raises(ValueError, match="baseline variant 'clean' has no results for task 'winogrande_offline'"):
+        tables.task_table(tasks_df()[lambda d: ~((d.variant == "clean") & (d.task == "winogrande_offline"))])
