@@ -129,8 +129,8 @@ def paper_grid(table: pd.DataFrame, level: str, n_boot: int, metric: str = "auto
     what = {"category": "MMLU accuracy by category", "subject": "MMLU accuracy by subject",
             "task": "Accuracy on each task"}[level]
     pooled = " Categories pool their questions, as lm-eval's groups do." if level == "category" else ""
-    metric_note = (" The metric (acc, or acc_norm: log-likelihood divided by the answer's length) is "
-                   "named under each task." if level == "task" else "")
+    metric_note = (" The metric (acc, or acc_norm: log-likelihood divided by the answer's length in "
+                   "characters) is named under each task." if level == "task" else "")
     plain, tex = _significance_caption(baseline, n_boot)
     caption = (f"{what}. {plain}{pooled}{metric_note}",
                f"{_tex_text(what)}. {tex}{_tex_text(pooled)}{_tex_text(metric_note)}")
