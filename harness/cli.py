@@ -279,18 +279,29 @@ def _print_task_results(aggregate: dict) -> None:
 @app.command()
 @_value_errors_as_user_errors
 def table(
-    run_dirs: List[str] = typer.Argument(..., help="run folders with mmlu_per_question.csv"),
-    level: str = typer.Option("category", help="category or subject"),
+    run_dirs: List[str] = typer.Argument(..., help="run folders (per_question.csv, metrics.json)"),
+    level: str = typer.Option("category", help="category or subject (MMLU), task (every multiple-choice "
+                              "task), or ce (CE suite)"),
     format: str = typer.Option("md", "--format", help="md, csv, latex or json"),
+    layout: Optional[str] = typer.Option(None, help="paper (rows = variants, one formatted cell per group), "
+                                         "wide (every statistic per variant) or long (a row per variant and "
+                                         "group); default paper for md/latex (subjects: wide), long for csv/json"),
+    metric: str = typer.Option("auto", help="paper task table: acc, acc_norm, or auto (acc_norm where the task "
+                               "has it)"),
     baseline: str = typer.Option("clean"),
     n_boot: int = typer.Option(1000),
     seed: int = typer.Option(0),
-    out: Optional[str] = typer.Option(None, help="write here instead of stdout"),
+    out: Optional[str] = typer.Option(None, help="write here instead of stdout (with --write: a folder)"),
+    write: bool = typer.Option(False, "--write", help="rewrite every table file of the run folder (or of --out)"),
 ):
-    """Rebuild a degradation table from saved per-question results (no model run)."""
+    """Rebuild tables from saved results (no model run)."""
     from harness import tables
 
-    text = tables.build_table(run_dirs, level, format, baseline, n_boot, seed)
+    if write:
+        for path in tables.write_tables(run_dirs, out, n_boot, seed, baseline):
+            typer.echo(f"wrote {path}", err=True)
+        return
+    text = tables.build_table(run_dirs, level, format, baseline, n_boot, seed, layout=layout, metric=metric)
     if out:
         tables.write_atomic(out, text)
         typer.echo(f"wrote {out}", err=True)

@@ -26,7 +26,6 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-from scipy.special import logsumexp
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 MMLU_TASKS_DIR = TASKS_DIR / "mmlu_offline"
@@ -217,28 +216,3 @@ def task_manager(include_path=None, include_defaults: bool = True, metadata: dic
     if not any(isinstance(f, _DropCustomDatasetNotice) for f in logger.filters):
         logger.addFilter(_DropCustomDatasetNotice())
     return TaskManager(include_path=[str(p) for p in paths], include_defaults=include_defaults, metadata=metadata)
-
-
-# ---------------------------------------------------------------- lm-eval samples -> per-question rows
-
-def per_question_from_samples(samples: dict, variant: str) -> pd.DataFrame:
-    """lm-eval `results["samples"]` (log_samples=True) of MMLU tasks -> the per-question table
-    harness.tables reads: variant, subject, category, doc_id, correct, logp_correct, pred.
-
-    logp_correct is the log-probability of the gold letter *among the four choices*
-    (its log-likelihood minus the log-sum-exp over the choices). The raw log-likelihood of
-    " A" also moves with how likely the model is to answer with a letter at all, which an SAE
-    changes too; normalised over the choices it measures the knowledge the question asks for."""
-    cats, rows = subjects(), []
-    for task_name, task_samples in samples.items():
-        subject = task_name.removeprefix(f"{PREFIX}_").removeprefix("mmlu_")
-        if subject not in cats:
-            continue  # not an MMLU subject task
-        for smp in task_samples:
-            lls = [resp[0] for resp in smp["filtered_resps"]]  # (loglikelihood, is_greedy) per choice
-            gold = int(smp["target"])
-            pred = max(range(len(lls)), key=lls.__getitem__)  # first maximum, like np.argmax
-            rows.append({"variant": variant, "subject": subject, "category": cats[subject],
-                         "doc_id": int(smp["doc_id"]), "correct": int(pred == gold),
-                         "logp_correct": float(lls[gold] - logsumexp(lls)), "pred": pred})
-    return pd.DataFrame(rows, columns=["variant", "subject", "category", "doc_id", "correct", "logp_correct", "pred"])

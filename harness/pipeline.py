@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness import ce, data, mmlu, scaling
+from harness import ce, data, mmlu, samples, scaling
 from harness.backend import evaluate_tasks
 from harness.models import EMBEDDED_DEFAULT, UserError
 from harness.references import add_reference_equivalents
@@ -70,7 +70,7 @@ class RunConfig:
 
 @dataclass
 class TaskRun:
-    per_question: pd.DataFrame  # MMLU rows (tables.COLUMNS) of every variant; empty for other tasks
+    per_question: pd.DataFrame  # rows (samples.COLUMNS) of every variant's multiple-choice tasks
     aggregate: dict[str, dict]  # variant -> lm-eval's "results" section
     engine_stats: dict
     seconds: float
@@ -179,7 +179,10 @@ def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, 
     results = evaluate_tasks(session.lm, session.variants, tasks, task_manager, batch_size=cfg.batch_size,
                              progress=progress, limit=limit, num_fewshot=cfg.num_fewshot, log_samples=True,
                              **seeds, **lm_eval_kwargs)
-    frames = [mmlu.per_question_from_samples(r["samples"], name) for name, r in results.by_variant.items()]
+    # tasks whose logged target is text (Winogrande) need their lm-eval Task to find the gold choice
+    first = next(iter(results.by_variant.values()))["samples"] if results.by_variant else {}
+    task_objs = samples.task_objects(samples.needs_task_objects(first), task_manager)
+    frames = [samples.per_question(r["samples"], name, task_objs) for name, r in results.by_variant.items()]
     return TaskRun(pd.concat(frames, ignore_index=True),
                    {name: r["results"] for name, r in results.by_variant.items()},
                    results.engine_stats, time.perf_counter() - t0)

@@ -100,35 +100,12 @@ def ce_frame(records: list[dict]) -> pd.DataFrame:
     return df
 
 
-def _with_interval(df: pd.DataFrame, key: str) -> list[str]:
-    return [f"{f:.3g} [{lo:.3g}, {hi:.3g}]" for f, lo, hi in zip(df[key], df[f"{key}_low"], df[f"{key}_high"])]
-
-
-def ce_markdown(df: pd.DataFrame) -> str:
-    cols = {"variant": "variant", "hooks": "hooks", "ce_spliced": "CE", "dce": "dCE",
-            "dce_ci": "dCE 95% CI", "loss_recovered_zero": "LR(zero)", "loss_recovered_mean": "LR(mean)",
-            "kl": "KL", "explained_variance": "EV", "l0": "L0", "dead_frac": "dead"}
-    view = df.copy()
-    view["dce_ci"] = [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(df.dce_ci_low, df.dce_ci_high)]
-    if "compute_fraction" in df:
-        label = f"C_eff/C ({df['law'].iloc[0]})"
-        cols[label] = label
-        view[label] = _with_interval(df, "compute_fraction")
-    for key, label in (("n_eff_frac", "N_eff/N (family fit)"), ("d_eff_frac", "D_eff/D (checkpoints)")):
-        if f"{key}_low" in df:
-            cols[label] = label
-            view[label] = _with_interval(df, key)
-    view = view[list(cols)].rename(columns=cols)
-    return view.to_markdown(index=False, floatfmt=".4f")
-
-
 def write_ce(folder: Path, records: list[dict], per_token_dce: dict, tokens: torch.Tensor) -> None:
     write_text(folder / "metrics.json", json.dumps(records, indent=2))
     np.save(folder / "tokens.npy", tokens.numpy())
     np.savez_compressed(folder / "per_token_dce.npz", **per_token_dce)
-    df = ce_frame(records)
-    df.to_csv(folder / "ce.csv", index=False)
-    write_text(folder / "ce.md", ce_markdown(df) + "\n")
+    ce_frame(records).to_csv(folder / "ce.csv", index=False)
+    tables.write_tables(folder, which=("ce",))  # ce.md, ce.tex: the paper-sized CE table
 
 
 def write_compute_equivalents(folder: Path, details: dict, law, points: list[tuple[str, float]],
@@ -142,15 +119,13 @@ def write_compute_equivalents(folder: Path, details: dict, law, points: list[tup
 # ---------------------------------------------------------------- lm-eval tasks
 
 def write_tasks(folder: Path, per_question: pd.DataFrame, aggregate: dict, n_boot: int, seed: int) -> None:
-    """lm_eval_results.json, and for MMLU the per-question rows and every degradation table."""
+    """lm_eval_results.json, and for multiple-choice tasks per_question.csv with the task table
+    (tasks.*) and, with MMLU questions, its category and subject tables."""
     write_json(folder / "lm_eval_results.json", aggregate)
     if not len(per_question):
         return
     tables.save_per_question(per_question, folder)
-    for level in ("category", "subject"):
-        for fmt, ext in (("md", "md"), ("csv", "csv"), ("latex", "tex"), ("json", "json")):
-            text = tables.build_table([folder], level, fmt, n_boot=n_boot, seed=seed)
-            write_text(folder / f"mmlu_{level}.{ext}", text)
+    tables.write_tables(folder, n_boot=n_boot, seed=seed, which=("tasks", "mmlu_category", "mmlu_subject"))
 
 
 # ---------------------------------------------------------------- report

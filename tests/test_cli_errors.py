@@ -123,7 +123,7 @@ def test_lm_eval_command_writes_tables(tiny_hf_dir, tmp_path):
     assert result.exit_code == 0, result.stderr
     import pandas as pd
 
-    per_q = pd.read_csv(out / "mmlu_per_question.csv")
+    per_q = pd.read_csv(out / "per_question.csv")
     assert sorted(per_q.variant.unique()) == ["clean", "zero@1.resid_post"] and len(per_q) == 2 * 6
     agg = json.loads((out / "lm_eval_results.json").read_text())
     acc = agg["clean"]["mmlu_offline_anatomy"]["acc,none"]

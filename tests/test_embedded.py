@@ -103,7 +103,8 @@ def test_main_job_end_to_end(tmp_path):
     result = CliRunner().invoke(app, ["run", "--out", str(out), "--tokens", "512", "--mmlu-limit", "1"])
     assert result.exit_code == 0, result.stderr
     for name in ("config.json", "metrics.json", "tokens.npy", "ce.md", "ce.csv", "compute.png", "report.html",
-                 "mmlu_per_question.csv", "mmlu_category.md", "mmlu_category.tex", "mmlu_subject.csv"):
+                 "per_question.csv", "mmlu_category.md", "mmlu_category.tex", "mmlu_subject.csv", "tasks.md",
+                 "tasks.tex", "ce.tex"):
         assert (out / name).is_file(), name
     records = json.loads((out / "metrics.json").read_text())
     keys = ["variant", "saes", "hooks", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "dce", "dce_ci_low",

@@ -10,7 +10,7 @@ import lm_eval
 import pytest
 import yaml
 
-from harness import mmlu
+from harness import mmlu, samples
 
 LM_EVAL_MMLU = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
 
@@ -189,7 +189,7 @@ def test_missing_include_path(tmp_path):
 
 def test_evaluates_through_lm_eval_and_per_question_rows(tm):
     """A fake LM that always prefers " B": lm-eval's acc must equal the share of gold B,
-    and per_question_from_samples must rebuild the same figure."""
+    and samples.per_question must rebuild the same figure."""
     from lm_eval import simple_evaluate
     from lm_eval.api.model import LM
 
@@ -205,7 +205,7 @@ def test_evaluates_through_lm_eval_and_per_question_rows(tm):
 
     out = simple_evaluate(model=PrefersB(), tasks=["mmlu_offline_stem"], limit=4, task_manager=tm,
                           log_samples=True, bootstrap_iters=0)
-    df = mmlu.per_question_from_samples(out["samples"], "clean")
+    df = samples.per_question(out["samples"], "clean")
     q = load_questions(limit_per_subject=4)
     q = q[q.category == "stem"]
     assert len(df) == len(q) == 19 * 4

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -229,3 +230,200 @@ def test_bad_input_errors(tmp_path):
     tables.save_per_question(flipped, r2)
     with pytest.raises(ValueError, match="different answers"):
         tables.load_run_results([r1, r2])
+
+
+# ---------------------------------------------------------------- every task: task table and layouts
+
+HS = {"clean": ([1] * 12, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]),  # (acc, acc_norm) per question
+      SAE_NAME: ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1], [1, 0, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1])}
+HS_LOGP = {"clean": np.linspace(-0.2, -1.3, 12), SAE_NAME: np.linspace(-0.9, -1.1, 12)}
+WG = {"clean": [1, 0, 1, 1, 0, 1, 0, 1], SAE_NAME: [1, 1, 0, 1, 0, 0, 0, 1]}
+
+
+def tasks_df() -> pd.DataFrame:
+    """fixture_df's MMLU (no task column: an older run's layout) plus HellaSwag (acc and
+    acc_norm) and Winogrande (acc only), shuffled."""
+    rows = []
+    for v in ("clean", SAE_NAME):
+        for i, (a, an) in enumerate(zip(*HS[v])):
+            rows.append({"variant": v, "task": "hellaswag_offline", "subject": "", "category": "", "doc_id": i,
+                         "correct": a, "correct_norm": an, "logp_correct": HS_LOGP[v][i], "pred": 1 - a})
+        for i, a in enumerate(WG[v]):
+            rows.append({"variant": v, "task": "winogrande_offline", "subject": "", "category": "", "doc_id": i,
+                         "correct": a, "correct_norm": np.nan, "logp_correct": -0.1 * i - a, "pred": 0})
+    mmlu = fixture_df()
+    mmlu["task"], mmlu["correct_norm"] = "mmlu", np.nan
+    return pd.concat([pd.DataFrame(rows), mmlu]).sample(frac=1, random_state=1).reset_index(drop=True)
+
+
+def task_row(t, task, metric="acc", variant=SAE_NAME, group="all"):
+    r = t[(t.task == task) & (t.metric == metric) & (t.variant == variant) & (t.group == group)]
+    assert len(r) == 1
+    return r.iloc[0]
+
+
+def test_task_table_numbers():
+    t = tables.task_table(tasks_df(), n_boot=B, seed=4)
+    assert list(dict.fromkeys(t.task)) == ["mmlu", "hellaswag_offline", "winogrande_offline"]
+    assert set(t[t.task == "winogrande_offline"].metric) == {"acc"}
+    assert set(t[t.task == "hellaswag_offline"].metric) == {"acc", "acc_norm"}
+    assert set(t[t.task == "mmlu"].group) == {"all", "stem"}
+    for metric, k in (("acc", 0), ("acc_norm", 1)):
+        cb, cv = np.array(HS["clean"][k], float), np.array(HS[SAE_NAME][k], float)
+        r = task_row(t, "hellaswag_offline", metric)
+        assert r.n == 12 and r.acc == pytest.approx(cv.mean()) and r.delta == pytest.approx(cv.mean() - cb.mean())
+        b, c = int(((cb == 1) & (cv == 0)).sum()), int(((cb == 0) & (cv == 1)).sum())
+        assert (r.b, r.c) == (b, c)
+        assert r.p_mcnemar == pytest.approx(binomtest(b, b + c, 0.5).pvalue if b + c else 1.0, rel=1e-9)
+        assert (r.delta_lo, r.delta_hi) == pytest.approx(tuple(loop_bootstrap(cb, cv, B, 4)), abs=1e-12)
+        assert r.delta_logp == pytest.approx(np.mean(HS_LOGP[SAE_NAME] - HS_LOGP["clean"]))
+        assert task_row(t, "hellaswag_offline", metric, "clean").acc == pytest.approx(cb.mean())
+    assert task_row(t, "hellaswag_offline", "acc").p_mcnemar == pytest.approx(2 * 0.5 ** 10)  # b=10, c=0
+    wg = task_row(t, "winogrande_offline")
+    assert (wg.acc, wg.delta, wg.b, wg.c) == (0.5, -0.125, 2, 1)
+    # MMLU's rows are the category table's pooled ("question") rows
+    cat = tables.category_table(tasks_df(), n_boot=B, seed=4)
+    for group in ("all", "stem"):
+        m, q = task_row(t, "mmlu", group=group), row(cat, group)
+        for stat in ("n", "acc", "delta", "delta_lo", "delta_hi", "p_mcnemar", "delta_logp"):
+            assert m[stat] == pytest.approx(q[stat], abs=1e-12)
+
+
+def test_paper_layout_cells_markdown_csv_latex(tmp_path):
+    run = tmp_path / "run"
+    tables.save_per_question(tasks_df(), run)
+    t = tables.task_table(tasks_df(), n_boot=300, seed=0)
+    md = tables.build_table(run, level="task", fmt="md", n_boot=300)
+    lines = md.splitlines()
+    assert lines[0] == ("| Variant | MMLU (acc, n=12) | HellaSwag (acc_norm, n=12) | WinoGrande (acc, n=8) |")
+    clean = lines[2].split(" | ")
+    assert clean[0] == "| clean (%)" and clean[2] == f"{100 * np.mean(HS['clean'][1]):.1f}"
+    hs = task_row(t, "hellaswag_offline", "acc_norm")
+    cell = lines[3].split(" | ")[2]
+    assert cell == f"{100 * hs.delta:+.1f} [{100 * hs.delta_lo:+.1f}, {100 * hs.delta_hi:+.1f}]".replace("+0.0", "0.0")
+    # acc on HellaSwag: 10 of 12 lost, McNemar p = 2^-9 and an interval below 0 -> both marks
+    acc = tables.build_table(run, level="task", fmt="md", n_boot=300, metric="acc").splitlines()[3].split(" | ")[2]
+    h = task_row(t, "hellaswag_offline", "acc")
+    assert h.delta_hi < 0 and h.p_mcnemar < 0.05
+    assert acc == f"{100 * h.delta:+.1f}*† [{100 * h.delta_lo:+.1f}, {100 * h.delta_hi:+.1f}]"
+    assert "* exact McNemar p < 0.05; † the interval excludes 0" in md
+
+    csv = pd.read_csv(io.StringIO(tables.build_table(run, level="task", fmt="csv", n_boot=300, layout="paper")))
+    assert list(csv.columns) == ["Variant", "MMLU (acc, n=12)", "HellaSwag (acc_norm, n=12)", "WinoGrande (acc, n=8)"]
+    assert csv.iloc[1, 2] == cell  # the spreadsheet shows what the README shows
+
+    tex = tables.build_table(run, level="task", fmt="latex", n_boot=300, metric="acc")
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\caption{", r"\label{tab:tasks}"):
+        assert rule in tex
+    assert tex.count(r"\toprule") == 1 and tex.count(r"\bottomrule") == 1
+    assert f"${100 * h.delta:+.1f}^{{*\\dagger}}$" in tex and r"$^{\dagger}$ the interval excludes 0" in tex
+    body = tex.split("\n", 1)[1]  # after the leading % comment: every _, %, # escaped
+    assert r"sae\_l15-k32" in tex and not re.search(r"(?<!\\)[_%#]", body)
+
+
+def test_long_and_wide_layouts(tmp_path):
+    run = tmp_path / "run"
+    tables.save_per_question(tasks_df(), run)
+    t = tables.task_table(tasks_df(), n_boot=50)
+    w = tables.wide_table(t)
+    assert w.index.names == ["task", "group", "metric"] and len(w) == 5  # mmlu all/stem, hs acc/acc_norm, wg acc
+    assert w.loc[("winogrande_offline", "all", "acc"), (SAE_NAME, "delta")] == -0.125
+    long_csv = pd.read_csv(io.StringIO(tables.build_table(run, level="task", fmt="csv", n_boot=50)))
+    assert len(long_csv) == len(t) and list(long_csv.columns) == list(t.columns)
+    long_md = tables.build_table(run, level="task", fmt="md", layout="long", n_boot=50).split("\n\n")[0].splitlines()
+    assert len(long_md) == 2 + len(t)
+    assert long_md[0].startswith("| Variant | Task | Group | Metric | n | acc (%) |")
+    wide_md = tables.build_table(run, level="task", fmt="md", layout="wide", n_boot=50)
+    assert f"{SAE_NAME}/p_mcnemar" in wide_md
+    long_tex = tables.build_table(run, level="category", fmt="latex", layout="long", n_boot=50)
+    assert r"\addlinespace" in long_tex and "McNemar $p$" in long_tex
+
+
+def test_ce_table_from_a_real_run():
+    main = Path(__file__).resolve().parent.parent / "results" / "main"
+    records = json.loads((main / "metrics.json").read_text())
+    md = tables.build_table(main, level="ce", fmt="md")
+    lines = md.split("\n\n")[0].splitlines()
+    assert lines[0] == "| Variant | L0 | dCE [95% CI] | KL | LR zero | LR mean | C_eff/C [95% CI] |"
+    assert len(lines) == 2 + len(records) - 1  # the clean model is the reference, in the caption
+    r = next(x for x in records if x["variant"] == "l15-w2304-k32")
+    expect = [r["variant"], f"{r['l0']:g}", f"{r['dce']:.3f} [{r['dce_ci_low']:.3f}, {r['dce_ci_high']:.3f}]",
+              f"{r['kl']:.3f}", f"{r['loss_recovered_zero']:.3f}", f"{r['loss_recovered_mean']:.3f}",
+              f"{r['compute_fraction']:.3f} [{r['compute_fraction_low']:.3f}, {r['compute_fraction_high']:.3f}]"]
+    assert lines[2] == "| " + " | ".join(expect) + " |"
+    z = next(x for x in records if x["variant"] == "zero@15.resid_post")
+    zero_line = next(line for line in lines if line.startswith("| zero@15.resid_post |"))
+    assert f"{z['compute_fraction']:.2e}" in zero_line and " – " in zero_line  # no L0 for an ablation
+    caption = md.split("\n\n")[1]
+    assert f"on {records[0]['n_tokens']:,} tokens" in caption and f"clean CE {records[0]['ce_clean']:.3f}" in caption
+    assert "Hoffmann et al. (2022)" in caption and "E = 1.69" in caption and "alpha = 0.34" in caption
+    tex = tables.build_table(main, level="ce", fmt="latex")
+    assert r"\label{tab:ce}" in tex and r"$\alpha=0.34$" in tex and r"{\cdot}10^{-6}$" in tex
+    numbers = pd.read_csv(io.StringIO(tables.build_table(main, level="ce", fmt="csv")))
+    assert len(numbers) == len(records) and np.allclose(numbers.dce, [x["dce"] for x in records])
+
+
+def test_write_tables_rebuilds_a_run_folder(tmp_path):
+    """An older run (mmlu_per_question.csv, no task column) plus its CE files: every table file."""
+    import shutil
+
+    main = Path(__file__).resolve().parent.parent / "results" / "main"
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("metrics.json", "compute_equivalents.json", "mmlu_per_question.csv"):
+        shutil.copy(main / name, run / name)
+    written = {p.name for p in tables.write_tables(run, n_boot=100)}
+    assert written == {"ce.md", "ce.tex", *(f"{s}.{e}" for s in ("tasks", "mmlu_category", "mmlu_subject")
+                                            for e in ("md", "tex", "csv", "json"))}
+    assert (run / "mmlu_category.md").read_text() == tables.build_table(run, "category", "md", n_boot=100)
+    assert "| Variant | STEM (n=95) | Humanities (n=65) | Social sci. (n=60) | Other (n=65) | All (n=285) |" in \
+        (run / "mmlu_category.md").read_text()
+    assert set(tables.load_run_results(run).task) == {"mmlu"}
+    with pytest.raises(ValueError, match="nothing to tabulate"):
+        tables.write_tables(tmp_path)
+    with pytest.raises(ValueError, match="several run folders"):
+        tables.write_tables([run, run])
+
+
+def test_task_table_bad_input(tmp_path):
+    df = tasks_df()
+    df.loc[(df.task == "hellaswag_offline") & (df.doc_id == 0), "correct_norm"] = np.nan
+    with pytest.raises(ValueError, match="acc_norm is missing for some questions only"):
+        tables.task_table(df)
+    with pytest.raises(ValueError, match="layout must be one of paper, wide, long"):
+        tables.build_table([tmp_path], level="task", layout="tall")
+    with pytest.raises(ValueError, match="metrics.json not found"):
+        tables.build_table([tmp_path], level="ce")
+    with pytest.raises(ValueError, match="has no acc_norm; choose --metric acc"):
+        run = tmp_path / "r"
+        tables.save_per_question(tasks_df(), run)
+        tables.build_table(run, level="task", metric="acc_norm")
+
+
+def test_table_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    run = tmp_path / "run"
+    tables.save_per_question(tasks_df(), run)
+    res = CliRunner().invoke(app, ["table", str(run), "--level", "task", "--format", "csv", "--layout", "paper",
+                                   "--n-boot", "50"])
+    assert res.exit_code == 0 and res.stdout.startswith('Variant,"MMLU (acc, n=12)"')
+    res = CliRunner().invoke(app, ["table", str(run), "--write", "--n-boot", "50"])
+    assert res.exit_code == 0 and (run / "tasks.tex").is_file() and (run / "mmlu_category.md").is_file()
+    res = CliRunner().invoke(app, ["table", str(run), "--layout", "tall"])
+    assert res.exit_code == 2 and res.stderr.strip().splitlines() == ["error: layout must be one of paper, wide, long, not 'tall'"]
+
+
+def test_a_variant_without_a_task_gets_an_empty_cell(tmp_path):
+    df = tasks_df()
+    df = df[~((df.variant == SAE_NAME) & (df.task == "winogrande_offline"))]
+    t = tables.task_table(df, n_boot=50)
+    assert not ((t.task == "winogrande_offline") & (t.variant == SAE_NAME)).any()
+    run = tmp_path / "run"
+    tables.save_per_question(df, run)
+    md = tables.build_table(run, level="task", fmt="md", n_boot=50).splitlines()
+    assert md[3].startswith(f"| {SAE_NAME} |") and md[3].endswith("| – |")
+    with pytest.raises(ValueError, match="baseline variant 'clean' has no results for task 'winogrande_offline'"):
+        tables.task_table(tasks_df()[lambda d: ~((d.variant == "clean") & (d.task == "winogrande_offline"))])
