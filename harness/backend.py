@@ -15,8 +15,11 @@ Only the continuation positions go through the final norm and unembedding.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,16 @@ class SpliceEngine:
         self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
         self.generations: dict[tuple, str] = {}
         self.forward_stats = {"tokens": 0, "batches": 0, **self.splicer.block_cost(variants)}
+        # Progress over the real work: (requests answered, requests seen) counted once per
+        # variant, so a bar moves as batches are scored, whichever variant's view asked.
+        self.on_progress: Callable[[int, int], None] | None = None
+        self.done = self.expected = 0
+
+    def _advance(self, done: int = 0, expected: int = 0) -> None:
+        self.done += done
+        self.expected += expected
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.expected)
 
     def index(self, name: str) -> int:
         for i, v in enumerate(self.variants):
@@ -70,7 +83,10 @@ class SpliceEngine:
         # One forward per group of requests sharing context + continuation[:-1] (MC choices).
         order = Collator(todo, sort_fn=sort_key, group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
         answers: list[list[tuple[float, bool]]] = []
+        n_var = len(self.variants)
+        self._advance(expected=len(todo) * n_var)
         for chunk in order.get_batched(n=self.batch_size):
+            answered = len(answers)
             inps, inplens, conts = [], [], []
             for _, ctx, cont in chunk:
                 inp = torch.tensor((ctx + cont)[-(self.max_length + 1):][:-1], dtype=torch.long)
@@ -83,7 +99,6 @@ class SpliceEngine:
             pos = torch.tensor([[max(n - span + j, 0) for j in range(span)] for n in inplens],
                                device=self.lm.device)
             per_variant = self._continuation_logprobs(batch, pos)  # [n_var, B, span, V]
-            n_var = len(self.variants)
             for row, (req, ctx, cont) in enumerate(chunk):
                 # get_cache expands one row to every request of its context group; it wants a
                 # [1, seq, vocab] tensor, so the variants ride along in the last dimension.
@@ -95,6 +110,7 @@ class SpliceEngine:
                     picked = lp.gather(-1, target[:, None, None].expand(n, n_var, 1))[..., 0]
                     greedy = (lp.argmax(-1) == target[:, None]).all(0)
                     answers.append([(float(picked[:, v].sum()), bool(greedy[v])) for v in range(n_var)])
+            self._advance(done=(len(answers) - answered) * n_var)
         for (_, ctx, cont), ans in zip(todo, order.get_original(answers)):
             self.cache[(tuple(ctx), tuple(cont))] = ans
 
@@ -209,6 +225,7 @@ class SplicedLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
+        self.engine._advance(expected=len(requests))
         for context, gen_kwargs in [r.args for r in requests]:
             until = gen_kwargs.get("until", [self.tok_decode([self.eot_token_id])])
             until = [until] if isinstance(until, str) else list(until)
@@ -218,6 +235,7 @@ class SplicedLM(TemplateLM):
                 ctx = self.tok_encode(context)
                 self.engine.generations[key] = self.engine.generate(self.variant, ctx, until, max_gen)
             out.append(self.engine.generations[key])
+            self.engine._advance(done=1)
         return out
 
 
@@ -234,23 +252,59 @@ class TaskResults:
     engine_stats: dict  # tokens and batches scored, blocks run shared vs naive
 
 
+def _silenced(bar):
+    """tqdm with disable forced on (a caller's own disable=False must not switch it back)."""
+    @functools.wraps(bar)
+    def silent(*args, **kwargs):
+        kwargs["disable"] = True
+        return bar(*args, **kwargs)
+    return silent
+
+
+@contextlib.contextmanager
+def quiet_lm_eval():
+    """Silence lm-eval's own progress bars and info logs while it runs inside the harness.
+
+    lm-eval draws one tqdm bar per task while building requests (57 for MMLU, again for every
+    variant) and one while tokenising; the harness shows one bar over the scored requests
+    instead. Warnings and errors still come through."""
+    import lm_eval.api.model
+    import lm_eval.api.task
+
+    modules = (lm_eval.api.model, lm_eval.api.task)
+    saved = [m.tqdm for m in modules]
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    for m, bar in zip(modules, saved):
+        m.tqdm = _silenced(bar)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for m, bar in zip(modules, saved):
+            m.tqdm = bar
+        logger.setLevel(level)
+
+
 def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], task_manager=None,
                    batch_size: int = 8, max_length: int | None = None, progress=None,
                    keep_first: bool = True, **lm_eval_kwargs) -> TaskResults:
     """`lm_eval.simple_evaluate` for every variant, sharing one engine (one pass over the data).
 
     Extra keyword arguments (limit, num_fewshot, log_samples, ...) go to simple_evaluate
-    unchanged."""
+    unchanged. progress(done, total), if given, is called as requests are scored, counting
+    each request once per variant."""
     import lm_eval
 
     views = variant_views(lm, variants, batch_size, max_length, keep_first)
+    if views:
+        views[0].engine.on_progress = progress
     out = {}
-    for i, view in enumerate(views):
-        try:
-            out[view.variant.name] = lm_eval.simple_evaluate(model=view, tasks=list(tasks),
-                                                             task_manager=task_manager, **lm_eval_kwargs)
-        except KeyError as e:  # lm-eval raises KeyError for task names it cannot find
-            raise UserError(f"unknown task {e}; list tasks with `lm-eval ls tasks`") from None
-        if progress is not None:
-            progress(i + 1)
+    with quiet_lm_eval():
+        for view in views:
+            try:
+                out[view.variant.name] = lm_eval.simple_evaluate(model=view, tasks=list(tasks),
+                                                                 task_manager=task_manager, **lm_eval_kwargs)
+            except KeyError as e:  # lm-eval raises KeyError for task names it cannot find
+                raise UserError(f"unknown task {e}; list tasks with `lm-eval ls tasks`") from None
     return TaskResults(out, views[0].engine.forward_stats if views else {})

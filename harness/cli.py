@@ -57,22 +57,37 @@ def _quiet_libraries() -> None:
         pass
 
 
+class StageBar:
+    """One rich progress bar for one stage of a run, on stderr.
+
+    Called as bar(done) or bar(done, total) as the work advances (the total may grow while a
+    stage discovers its work, e.g. lm-eval's requests). close() leaves the finished bar on
+    screen; close(failed=True) removes it, so a failed stage ends in its one-line error alone."""
+
+    def __init__(self, label: str, total: int | None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        self.task = self.progress.add_task(label, total=total)
+        self.progress.start()
+        self.started = True
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self.progress.update(self.task, total=total)
+        self.progress.update(self.task, completed=done)
+
+    def close(self, failed: bool = False) -> None:
+        if self.started:
+            self.progress.live.transient = failed
+            self.progress.stop()
+            self.started = False
+
+
 def _progress_factory():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    def make(label: str, total: int):
-        progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-        progress.start()
-        task = progress.add_task(label, total=total)
-
-        def update(done: int):
-            progress.update(task, completed=done)
-            if done >= total:
-                progress.stop()
-        return update
-    return make
+    return StageBar
 
 
 def print_ce_table(records: list[dict], title: str) -> None:
@@ -236,7 +251,7 @@ def lm_eval_command(
     extra = _parse_extra(ctx.args)
     cfg = RunConfig(model=model, saes=list(sae), batch_size=batch_size,
                     device=device, dtype=dtype, seed=seed, out=out, num_fewshot=num_fewshot)
-    res = run_lm_eval(cfg, [t for t in tasks.split(",") if t], limit, include_path, extra)
+    res = run_lm_eval(cfg, [t for t in tasks.split(",") if t], limit, include_path, extra, StageBar)
     _print_task_results(res.aggregate)
     typer.echo(f"wrote {out}", err=True)
 
@@ -307,6 +322,21 @@ def table(
         typer.echo(f"wrote {out}", err=True)
     else:
         typer.echo(text)
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: List[str] = typer.Argument(..., help="run folders (one or several runs of the same model)"),
+    out: Optional[str] = typer.Option(None, help="folder for report.html and the figures (default: the run "
+                                      "folder for one run, `comparison` beside the first run for several)"),
+):
+    """Rebuild report.html from saved results, or compare several runs on one page (no model run)."""
+    _quiet_libraries()
+    from harness.report import write_report
+
+    path = write_report(run_dirs, out)
+    typer.echo(f"wrote {path}", err=True)
 
 
 @app.command()

@@ -2,19 +2,19 @@
 
     spec strings --prepare--> Session --ce.evaluate--> CEResult --compute_equivalents--> records
                                       --run_tasks----> TaskRun (per-question rows, aggregates)
-    records / TaskRun --runfolder--> metrics.json, tables, plot, report.html
+    records / TaskRun --runfolder--> metrics.json, tables, report.html and its figures
 
 The CLI calls `run_job` (commands `run` and `ce`) and `run_lm_eval` (command `lm-eval`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -22,8 +22,8 @@ from harness import ce, data, mmlu, samples, scaling
 from harness.backend import evaluate_tasks
 from harness.models import EMBEDDED_DEFAULT, UserError
 from harness.references import add_reference_equivalents
-from harness.runfolder import (machine, model_hash, staging, versions, write_ce, write_compute_equivalents,
-                               write_json, write_report, write_tasks)
+from harness.runfolder import (command_line, machine, model_hash, staging, versions, write_ce,
+                               write_compute_equivalents, write_json, write_report, write_tasks)
 from harness.saes import describe
 from harness.session import Session, prepare
 
@@ -110,43 +110,60 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> JobResult:
         "saes": [describe(r) for r in session.replacements], "variants": {v.name: v.hooks for v in variants},
         "hooks": sorted({r.hook for r in session.replacements}), "versions": versions(), "machine": machine(),
         "calibration": f"{cfg.calib_seqs} x {cfg.ctx} tokens of the train-prose split",
+        "command": command_line(),
     }
     result = JobResult(config)
     with staging(Path(cfg.out)) as tmp:
         if "ce" in stages:
-            progress = progress_factory("CE suite", len(tokens)) if progress_factory else None
-            res = ce.evaluate(lm, variants, tokens, cfg.batch_size, session.calib_tokens, cfg.n_boot, cfg.seed,
-                              progress)
+            with stage(progress_factory, "CE suite: sequences", len(tokens)) as progress:
+                res = ce.evaluate(lm, variants, tokens, cfg.batch_size, session.calib_tokens, cfg.n_boot, cfg.seed,
+                                  progress)
             config.update(tokens_sha256=hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
                           data="offline pydoc topics, eval split (harness/data.py)",
                           ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
                           ce_block_cost=res.block_cost)
-            details, points, band = compute_equivalents(res.records, law, cfg.law)
-            write_compute_equivalents(tmp, details, law, points, band)
+            details, band = compute_equivalents(res.records, law, cfg.law)
+            write_compute_equivalents(tmp, details)
             config["compute_equivalents"] = {"law": cfg.law, "E_band": band}
             if cfg.reference_models or cfg.reference_checkpoints:
                 config["references"] = add_reference_equivalents(res.records, lm, tokens, cfg)
             write_ce(tmp, res.records, res.per_token_dce, tokens)
             result.ce = res
         if "mmlu" in stages:
-            progress = progress_factory("MMLU (variants)", len(variants)) if progress_factory else None
-            res = run_tasks(session, ["mmlu_offline"], mmlu.task_manager(), cfg, cfg.mmlu_limit, progress)
+            with stage(progress_factory, f"MMLU: requests x {len(variants)} variants", None) as progress:
+                res = run_tasks(session, ["mmlu_offline"], mmlu.task_manager(), cfg, cfg.mmlu_limit, progress)
             config.update(mmlu_seconds=res.seconds, mmlu_engine=res.engine_stats,
                           mmlu_questions=int(res.per_question["doc_id"].count() // len(variants)))
             write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
             result.tasks = res
         write_json(tmp / "config.json", config)
-        write_report(tmp, config, result.ce.records if result.ce else None)
+        write_report(tmp, Path(cfg.out))
     return result
+
+
+@contextlib.contextmanager
+def stage(progress_factory, label: str, total: int | None):
+    """A stage's progress callback (None without a factory), closed when the stage ends;
+    a display that can be closed is told whether the stage failed."""
+    bar = progress_factory(label, total) if progress_factory else None
+    close = getattr(bar, "close", None)
+    try:
+        yield bar
+    except BaseException:
+        if close is not None:
+            close(failed=True)
+        raise
+    if close is not None:
+        close()
 
 
 def compute_equivalents(records: list[dict], law, law_spec: str):
     """Add compute_fraction (+ interval from the dCE CI) to every record.
 
-    Returns (details for compute_equivalents.json, the (name, loss) points to plot, the band
-    of E to shade). With a preset law the fraction also comes over a range of E (E belongs to
+    Returns (details for compute_equivalents.json, the band of E the report's compute figure
+    shades). With a preset law the fraction also comes over a range of E (E belongs to
     the preset's corpus and tokenizer, not to this model's)."""
-    details = {"law": law_spec, "variants": {}}
+    details = {"law": law_spec, "law_params": law.to_json(), "variants": {}}
     clean = records[0]["ce_clean"]
     for rec in records:
         rec["law"] = law_spec
@@ -164,11 +181,8 @@ def compute_equivalents(records: list[dict], law, law_spec: str):
             rec["n_eff_frac"] = eq["n_eff_frac"]
         details["variants"][rec["variant"]] = {k: v for k, v in eq.items() if k != "assumptions"}
         details["assumptions"] = eq["assumptions"]
-    points = [("clean", clean)] + [(r["variant"], r["ce_spliced"]) for r in records[1:]
-                                   if not (r["variant"].startswith(("zero@", "mean@")))
-                                   and np.isfinite(r["compute_fraction"])]
     band = (0.5 * law.E, min(1.5 * law.E, 0.95 * clean)) if isinstance(law, scaling.Law) else None
-    return details, points, band
+    return details, band
 
 
 def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, limit=None, progress=None,
@@ -189,7 +203,7 @@ def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, 
 
 
 def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None, extra: dict | None = None,
-                progress=None) -> TaskRun:
+                progress_factory=None) -> TaskRun:
     """The `lm-eval` command: any tasks, clean + every variant, one run folder."""
     extra = dict(extra or {})
     session = session_for(cfg)
@@ -197,11 +211,14 @@ def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None,
         tm = mmlu.task_manager(include_path=include_path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    res = run_tasks(session, tasks, tm, cfg, limit, progress, **extra)
+    with stage(progress_factory, f"tasks: requests x {len(session.variants)} variants", None) as progress:
+        res = run_tasks(session, tasks, tm, cfg, limit, progress, **extra)
     with staging(Path(cfg.out)) as tmp:
         write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
         write_json(tmp / "config.json", {
             "model": session.lm.load_info, "tasks": ",".join(tasks), "limit": limit,
             "num_fewshot": cfg.num_fewshot, "variants": [v.name for v in session.variants],
-            "engine": res.engine_stats, "extra": extra, "versions": versions()})
+            "engine": res.engine_stats, "extra": extra, "versions": versions(), "machine": machine(),
+            "command": command_line()})
+        write_report(tmp, Path(cfg.out))
     return res

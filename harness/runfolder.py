@@ -1,5 +1,5 @@
 """One run = one folder: staging, provenance (versions, git hash, machine, file hashes) and
-the files a run writes (metrics, per-token arrays, tables, plot, HTML report).
+the files a run writes (metrics, per-token arrays, tables, the HTML report and its figures).
 
 The folder is built under a temporary name beside the target and renamed at the end, so a
 failed or interrupted run leaves no half-written results behind. Nothing here runs a model.
@@ -7,12 +7,13 @@ failed or interrupted run leaves no half-written results behind. Nothing here ru
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness import scaling, tables
+from harness import tables
 from harness.models import LoadedModel
 from harness.saes import sha256
 from harness.variants import short_hook
@@ -78,6 +79,13 @@ def versions() -> dict:
     return out
 
 
+def command_line() -> dict:
+    """How this run was started, for the report's provenance: as typed for `python -m ...`
+    (sys.argv would show the module's file), else the script and its arguments."""
+    argv = sys.orig_argv if "-m" in getattr(sys, "orig_argv", [])[1:2] else sys.argv
+    return {"line": shlex.join(argv), "cwd": os.getcwd()}
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -108,12 +116,9 @@ def write_ce(folder: Path, records: list[dict], per_token_dce: dict, tokens: tor
     tables.write_tables(folder, which=("ce",))  # ce.md, ce.tex: the paper-sized CE table
 
 
-def write_compute_equivalents(folder: Path, details: dict, law, points: list[tuple[str, float]],
-                              E_band: tuple[float, float] | None) -> None:
-    """compute_equivalents.json and the loss-against-compute plot."""
+def write_compute_equivalents(folder: Path, details: dict) -> None:
+    """compute_equivalents.json (the report draws the loss-against-compute figure from it)."""
     write_text(folder / "compute_equivalents.json", json.dumps(details, indent=2))
-    if hasattr(law, "frontier_compute"):  # a one-variable curve has no compute axis to plot
-        scaling.plot_compute(law, points, folder / "compute.png", E_band=E_band)
 
 
 # ---------------------------------------------------------------- lm-eval tasks
@@ -130,16 +135,9 @@ def write_tasks(folder: Path, per_question: pd.DataFrame, aggregate: dict, n_boo
 
 # ---------------------------------------------------------------- report
 
-def write_report(folder: Path, config: dict, records: list[dict] | None) -> None:
-    """report.html: the run's tables and plot on one page, for a browser."""
-    parts = [f"<h1>sae-harness run: {html.escape(str(config['run']['model']))}</h1>",
-             f"<p>{html.escape(config['machine'])}; git {html.escape(str(config['versions'].get('git')))}</p>"]
-    if records is not None:
-        parts += ["<h2>Cross-entropy suite</h2>", ce_frame(records).to_html(index=False, float_format="%.4f"),
-                  '<img src="compute.png" alt="loss against compute" width="720">']
-    if (folder / "mmlu_category.csv").exists():
-        parts += ["<h2>MMLU by category</h2>",
-                  pd.read_csv(folder / "mmlu_category.csv").to_html(index=False, float_format="%.4f")]
-    write_text(folder / "report.html", "<!doctype html><meta charset=utf-8><title>sae-harness</title>"
-               "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
-               "td,th{border:1px solid #ccc;padding:2px 6px}</style>" + "\n".join(parts))
+def write_report(folder: Path, final: Path) -> None:
+    """report.html and its figures, from the files already in `folder` (a run being built under
+    a temporary name; the page names `final`, where it will end up)."""
+    from harness.report import write_report as render
+
+    render([folder], folder, final_paths=[final])

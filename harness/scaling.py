@@ -496,54 +496,6 @@ def fraction_interval(law, L_clean: float, dce_interval, N: float = 1.0) -> dict
             "assumptions": assumptions}
 
 
-# --------------------------------------------------------------------------- plot
-
-def plot_compute(law, points, out_png, C_clean=None, E_band=None):
-    """Loss against training compute on log axes, with each model at its compute-equivalent.
-
-    points = [(label, loss), ...]; the first is the clean model, the rest spliced variants.
-    The clean model is placed at C_clean (default: where the frontier reaches its loss) and
-    each variant at C_clean * compute_fraction.  With E_band = (E_low, E_high) and a `Law`,
-    the frontier is shaded over that range of E and each variant gets a horizontal bar for
-    its compute-equivalent across the band.  Uses the Agg canvas directly (no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    (clean_label, L_clean) = points[0]
-    C0 = float(C_clean) if C_clean else float(law.frontier_compute(L_clean))
-    xs = [C0 * compute_fraction(law, L_clean, L)["fraction"] for _, L in points]
-    C = np.geomspace(min(xs) / 10, C0 * 10, 200)
-
-    fig = Figure(figsize=(6.5, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(C, law.frontier_loss(C), color="k", lw=1, label=f"{law.name} frontier")
-    if E_band is not None and isinstance(law, Law):
-        Es = np.linspace(*E_band, 9)
-        curves = [law.with_params(E=E).frontier_loss(C) for E in Es]
-        ax.fill_between(C, np.min(curves, 0), np.max(curves, 0), color="0.85",
-                        label=f"E in [{E_band[0]:.2f}, {E_band[1]:.2f}]")
-    for (label, L), x in zip(points, xs):
-        xerr = None
-        if E_band is not None and isinstance(law, Law) and label != clean_label:
-            table = compute_fraction_over_E(law, L_clean, L, np.linspace(*E_band, 9))["table"]
-            fs = [r["fraction"] * C0 for r in table if r["fraction"] is not None]
-            if fs:
-                xerr = [[max(x - min(fs), 0)], [max(max(fs) - x, 0)]]
-        ax.errorbar([x], [L], xerr=xerr, fmt="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("training compute (FLOP), compute-equivalent for spliced models")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    return out_png
-
-
 # --------------------------------------------------------------------------- glue for the CLI
 
 def load_law(spec: str):

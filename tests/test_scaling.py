@@ -240,13 +240,3 @@ def test_bad_fit_input_is_an_error(bad):
 def test_unknown_preset_is_an_error():
     with pytest.raises(ValueError, match="unknown scaling-law preset"):
         S.preset("chinchilla-2")
-
-
-# --------------------------------------------------------------------------- plot
-
-@pytest.mark.parametrize("name,band", [("epoch", (1.5, 2.0)), ("kaplan", None)])
-def test_plot_compute_writes_png(tmp_path, name, band):
-    out = tmp_path / f"{name}.png"
-    S.plot_compute(S.preset(name), [("clean", 3.0), ("sae-a", 3.1), ("sae-b", 3.4)], out,
-                   C_clean=1e21 if band else None, E_band=band)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
