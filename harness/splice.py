@@ -60,15 +60,23 @@ def describe_valid_hooks(names: list[str]) -> str:
     return ", ".join(shown)
 
 
+def branch_layers(lm: LoadedModel, hooks: list[str]) -> list[int]:
+    """Blocks where some variant branches off the clean pass (a bridge tail needs >= 1 block)."""
+    return sorted({min(hook_layer(h), lm.n_layers - 1) for h in hooks}) or [lm.n_layers - 1]
+
+
 def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
-    """UserError if a hook is not one of the model's hook points (naming the valid ones), or has
-    no activation per position (attention patterns)."""
+    """UserError if a hook is not one of the model's hook points (naming the valid ones), has no
+    activation per position (attention patterns), or the model cannot be replayed exactly from
+    its block (`replay.check_supported`)."""
     valid = set(lm.model.hook_dict)
     for hook in hooks:
         if hook not in valid:
             raise UserError(f"unknown hook {hook!r}; valid hooks: {describe_valid_hooks(sorted(valid))}")
         if hook.endswith(_NOT_PER_POSITION):
             raise UserError(f"{hook} is [batch, head, query, key]: splices need one activation per position")
+    if lm.kind == "bridge":
+        replay.check_supported(lm.model, branch_layers(lm, hooks))
 
 
 class Splicer:
@@ -78,10 +86,7 @@ class Splicer:
         self.lm = lm
         self.keep_first = keep_first
         check_hooks(lm, hooks)
-        # Layers where some variant branches off the clean pass (bridge tails need >= 1 block).
-        self.layers = sorted({min(hook_layer(h), lm.n_layers - 1) for h in hooks}) or [lm.n_layers - 1]
-        if lm.kind == "bridge":
-            replay.check_supported(lm.model, self.layers)
+        self.layers = branch_layers(lm, hooks)
         self.start_layer = self.layers[0]
         self.special_ids = torch.tensor(lm.special_ids(), dtype=torch.long)
 

@@ -1,14 +1,17 @@
 """Every architecture x hook site: the harness equals the plain Hugging Face forward.
 
 Tiny random models (4 layers, width 64, a 384-token BPE vocabulary trained here on CPython's
-pydoc topics) are built with transformers, saved to a folder and booted the way the harness
-boots any local checkpoint. Sliding windows are 16 tokens and contexts 40, so sliding and
+pydoc topics) are built with transformers, saved to a folder and set up by `prepare`, the
+setup path of every command (model, SAE folders and baselines loaded, checked, calibrated). Sliding windows are 16 tokens and contexts 40, so sliding and
 full-attention layers see different masks; logit soft-caps and scales are set low enough to
 bite. The references are independent of the harness: a fresh `AutoModelForCausalLM` from the
 same folder with a PyTorch forward hook on the spliced module, and lm-eval's own HFLM.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +23,8 @@ from conftest import make_topk_sae
 from harness import ce
 from harness.backend import variant_views
 from harness.models import UserError, load_model
-from harness.saes import _from_sae, load_replacement
-from harness.splice import Splicer, Variant
+from harness.session import Session, prepare
+from harness.splice import Splicer
 
 WIDTH, WINDOW, CTX, HOOK = 64, 16, 40, "blocks.1.hook_resid_post"
 
@@ -97,13 +100,39 @@ def build(arch: str, tokenizer, folder) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def save_topk_sae(folder, hook: str, model_folder, seed: int):
+    """A random TopK SAE (width 64 -> 128, k 8) for `model_folder`, saved in sae-lens format."""
+    sae = make_topk_sae(WIDTH, 128, 8, hook, str(model_folder), seed=seed)
+    sae.save_model(folder)
+    return sae
+
+
+@dataclass
+class Arch:
+    name: str
+    folder: Path
+    session: Session  # what `prepare` (every command's setup) made of the folder and SAE
+    hf: torch.nn.Module  # an independent plain transformers model from the same folder
+    sae: object  # the SAE's sae-lens object, as saved
+
+    @property
+    def lm(self):
+        return self.session.lm
+
+    @property
+    def sae_variant(self):
+        return self.session.variants[1]
+
+
 @pytest.fixture(scope="module", params=ARCHS)
-def arch(request, tokenizer, tmp_path_factory):
-    """(name, folder, harness model, independent plain HF model) for one architecture."""
+def arch(request, tokenizer, tmp_path_factory) -> Arch:
     folder = tmp_path_factory.mktemp(request.param)
     build(request.param, tokenizer, folder)
+    sae_dir = tmp_path_factory.mktemp(f"{request.param}-sae")
+    sae = save_topk_sae(sae_dir, HOOK, folder, seed=1)
+    session = prepare(str(folder), [str(sae_dir)], calib_seqs=4, ctx=CTX)
     hf = T.AutoModelForCausalLM.from_pretrained(folder).eval()
-    return request.param, folder, load_model(str(folder)), hf
+    return Arch(request.param, folder, session, hf, sae)
 
 
 def decoder_layers(hf) -> torch.nn.ModuleList:
@@ -153,21 +182,22 @@ def _tokens(n_seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 384, (n_seq, CTX))  # ids 0-2 are special: every position is in T
 
 
-def _records(lm, variants, tokens):
-    out = ce.evaluate(lm, [Variant("clean", {})] + variants, tokens, batch_size=2, calib_tokens=_tokens(4, 9),
-                      n_boot=10)
-    return {r["variant"]: r for r in out["records"]}
+def _ce(session: Session, tokens) -> dict[str, dict]:
+    """The CE suite as the `ce` command runs it on a prepared session."""
+    return ce.evaluate(session.lm, session.variants, tokens, 2, session.calib_tokens, n_boot=10).by_variant()
+
+
+def reconstruct(sae):
+    return lambda x: sae.decode(sae.encode(x))
 
 
 def test_ce_clean_spliced_zero_equal_plain_hf(arch):
-    name, _, lm, hf = arch
     tokens = _tokens(4)
-    sae = make_topk_sae(WIDTH, 128, 8, HOOK, name, seed=1)
-    rec = _records(lm, [Variant("sae", {HOOK: _from_sae("sae", "sae", sae, {})})], tokens)["sae"]
-    layer = decoder_layers(hf)[1]
-    assert rec["ce_clean"] == pytest.approx(plain_ce(hf, tokens), abs=1e-5)
-    assert rec["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, layer, lambda x: sae.decode(sae.encode(x))), abs=1e-5)
-    assert rec["ce_zero"] == pytest.approx(plain_ce(hf, tokens, layer, torch.zeros_like), abs=1e-5)
+    rec = _ce(arch.session, tokens)[arch.sae_variant.name]
+    layer = decoder_layers(arch.hf)[1]
+    assert rec["ce_clean"] == pytest.approx(plain_ce(arch.hf, tokens), abs=1e-5)
+    assert rec["ce_spliced"] == pytest.approx(plain_ce(arch.hf, tokens, layer, reconstruct(arch.sae)), abs=1e-5)
+    assert rec["ce_zero"] == pytest.approx(plain_ce(arch.hf, tokens, layer, torch.zeros_like), abs=1e-5)
     # The splices move CE by far more than the tolerance, so the equalities above are not vacuous.
     assert abs(rec["ce_zero"] - rec["ce_clean"]) > 5e-4 and abs(rec["dce"]) > 5e-4
 
@@ -175,12 +205,11 @@ def test_ce_clean_spliced_zero_equal_plain_hf(arch):
 def test_logit_processing_bites(arch):
     """Where the model processes its logits (soft-cap, scaling), lm_head(final hidden state) is
     far from them here, so the CE test above would catch a tail that skipped it."""
-    name, _, _, hf = arch
     with torch.no_grad():
-        out = hf(input_ids=_tokens(2), output_hidden_states=True)
-    raw = hf.get_output_embeddings()(out.hidden_states[-1])
+        out = arch.hf(input_ids=_tokens(2), output_hidden_states=True)
+    raw = arch.hf.get_output_embeddings()(out.hidden_states[-1])
     gap = float((raw - out.logits).abs().max())
-    if name in ("gemma2", "gemma3", "granite"):
+    if arch.name in ("gemma2", "gemma3", "granite"):
         assert gap > 0.5
     else:
         assert gap < 1e-5
@@ -193,53 +222,47 @@ def _loglikelihood(lm_obj, pairs):
 
 def test_backend_loglikelihoods_equal_hflm(arch):
     from lm_eval.models.huggingface import HFLM
-
     from pydoc_data.topics import topics
 
-    name, folder, lm, _ = arch
     text = topics["assert"]
     pairs = [(text[:200], text[200:230]), (text[300:420], " the"), (text[300:420], " assert"), ("x", " = 1")]
-    ours = variant_views(lm, [Variant("clean", {})], batch_size=2)[0]
-    ref = HFLM(pretrained=str(folder), batch_size=2, device="cpu")
-    n_tokens = len(ours.tok_encode(pairs[0][0] + pairs[0][1]))
-    assert n_tokens > 2 * WINDOW  # the long request crosses the sliding window
+    ours = variant_views(arch.lm, arch.session.variants[:1], batch_size=2)[0]
+    ref = HFLM(pretrained=str(arch.folder), batch_size=2, device="cpu")
+    assert len(ours.tok_encode(pairs[0][0] + pairs[0][1])) > 2 * WINDOW  # crosses the sliding window
     np.testing.assert_allclose(_loglikelihood(ours, pairs), _loglikelihood(ref, pairs), rtol=0, atol=1e-4)
 
 
 def test_greedy_generation_equals_hf_generate(arch):
     """The backend's greedy decoding (clean and SAE-spliced, no KV cache) equals transformers'
     `generate` (KV cache; the splice hook leaves absolute position 0 alone)."""
-    name, _, lm, hf = arch
-    sae = make_topk_sae(WIDTH, 128, 8, HOOK, name, seed=1)
-    variants = [Variant("clean", {}), Variant("sae", {HOOK: _from_sae("sae", "sae", sae, {})})]
     prompt = "The value of x is"
     req = [Instance(request_type="generate_until", doc={}, idx=0,
                     arguments=(prompt, {"until": ["\x00\x00"], "max_gen_toks": 12}))]
-    views = variant_views(lm, variants)
+    views = variant_views(arch.lm, arch.session.variants)
     got = {v.variant.name: v.generate_until(req)[0] for v in views}
+    sae = reconstruct(arch.sae)
 
-    def reconstruct(module, args, out):  # prefill: positions 1..; later steps: the new token
+    def spliced(module, args, out):  # prefill: positions 1..; later steps: the new token
         x = out[0] if isinstance(out, tuple) else out
         y = x.clone()
         start = 1 if x.shape[1] > 1 else 0
-        y[:, start:] = sae.decode(sae.encode(x[:, start:]))
+        y[:, start:] = sae(x[:, start:])
         return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
 
     ids = torch.tensor([views[0].tok_encode(prompt)])
+    eos = arch.hf.config.eos_token_id
     want = {}
-    for tag in ("clean", "sae"):
-        handle = decoder_layers(hf)[1].register_forward_hook(reconstruct) if tag == "sae" else None
+    for variant in arch.session.variants:
+        handle = decoder_layers(arch.hf)[1].register_forward_hook(spliced) if variant.parts else None
         try:
             with torch.no_grad():
-                out = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=hf.config.eos_token_id)
+                out = arch.hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=eos)
         finally:
             if handle is not None:
                 handle.remove()
         new = out[0, ids.shape[1]:].tolist()
-        if hf.config.eos_token_id in new:
-            new = new[:new.index(hf.config.eos_token_id)]
-        want[tag] = lm.tokenizer.decode(new)
-    assert got == want and got["clean"] != got["sae"]
+        want[variant.name] = arch.lm.tokenizer.decode(new[:new.index(eos)] if eos in new else new)
+    assert got == want and len(set(got.values())) == 2
 
 
 def test_cohere_is_refused_not_mis_scored(tokenizer, tmp_path):
@@ -293,101 +316,108 @@ def test_looped_block_is_refused(llama_folder):
         Splicer(lm, [HOOK])
 
 
-def test_attention_pattern_is_not_a_splice_site(llama):
-    lm, _ = llama
+def test_attention_pattern_is_not_a_splice_site(llama_folder):
     with pytest.raises(UserError, match=r"^blocks\.1\.attn\.hook_pattern is \[batch, head, query, key\]"):
-        Splicer(lm, ["blocks.1.attn.hook_pattern"])
+        prepare(str(llama_folder), ["zero@blocks.1.attn.hook_pattern"])
 
 
 # -- hook sites on the tiny Llama-3 ---------------------------------------------------------
+SITES = ["resid_pre", "resid_post", "attn_out", "mlp_out"]
+Z = "blocks.1.attn.hook_z"  # [batch, pos, 4 heads, 16]
+
+
 @pytest.fixture(scope="module")
-def llama(llama_folder):
-    return load_model(str(llama_folder)), T.AutoModelForCausalLM.from_pretrained(llama_folder).eval()
+def sites(llama_folder, tmp_path_factory):
+    """One prepared session splicing a TopK SAE at each site of block 1, a sae-lens hook_z SAE
+    (saved with `reshape_activations: hook_z`) and PCA / neuron baselines at hook_z; the CE
+    suite's records on one token set; the plain HF model; the SAEs as saved."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    saes, specs = {}, []
+    for i, kind in enumerate(SITES):
+        folder = tmp_path_factory.mktemp(kind)
+        saes[kind] = save_topk_sae(folder, f"blocks.1.hook_{kind}", llama_folder, seed=10 + i)
+        specs.append(str(folder))
+    torch.manual_seed(5)
+    zsae = StandardSAE(StandardSAEConfig(d_in=WIDTH, d_sae=96, reshape_activations="hook_z",
+                                         metadata=SAEMetadata(hook_name=Z, model_name=str(llama_folder))))
+    with torch.no_grad():
+        for p in zsae.parameters():
+            p.normal_(0, 0.2)
+    folder = tmp_path_factory.mktemp("z-sae")
+    zsae.save_model(folder)
+    saes["z"] = zsae
+    specs += [str(folder), f"pca:8@{Z}", f"neurons:8@{Z}"]
+    session = prepare(str(llama_folder), specs, calib_seqs=4, ctx=CTX)
+    tokens = _tokens(4, 3)
+    hf = T.AutoModelForCausalLM.from_pretrained(llama_folder).eval()
+    return session, _ce(session, tokens), tokens, hf, saes
 
 
-def _site(hf, kind):
+def _module(hf, site):
     """(module, pre) of the HF module whose output (or input) a TransformerLens site equals."""
     layer = hf.model.layers[1]
     return {"resid_pre": (layer, True), "resid_post": (layer, False), "attn_out": (layer.self_attn, False),
-            "mlp_out": (layer.mlp, False), "attn.hook_z": (layer.self_attn.o_proj, True)}[kind]
+            "mlp_out": (layer.mlp, False), "attn.hook_z": (layer.self_attn.o_proj, True)}[site]
 
 
-@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "attn_out", "mlp_out"])
-def test_residual_and_sublayer_sites_equal_hf_module_hooks(llama, kind):
-    lm, hf = llama
-    hook = f"blocks.1.hook_{kind}"
-    sae = make_topk_sae(WIDTH, 128, 8, hook, "llama3", seed=2)
-    tokens = _tokens(4, 3)
-    rec = _records(lm, [Variant("sae", {hook: _from_sae("sae", "sae", sae, {})})], tokens)["sae"]
-    module, pre = _site(hf, kind)
-    assert rec["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, module, lambda x: sae.decode(sae.encode(x)), pre), abs=1e-5)
-    assert rec["ce_zero"] == pytest.approx(plain_ce(hf, tokens, module, torch.zeros_like, pre), abs=1e-5)
+@pytest.mark.parametrize("site", SITES)
+def test_residual_and_sublayer_sites_equal_hf_module_hooks(sites, site):
+    session, recs, tokens, hf, saes = sites
+    module, pre = _module(hf, site)
+    sae_name = next(v.name for v in session.variants if v.hooks == [f"blocks.1.hook_{site}"])
+    got_sae, got_zero = recs[sae_name]["ce_spliced"], recs[f"zero@1.{site}"]["ce_spliced"]
+    assert got_sae == pytest.approx(plain_ce(hf, tokens, module, reconstruct(saes[site]), pre), abs=1e-5)
+    assert got_zero == pytest.approx(plain_ce(hf, tokens, module, torch.zeros_like, pre), abs=1e-5)
 
 
-def _o_proj_inputs(hf, tokens) -> torch.Tensor:
-    """Attention outputs before o_proj ([n, heads * d_head]) at positions 1.. (where splices act)."""
+def test_hook_z_baselines_on_the_flattened_activation(sites):
+    """zero / mean / pca / neurons at attn.hook_z act on the 64-wide flattened activation: the
+    same operation on o_proj's input in plain PyTorch, fitted on the session's calibration
+    batch at the positions the splice acts on (ordinary tokens, not position 0)."""
+    session, recs, tokens, hf, _ = sites
+    calib = session.calib_tokens
     seen = []
-    h = hf.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][:, 1:]))
+    handle = hf.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
-        hf(input_ids=tokens)
-    h.remove()
-    return torch.cat(seen).reshape(-1, seen[0].shape[-1]).double()
-
-
-def test_hook_z_baselines_on_the_flattened_activation(llama):
-    """zero / mean / pca / neurons at attn.hook_z ([batch, pos, 4 heads, 16]) act on the 64-wide
-    flattened activation, equal to the same operation on o_proj's input in plain PyTorch."""
-    lm, hf = llama
-    hook, tokens, calib = "blocks.1.attn.hook_z", _tokens(4, 4), _tokens(4, 9)
-    specs = [f"{b}@{hook}" for b in ("zero", "mean", "pca:8", "neurons:8")]
-    recs = _records(lm, [Variant(s, {hook: load_replacement(s)}) for s in specs], tokens)
-    acts = _o_proj_inputs(hf, calib)
+        hf(input_ids=calib)
+    handle.remove()
+    where = calib >= 3  # ids 0-2 are the special tokens
+    where[:, 0] = False
+    acts = seen[0][where].double()
     mean = acts.mean(0)
     _, _, vh = np.linalg.svd((acts - mean).numpy(), full_matrices=False)
     comps = torch.from_numpy(vh[:8])
 
     def pca(x):
-        x = x.double()
-        return (((x - mean) @ comps.T) @ comps + mean).float()
+        return ((((x.double() - mean) @ comps.T) @ comps) + mean).float()
 
     def neurons(x):
         keep = x.abs() >= x.abs().topk(8, -1).values[..., -1:]
         return torch.where(keep, x, torch.zeros_like(x))
-    o_proj, _ = _site(hf, "attn.hook_z")
+
+    o_proj, _ = _module(hf, "attn.hook_z")
     want = {"zero": torch.zeros_like, "mean": lambda x: mean.float().expand_as(x), "pca:8": pca, "neurons:8": neurons}
-    for spec in specs:
-        fn = want[spec.split("@")[0]]
-        assert recs[spec]["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, o_proj, fn, pre=True), abs=1e-5), spec
-    assert recs[specs[2]]["explained_variance"] < 1
+    for name, fn in want.items():
+        got = recs[f"{name}@1.attn.z"]["ce_spliced"]
+        assert got == pytest.approx(plain_ce(hf, tokens, o_proj, fn, pre=True), abs=1e-5), name
+    assert 0 < recs["pca:8@1.attn.z"]["explained_variance"] < 1
 
 
-def test_sae_lens_hook_z_sae_splices_like_plain_pytorch(llama, tmp_path):
-    """A sae-lens SAE saved with `reshape_activations: hook_z` loads from its folder and splices
-    as x_hat = relu((z - b_dec) W_enc + b_enc) W_dec + b_dec on z flattened over heads."""
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    lm, hf = llama
-    hook = "blocks.1.attn.hook_z"
-    torch.manual_seed(5)
-    sae = StandardSAE(StandardSAEConfig(d_in=WIDTH, d_sae=96, reshape_activations="hook_z",
-                                        metadata=SAEMetadata(hook_name=hook, model_name="llama3")))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.2)
-    sae.save_model(tmp_path / "z-sae")
+def test_sae_lens_hook_z_sae_splices_like_plain_pytorch(sites):
+    """The sae-lens hook_z SAE (loaded from its folder by `prepare`) splices as
+    x_hat = relu((z - b_dec) W_enc + b_enc) W_dec + b_dec on z flattened over heads."""
+    session, recs, tokens, hf, saes = sites
+    sae = saes["z"]
     W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().double() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
 
     def by_hand(x):
         return (torch.relu((x.double() - b_dec) @ W_enc + b_enc) @ W_dec + b_dec).float()
 
-    z = torch.randn(2, 3, 4, 16)  # sae-lens' own hook_z path on [batch, pos, heads, d_head]
+    z = torch.randn(2, 3, 4, 16)  # sae-lens' own hook_z path on [batch, pos, heads, d_head] agrees
     torch.testing.assert_close(sae.decode(sae.encode(z)), by_hand(z.flatten(2)).reshape(z.shape), rtol=0, atol=1e-5)
-
-    repl = load_replacement(str(tmp_path / "z-sae"))
-    assert repl.hook == hook and repl.d_in == WIDTH
-    tokens = _tokens(4, 6)
-    rec = _records(lm, [Variant("z", {hook: repl})], tokens)["z"]
-    o_proj, _ = _site(hf, "attn.hook_z")
-    assert rec["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, o_proj, by_hand, pre=True), abs=1e-5)
-    assert rec["l0"] > 0 and rec["dce"] != 0
+    name = next(v.name for v in session.variants if v.hooks == [Z] and v.parts[Z].kind == "sae")
+    o_proj, _ = _module(hf, "attn.hook_z")
+    assert recs[name]["ce_spliced"] == pytest.approx(plain_ce(hf, tokens, o_proj, by_hand, pre=True), abs=1e-5)
+    assert recs[name]["l0"] > 0 and recs[name]["dce"] != 0
