@@ -11,6 +11,12 @@ Definitions (docs/design.md, used exactly):
   hooks for a joint splice); L0 = mean non-zero latents per token (summed over hooks for a
   joint splice); dead = fraction of latents never active on T.
 
+Massive activations (harness/outliers.py): positions of T whose clean activation norm at a hook
+exceeds a factor (default 10) of the median over T. Every record reports, for the positions
+massive at any of its hooks: their count, their share of the total variance, EV without them,
+and dCE / KL on them versus elsewhere. `exclude_massive=True` treats them like position 0: not
+spliced and not in T (the same positions for every variant: massive at any hook of the run).
+
 Everything streams: per batch we keep one clean log-softmax, then fold each variant into
 running sums, so memory does not grow with the number of tokens.
 """
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from harness import outliers
 from harness.models import LoadedModel, UserError
 from harness.splice import Splicer, calibrate
 from harness.variants import Variant, baseline_name, baseline_variants
@@ -38,9 +45,14 @@ class CEResult:
     n_tokens: int  # |T|
     start_layer: int  # first block where a variant branches off the shared clean pass
     block_cost: dict  # blocks run per batch, shared pass vs one forward per variant
+    massive: dict | None = None  # outliers.summary: factor, excluded, per hook median / threshold / positions
 
     def by_variant(self) -> dict[str, dict]:
         return {r["variant"]: r for r in self.records}
+
+
+MASSIVE_KEYS = ["n_massive", "massive_var_share", "explained_variance_robust", "dce_massive", "dce_rest",
+                "kl_massive", "kl_rest"]
 
 
 @dataclass
@@ -77,6 +89,8 @@ class VariantSums:
     kl_sum: float = 0.0
     hooks: dict = field(default_factory=dict)  # hook -> HookStats
     per_token: list = field(default_factory=list)  # [B, ctx-1] nll, NaN outside T
+    massive: dict = field(default_factory=dict)  # hook -> HookStats over its massive positions only
+    kl_massive: float = 0.0  # KL summed over positions massive at any of the variant's hooks
 
 
 def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
@@ -86,11 +100,14 @@ def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
 
 def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, batch_size: int = 8,
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
-             progress=None, keep_first: bool = True) -> CEResult:
+             progress=None, keep_first: bool = True, massive_factor: float | None = outliers.DEFAULT_FACTOR,
+             exclude_massive: bool = False) -> CEResult:
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass.
 
     The zero / mean references are fitted on `calib_tokens` (through the model's activation
-    cache, so a session's calibration batch is collected once)."""
+    cache, so a session's calibration batch is collected once). `massive_factor` None skips
+    the detection of massive activations (no extra clean pass); `exclude_massive` leaves the
+    detected positions unspliced and out of T."""
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
@@ -99,13 +116,16 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     splicer = Splicer(lm, hooks, keep_first)
 
     calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
+    massive, dropped = _find_massive(lm, hooks, tokens, splicer, massive_factor, exclude_massive, batch_size)
+    union = {v.name: _union(massive, v.hooks, tokens) for v in all_variants}
 
     sums = {v.name: VariantSums() for v in all_variants}
     clean = VariantSums()
     t0 = time.perf_counter()
     for i in range(0, len(tokens), batch_size):
         batch = tokens[i:i + batch_size].to(lm.device)
-        in_t = token_set(batch, splicer)
+        drop = dropped[i:i + batch_size].to(lm.device)
+        in_t = token_set(batch, splicer) & ~drop[:, :-1]
         # Reconstruction statistics over T, where the splice applies (never position 0).
         stat_mask = torch.zeros_like(batch, dtype=torch.bool)
         stat_mask[:, :-1] = in_t
@@ -115,9 +135,12 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
         def on_act(v, hook, x, x_hat, latents):
             stats = sums[v.name].hooks.setdefault(hook, HookStats())
             stats.add(x[stat_mask], x_hat[stat_mask], None if latents is None else latents[stat_mask])
+            on_massive = stat_mask & massive[hook]["mask"][i:i + batch_size].to(stat_mask.device)
+            if on_massive.any():
+                sums[v.name].massive.setdefault(hook, HookStats()).add(x[on_massive], x_hat[on_massive], None)
 
         clean_ref = None
-        for v, logits in splicer.run_variants(batch, all_variants, on_act=on_act):
+        for v, logits in splicer.run_variants(batch, all_variants, on_act=on_act, exclude=drop):
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             del logits
             if v is None:  # the clean pass comes first
@@ -126,12 +149,14 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
                 clean_ref = (p_clean, (p_clean * logp).sum(-1))
                 _fold(clean, logp, None, targets, in_t)
             else:
-                _fold(sums[v.name], logp, clean_ref, targets, in_t)
+                on_massive = union[v.name][i:i + batch_size, :-1].to(in_t.device) & in_t
+                _fold(sums[v.name], logp, clean_ref, targets, in_t, on_massive)
         if progress is not None:
             progress(min(i + batch_size, len(tokens)))
     seconds = time.perf_counter() - t0
 
-    counts = token_set(tokens, splicer).sum(1).numpy().astype(np.int64)
+    in_t_all = token_set(tokens, splicer) & ~dropped[:, :-1]
+    counts = in_t_all.sum(1).numpy().astype(np.int64)
     if counts.sum() == 0:
         raise UserError("the token set is empty: every input token is special")
     nll_clean = np.concatenate(clean.nll_seq)
@@ -144,18 +169,63 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
 
     rng = np.random.default_rng(seed)
     boot_idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
-    records = [_record("clean", None, ce, refs, counts, nll_clean, nll_clean, boot_idx, clean)]
-    for v in all_variants:
-        records.append(_record(v.name, v, ce, refs, counts, nll_clean,
-                               np.concatenate(sums[v.name].nll_seq), boot_idx, sums[v.name]))
     per_token = {"clean": torch.cat(clean.per_token).numpy()}
     for name, s in sums.items():
         per_token[name] = torch.cat(s.per_token).numpy() - per_token["clean"]
+    records = [_record("clean", None, ce, refs, counts, nll_clean, nll_clean, boot_idx, clean)]
+    records[0].update({k: float("nan") for k in MASSIVE_KEYS})
+    for v in all_variants:
+        records.append(_record(v.name, v, ce, refs, counts, nll_clean,
+                               np.concatenate(sums[v.name].nll_seq), boot_idx, sums[v.name]))
+        records[-1].update(_massive_fields(sums[v.name], per_token[v.name], in_t_all.numpy(),
+                                           union[v.name][:, :-1].numpy(), massive_factor is not None))
     return CEResult(records, per_token, seconds, int(counts.sum()), splicer.start_layer,
-                    splicer.block_cost(all_variants))
+                    splicer.block_cost(all_variants),
+                    None if massive_factor is None else outliers.summary(massive, massive_factor, exclude_massive))
 
 
-def _fold(acc: VariantSums, logp, clean_ref, targets, in_t) -> None:
+def _find_massive(lm, hooks, tokens, splicer, factor, exclude, batch_size):
+    """Massive positions per hook (clean pass, over T where the splice applies), and the
+    positions to drop from T and from every splice: their union over hooks, if excluded."""
+    none = torch.zeros_like(tokens, dtype=torch.bool)
+    if factor is None or not hooks:
+        if exclude:
+            raise UserError("excluding massive activations needs their detection (a factor and a hook)")
+        return {h: {"mask": none} for h in hooks}, none
+    in_set = torch.zeros_like(none)
+    in_set[:, :-1] = token_set(tokens, splicer)
+    in_set &= splicer.splice_mask(tokens, None)
+    try:
+        found = outliers.find_massive(lm, hooks, tokens, in_set, factor, batch_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return found, (_union(found, hooks, tokens) if exclude else none)
+
+
+def _union(massive: dict, hooks: list[str], tokens: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(tokens, dtype=torch.bool)
+    for h in hooks:
+        out |= massive[h]["mask"]
+    return out
+
+
+def _massive_fields(sums: VariantSums, dce_tok: np.ndarray, in_t: np.ndarray, on_massive: np.ndarray,
+                    detected: bool) -> dict:
+    """Count, variance share, EV without them, dCE / KL on massive positions vs elsewhere."""
+    n_m = int((on_massive & in_t).sum())
+    n_rest = int(in_t.sum()) - n_m
+    split = outliers.reconstruction_split(sums.hooks, sums.massive) if sums.hooks else {}
+    dce_m, dce_rest = outliers.split_mean(dce_tok, in_t, on_massive)
+    nan = float("nan")
+    return {"n_massive": int(on_massive.sum()) if detected else nan,
+            "massive_var_share": split.get("massive_var_share", nan) if detected else nan,
+            "explained_variance_robust": split.get("explained_variance_robust", nan) if detected else nan,
+            "dce_massive": dce_m, "dce_rest": dce_rest,
+            "kl_massive": sums.kl_massive / n_m if n_m else nan,
+            "kl_rest": (sums.kl_sum - sums.kl_massive) / n_rest if n_rest else nan}
+
+
+def _fold(acc: VariantSums, logp, clean_ref, targets, in_t, on_massive=None) -> None:
     nll = -logp.gather(-1, targets[..., None])[..., 0]
     nll = torch.where(in_t, nll, torch.zeros_like(nll))
     acc.nll_seq.append(nll.sum(1).double().cpu().numpy())
@@ -164,6 +234,8 @@ def _fold(acc: VariantSums, logp, clean_ref, targets, in_t) -> None:
         p_clean, neg_entropy = clean_ref
         kl = neg_entropy - (p_clean * logp).sum(-1)
         acc.kl_sum += float(kl[in_t].double().sum())
+        if on_massive is not None and on_massive.any():
+            acc.kl_massive += float(kl[on_massive].double().sum())
 
 
 def _record(name, variant, ce, refs, counts, nll_clean, nll_var, boot_idx, sums: VariantSums) -> dict:

@@ -181,11 +181,15 @@ class Splicer:
         naive = n * (1 + sum(1 for v in variants if v.parts))
         return {"blocks_shared": shared, "blocks_naive": naive, "saving": naive / shared}
 
-    def run_variants(self, tokens, variants: list[Variant], attention_mask=None, positions=None, on_act=None):
+    def run_variants(self, tokens, variants: list[Variant], attention_mask=None, positions=None, on_act=None,
+                     exclude: torch.Tensor | None = None):
         """Yield (variant, logits) for every variant of one batch, clean first, sharing the
-        clean pass up to each variant's first hook. `on_act(variant, ...)` gets activations."""
+        clean pass up to each variant's first hook. `on_act(variant, ...)` gets activations.
+        `exclude` [batch, pos] marks further positions to leave unspliced (massive activations)."""
         points = self.branch_points(tokens, attention_mask)
         mask = self.splice_mask(tokens, attention_mask)
+        if exclude is not None:
+            mask &= ~exclude
         yield None, self.tail(points[self.layers[-1]], positions=positions)
         for v in variants:
             act = (lambda *a, _v=v: on_act(_v, *a)) if on_act else None
