@@ -96,7 +96,7 @@ def print_ce_table(records: list[dict], title: str) -> None:
 
     table = Table(title=title)
     law = records[0].get("law")
-    cols = ["variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "L0"]
+    cols = ["variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "EV w/o massive (n)", "L0"]
     if law:
         cols.append(f"C_eff/C ({law}) [95% CI]")
     extra = [(k, label) for k, label in (("n_eff_frac", "N_eff/N (family)"), ("d_eff_frac", "D_eff/D (ckpts)"))
@@ -111,13 +111,21 @@ def print_ce_table(records: list[dict], title: str) -> None:
     for r in records:
         row = [r["variant"], f(r["ce_spliced"]), f"{f(r['dce'])} [{f(r['dce_ci_low'])}, {f(r['dce_ci_high'])}]",
                f(r["loss_recovered_zero"]), f(r["loss_recovered_mean"]), f(r["kl"]),
-               f(r["explained_variance"]), f(r["l0"], 1)]
+               f(r["explained_variance"]), _robust_ev_cell(r), f(r["l0"], 1)]
         if law:
             row.append(f"{r['compute_fraction']:.3g} [{r['compute_fraction_low']:.3g}, {r['compute_fraction_high']:.3g}]")
         for k, _ in extra:
             row.append(f"{r[k]:.3g} [{r[k + '_low']:.3g}, {r[k + '_high']:.3g}]")
         table.add_row(*row)
     Console(width=220).print(table)
+
+
+def _robust_ev_cell(r: dict) -> str:
+    """EV without the massive positions, with their count: `0.801 (2)`."""
+    ev, n = r.get("explained_variance_robust"), r.get("n_massive")
+    if ev is None or n is None or math.isnan(ev) or math.isnan(n):
+        return "-"
+    return f"{ev:.3f} ({int(n)})"
 
 
 def _run(cfg, stages) -> None:
@@ -128,7 +136,9 @@ def _run(cfg, stages) -> None:
     t0 = time.perf_counter()
     result = run_job(cfg, stages, _progress_factory())
     if result.ce is not None:
-        print_ce_table(result.ce.records, f"{cfg.model}: cross-entropy on {result.ce.n_tokens} held-out tokens")
+        excluded = " (massive positions excluded from T)" if cfg.exclude_massive else ""
+        print_ce_table(result.ce.records,
+                       f"{cfg.model}: cross-entropy on {result.ce.n_tokens} held-out tokens{excluded}")
     if result.tasks is not None:
         print_mmlu_table(result.tasks.per_question, cfg)
     typer.echo(f"wrote {cfg.out} in {time.perf_counter() - t0:.0f} s", err=True)
@@ -163,6 +173,11 @@ def print_mmlu_table(per_question, cfg) -> None:
     Console(width=200).print(table)
 
 
+MASSIVE_FACTOR_HELP = "a position is a massive activation at a hook when its clean norm exceeds this x the median over T"
+EXCLUDE_MASSIVE_HELP = ("treat massive activations like position 0 in the CE suite: not spliced, not in T "
+                        "(default: spliced and counted, and reported apart)")
+
+
 @app.command()
 @user_errors
 def ce(
@@ -184,6 +199,8 @@ def ce(
                                          "model, then the main model's (omit when all equal)"),
     reference_checkpoints: str = typer.Option("", help="comma-separated checkpoints of the main model"),
     checkpoint_tokens: str = typer.Option("", help="tokens seen by each checkpoint, then the final model's"),
+    massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
+    exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
     out: str = typer.Option("results/ce", help="run folder to write"),
 ):
     """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
@@ -194,7 +211,8 @@ def ce(
                    batch_size=batch_size, device=device, dtype=dtype, seed=seed, law=law, out=out,
                    reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
                    reference_checkpoints=_csv(reference_checkpoints),
-                   checkpoint_tokens=_csv(checkpoint_tokens, float)), ("ce",))
+                   checkpoint_tokens=_csv(checkpoint_tokens, float), massive_factor=massive_factor,
+                   exclude_massive=exclude_massive), ("ce",))
 
 
 def _csv(text: str, kind=str) -> list:
@@ -216,6 +234,8 @@ def run(
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     batch_size: int = typer.Option(8),
+    massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
+    exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
 ):
     """The main job: the embedded default model, its demo SAEs and two baselines; CE suite and
     MMLU by category."""
@@ -223,7 +243,8 @@ def run(
     from harness.pipeline import RunConfig
 
     _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, batch_size=batch_size,
-                   mmlu_limit=None if full else mmlu_limit), ("ce", "mmlu"))
+                   mmlu_limit=None if full else mmlu_limit, massive_factor=massive_factor,
+                   exclude_massive=exclude_massive), ("ce", "mmlu"))
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -51,6 +51,8 @@ class RunConfig:
     checkpoint_tokens: list[float] = field(default_factory=list)  # their D, then the final model's
     mmlu_limit: int | None = 5  # questions per subject; None = all 14,042
     num_fewshot: int | None = None
+    massive_factor: float = 10.0  # massive activation: clean norm above this x the median over T
+    exclude_massive: bool = False  # treat them like position 0: not spliced, not in T
     out: str = "results/latest"
 
     def __post_init__(self):
@@ -60,6 +62,8 @@ class RunConfig:
             raise UserError(f"--tokens ({self.tokens}) must be at least --ctx ({self.ctx})")
         if self.batch_size < 1:
             raise UserError("--batch-size must be positive")
+        if not self.massive_factor > 0:
+            raise UserError(f"--massive-factor must be positive, got {self.massive_factor}")
         if self.mmlu_limit is not None and self.mmlu_limit < 1:
             raise UserError("--mmlu-limit must be positive")
 
@@ -117,8 +121,8 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> JobResult:
         if "ce" in stages:
             with stage(progress_factory, "CE suite: sequences", len(tokens)) as progress:
                 res = ce.evaluate(lm, variants, tokens, cfg.batch_size, session.calib_tokens, cfg.n_boot, cfg.seed,
-                                  progress)
-            config.update(tokens_sha256=hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+                                  progress, massive_factor=cfg.massive_factor, exclude_massive=cfg.exclude_massive)
+            config.update(tokens_sha256=hashlib.sha256(tokens.numpy().tobytes()).hexdigest(), massive=res.massive,
                           data="offline pydoc topics, eval split (harness/data.py)",
                           ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
                           ce_block_cost=res.block_cost)

@@ -198,3 +198,31 @@ def test_no_detection_without_a_factor(loud_model):
     assert np.isnan(rec["explained_variance_robust"])
     with pytest.raises(ce.UserError, match="excluding massive activations needs their detection"):
         ce.evaluate(loud_model, variants, tokens, 4, tokens, 20, massive_factor=None, exclude_massive=True)
+
+
+def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    args = ["ce", "--model", str(tiny_hf_dir), "--sae", "pca:4@blocks.1.hook_resid_post", "--tokens", "64",
+            "--ctx", "16"]
+    bad = CliRunner().invoke(app, [*args, "--massive-factor", "0", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and bad.stderr.strip() == "error: --massive-factor must be positive, got 0.0"
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [*args, "--exclude-massive", "--massive-factor", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"]["exclude_massive"] is True and config["run"]["massive_factor"] == 3.0
+    found = config["massive"]["hooks"]["blocks.1.hook_resid_post"]
+    assert config["massive"]["excluded"] is True and found["threshold"] == pytest.approx(3 * found["median_norm"])
+    header = [c.strip() for c in (out / "ce.md").read_text().splitlines()[0].split("|")]
+    assert header.index("EV w/o massive") == header.index("EV") + 1 and "massive" in header
+    rec = {r["variant"]: r for r in json.loads((out / "metrics.json").read_text())}["pca:4@1.resid_post"]
+    assert rec["n_massive"] == found["count"]
+    assert rec["explained_variance_robust"] == pytest.approx(rec["explained_variance"], abs=1e-12)
+    assert "EV w/o massive (n)" in result.stdout
