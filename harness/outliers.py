@@ -85,6 +85,34 @@ def summary(found: dict[str, dict], factor: float, excluded: bool) -> dict:
     return {"factor": factor, "excluded": excluded, "hooks": hooks}
 
 
+def massive_in_sequences(lm: LoadedModel, hooks: list[str], sequences: list[list[int]],
+                         factor: float = DEFAULT_FACTOR, keep_first: bool = True) -> dict[str, dict]:
+    """Massive positions in sequences of any length (task prompts), one clean forward each.
+
+    The set is every position the splice would touch (not special, not position 0), pooled
+    over all sequences for the median, as T is for the CE suite. Positions are (sequence, index)."""
+    from harness.splice import Splicer
+
+    splicer = Splicer(lm, hooks, keep_first)
+    norms: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    sets = []
+    for seq in sequences:
+        tokens = torch.tensor([list(seq)], dtype=torch.long)
+        for hook, n in hook_norms(lm, hooks, tokens, 1).items():
+            norms[hook].append(n[0])
+        sets.append(splicer.splice_mask(tokens, None)[0].cpu())
+    in_set = torch.cat(sets)
+    starts = np.cumsum([0] + [len(s) for s in sequences])
+    out = {}
+    for hook in hooks:
+        mask, median = detect(torch.cat(norms[hook]), in_set, factor)
+        flat = mask.nonzero()[:, 0].numpy()
+        seq_of = np.searchsorted(starts, flat, side="right") - 1
+        out[hook] = {"count": int(mask.sum()), "n_positions": int(in_set.sum()), "median_norm": median,
+                     "positions": [[int(s), int(i - starts[s])] for s, i in zip(seq_of, flat)]}
+    return out
+
+
 # -- metrics from running sums -------------------------------------------------------------
 # `all_stats` and `massive_stats` map hook -> an object with sq_err, sum_x, sum_sq and n
 # (ce.HookStats): sums over every position of the token set, and over its massive ones.

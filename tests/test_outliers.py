@@ -226,3 +226,74 @@ def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path):
     assert rec["n_massive"] == found["count"]
     assert rec["explained_variance_robust"] == pytest.approx(rec["explained_variance"], abs=1e-12)
     assert "EV w/o massive (n)" in result.stdout
+
+
+@pytest.mark.slow
+def test_embedded_default_detects_the_known_massive_positions(embedded_dir):
+    """SmolLM2-135M at layer 15 on main-job rows known to hold two massive activations: a plain
+    transformers forward hook finds them above 10x the median norm, and the harness reports
+    exactly those two positions, and the robust EV of the demo SAE from the same plain forward."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.models import load_model
+    from harness.runner import build_variants
+    from harness.saes import DEMO_DIR
+    from test_embedded import plain_topk_sae
+
+    tokens = torch.tensor(np.load(Path(__file__).parent / "data" / "massive_tokens.npy"))
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    reconstruct, layer = plain_topk_sae(DEMO_DIR / "l15-w2304-k32")
+    assert layer == 15
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def grab(module, args, out):
+        seen["x"] = (out[0] if isinstance(out, tuple) else out).detach()
+        raise Stop
+
+    handle = model.model.layers[15].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            model(input_ids=tokens)
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    x = seen["x"]
+    in_set = ~torch.isin(tokens, torch.tensor(sorted(set(tok.all_special_ids))))
+    in_set[:, 0] = False
+    in_set[:, -1] = False
+    norms = x.norm(dim=-1)
+    median = float(norms[in_set].median())
+    big = (in_set & (norms > 10 * median)).nonzero().tolist()
+    assert big == [[0, 1], [7, 1]]
+    assert float(norms[in_set & (norms < 10 * median)].max()) < 3 * median  # a wide gap either side of 10x
+
+    lm = load_model("smollm2-135m")
+    variants, _ = build_variants(["l15-w2304-k32"], False, "cpu")
+    out = ce.evaluate(lm, variants, tokens, 4, tokens, n_boot=10)
+    found = out["massive"]["hooks"]["blocks.15.hook_resid_post"]
+    assert found["positions"] == [[0, 1], [7, 1]]
+    assert found["median_norm"] == pytest.approx(median, rel=1e-3)
+    rec = {r["variant"]: r for r in out["records"]}["l15-w2304-k32"]
+    assert rec["n_massive"] == 2
+
+    is_m = torch.zeros_like(in_set)
+    is_m[0, 1] = is_m[7, 1] = True
+    with torch.no_grad():
+        xs, xhs = x[in_set].double(), reconstruct(x)[in_set].double()
+    m = is_m[in_set]
+    centred = xs - xs.mean(0)
+    rest, rest_hat = xs[~m], xhs[~m]
+    share = float((centred[m] ** 2).sum() / (centred ** 2).sum())
+    ev = 1 - float(((xs - xhs) ** 2).sum() / (centred ** 2).sum())
+    ev_rest = 1 - float(((rest - rest_hat) ** 2).sum() / ((rest - rest.mean(0)) ** 2).sum())
+    assert rec["massive_var_share"] == pytest.approx(share, abs=1e-4)
+    assert rec["explained_variance"] == pytest.approx(ev, abs=1e-4)
+    assert rec["explained_variance_robust"] == pytest.approx(ev_rest, abs=1e-4)
+    assert ev - ev_rest > 0.05  # two positions of ~1,000 lift the EV visibly
