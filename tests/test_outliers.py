@@ -200,6 +200,19 @@ def test_no_detection_without_a_factor(loud_model):
         ce.evaluate(loud_model, variants, tokens, 4, tokens, 20, massive_factor=None, exclude_massive=True)
 
 
+def test_massive_in_sequences_of_any_length(loud_model):
+    """Prompts of different lengths: pooled median, (sequence, position) of each planted token."""
+    seqs = [[7, 8, 5, 9], [5, 11, 12, 13, 14, 5, 15], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+    got = outliers.massive_in_sequences(loud_model, [HOOK], seqs)[HOOK]
+    norms = []
+    with torch.no_grad():
+        for s in seqs:
+            _, cache = loud_model.model.run_with_cache(torch.tensor([s]), names_filter=HOOK)
+            norms.append(cache[HOOK][0, 1:].norm(dim=-1))  # position 0 is never spliced
+    assert got["median_norm"] == pytest.approx(float(np.median(torch.cat(norms).double().numpy())), rel=1e-6)
+    assert got["positions"] == [[0, 2], [1, 5]] and got["count"] == 2 and got["n_positions"] == 17
+
+
 def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path):
     import json
 
