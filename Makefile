@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(VENV)/bin/sae-harness run
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs --durations=10
 
 clean:
 	rm -rf $(VENV) build *.egg-info

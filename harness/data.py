@@ -5,8 +5,13 @@
 
 The prose is cut into paragraph-aligned chunks and each chunk goes to `train` or `eval` by a
 hash of its text, so the split is deterministic and does not depend on the CPython patch
-release's dict order. Evaluation uses prose only; SAE training and calibration (mean / PCA
-baselines) use the train split, so no evaluated token is ever seen while fitting.
+release's dict order. pydoc repeats text under several topics (the `in` operator appears in
+"in" and in "comparisons", and so on), so a chunk-level split alone left a third of the eval
+text verbatim in the training text; eval paragraphs whose lines all occur in the training text
+(train prose and the stdlib source) are therefore dropped. Evaluation uses prose only; SAE
+training and calibration (mean / PCA baselines) use the train split, so no evaluated paragraph
+is seen while fitting (short shared phrases, such as a PEP title cited in two "See also" lists,
+remain).
 """
 
 from __future__ import annotations
@@ -45,7 +50,18 @@ def prose_split() -> tuple[list[str], list[str]]:
     for key in sorted(topics):
         for chunk in _chunks(topics[key]):
             (evaluation if _bucket(chunk) < EVAL_PERCENT else train).append(chunk)
-    return train, evaluation
+    return train, _unseen(evaluation, train + stdlib_sources())
+
+
+def _unseen(chunks: list[str], training: list[str]) -> list[str]:
+    """Each chunk without the paragraphs whose lines (stripped) all occur in `training`."""
+    seen = {line.strip() for text in training for line in text.splitlines()}
+    out = []
+    for chunk in chunks:
+        kept = [p for p in chunk.split("\n\n") if not all(line.strip() in seen for line in p.splitlines())]
+        if kept:
+            out.append("\n\n".join(kept))
+    return out
 
 
 def stdlib_sources() -> list[str]:

@@ -5,11 +5,11 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
+import plain_hf
 from conftest import make_topk_sae
 from harness import ce
 from harness.backend import SpliceEngine, SplicedLM, variant_views
 from harness.saes import _from_sae
-from harness.splice import Splicer
 from harness.variants import Variant
 
 HOOK = "blocks.1.hook_resid_post"
@@ -57,28 +57,100 @@ def test_shared_engine_equals_separate_engines(tiny_hf, sae_variant):
     assert shared[0].engine.forward_stats["batches"] == batches
 
 
-def test_rolling_and_generation_match_plain_forward(tiny_hf, sae_variant):
+@pytest.fixture(scope="module")
+def plain_model(tiny_hf_dir):
+    """The same checkpoint as an ordinary transformers model (the independent reference)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+
+
+def test_rolling_and_generation_match_plain_forward(tiny_hf, sae_variant, plain_model):
+    """Against a plain transformers forward with the SAE written out in a decoder-layer hook."""
     lm = SplicedLM(engine=SpliceEngine(tiny_hf, [sae_variant], batch_size=2), variant="tiny-sae")
-    splicer = Splicer(tiny_hf, [HOOK])
+    special = tiny_hf.special_ids()
+    splice = {1: plain_hf.topk_reconstruct(sae_variant.parts[HOOK].sae)}
     text = "def add(a, b):\n    return a + b\n"
     ids = lm.tok_encode(text)
     tokens = torch.tensor([[lm.prefix_token_id] + ids])
-    logp = torch.log_softmax(splicer.logits(tokens, variant=sae_variant)[0, :-1], -1)
-    want = logp.gather(-1, tokens[0, 1:, None]).sum().item()
+    want = -plain_hf.nll(plain_hf.forward(plain_model, tokens, splice, special), tokens).sum().item()
     (got,) = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]))
     assert got == pytest.approx(want, abs=1e-4)
+    clean = -plain_hf.nll(plain_hf.forward(plain_model, tokens, {}, special), tokens).sum().item()
+    assert abs(clean - want) > 1e-2  # the SAE changes the answer
 
     prompt = "Hello world"
     (gen,) = lm.generate_until(_requests("generate_until", [(prompt, {"until": ["\n\n"], "max_gen_toks": 5})]))
     toks = torch.tensor([lm.tok_encode(prompt)])
     new = []
     for _ in range(5):
-        nxt = int(splicer.logits(toks, variant=sae_variant)[0, -1].argmax())
+        nxt = int(plain_hf.forward(plain_model, toks, splice, special)[0, -1].argmax())
         if nxt == lm.eot_token_id:
             break
         new.append(nxt)
         toks = torch.cat([toks, torch.tensor([[nxt]])], 1)
     assert gen == lm.tok_decode(new).split("\n\n")[0]
+
+
+MAX_LEN = 16
+LONG = ("The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat "
+        "and the bird sings a song about rivers, mountains and the sea, all through the long afternoon.")
+
+
+@pytest.fixture(scope="module")
+def hflm(tiny_hf_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(tiny_hf_dir), max_length=MAX_LEN, batch_size=1, device="cpu")
+
+
+def _hflm_with_splice(hflm, reconstruct, special):
+    """Forward hooks on HFLM's own model: capture each call's input ids, splice layer 1's output
+    where the input token is ordinary and not in position 0 of the (truncated) window."""
+    seen = {}
+
+    def grab_ids(module, args, kwargs):
+        seen["ids"] = args[0] if args else kwargs["input_ids"]
+
+    def splice(module, args, out):
+        x = out[0] if isinstance(out, tuple) else out
+        at = plain_hf.splice_positions(seen["ids"], special)
+        new = torch.where(at[..., None], reconstruct(x)[0], x)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+    return [hflm.model.register_forward_pre_hook(grab_ids, with_kwargs=True),
+            hflm.model.model.layers[1].register_forward_hook(splice)]
+
+
+def test_left_truncation_and_rolling_windows_equal_hflm(tiny_hf, sae_variant, hflm):
+    """Requests longer than max_length are cut from the left as HFLM cuts them, and a rolling
+    log-likelihood over several windows sums the same windows; with no SAE the numbers are
+    HFLM's, with the SAE they are HFLM's with the splice hooked into its model."""
+    views = variant_views(tiny_hf, [Variant("clean", {}), sae_variant], batch_size=3, max_length=MAX_LEN)
+    tok = views[0].tokenizer
+    assert len(tok.encode(LONG)) > 2 * MAX_LEN  # several windows, and contexts that must be cut
+    pairs = [(LONG, " Then it rained."), (LONG[:60], " fox"), ("Short one", " here")]
+    ll_req = _requests("loglikelihood", pairs)
+    roll_req = _requests("loglikelihood_rolling", [(LONG,), (LONG[:50],)])
+    ours = {v.variant.name: ([x for x, _ in v.loglikelihood(ll_req)], v.loglikelihood_rolling(roll_req))
+            for v in views}
+    ref_ll = [x for x, _ in hflm.loglikelihood(ll_req)]
+    ref_roll = hflm.loglikelihood_rolling(roll_req)
+    np.testing.assert_allclose(ours["clean"][0], ref_ll, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours["clean"][1], ref_roll, rtol=0, atol=1e-4)
+    handles = _hflm_with_splice(hflm, plain_hf.topk_reconstruct(sae_variant.parts[HOOK].sae), tiny_hf.special_ids())
+    try:
+        sae_ll = [x for x, _ in hflm.loglikelihood(ll_req)]
+        sae_roll = hflm.loglikelihood_rolling(roll_req)
+    finally:
+        for h in handles:
+            h.remove()
+    np.testing.assert_allclose(ours["tiny-sae"][0], sae_ll, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours["tiny-sae"][1], sae_roll, rtol=0, atol=1e-4)
+    assert np.abs(np.array(sae_roll) - np.array(ref_roll)).min() > 1e-2
+    # truncation matters: without it the long request's answer would differ
+    full = variant_views(tiny_hf, [Variant("clean", {})], batch_size=1, max_length=256)[0]
+    (untruncated, _), = full.loglikelihood(_requests("loglikelihood", pairs[:1]))
+    assert abs(untruncated - ref_ll[0]) > 1e-3
 
 
 @pytest.mark.slow

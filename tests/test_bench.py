@@ -57,7 +57,7 @@ def test_random_model_spec(embedded_dir):
     lm = load_model("random:2x64")
     assert (lm.kind, lm.n_layers, lm.d_model) == ("bridge", 2, 64)
     assert lm.load_info["random"]["heads"] == 1
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"bad model spec 'random:2by64': write random:LAYERSxWIDTH"):
         load_model("random:2by64")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"--tokens 16 is less than one batch \(4 x 32 tokens\)"):
         bench.run_bench("random:2x64", tokens=16, ctx=32, batch_size=4)

@@ -104,17 +104,30 @@ def test_main_job_end_to_end(tmp_path):
     assert result.exit_code == 0, result.stderr
     for name in ("config.json", "metrics.json", "tokens.npy", "ce.md", "ce.csv", "compute.png", "report.html",
                  "per_question.csv", "mmlu_category.md", "mmlu_category.tex", "mmlu_subject.csv", "tasks.md",
-                 "tasks.tex", "ce.tex"):
+                 "tasks.tex", "ce.tex", "compute_equivalents.json"):
         assert (out / name).is_file(), name
     records = json.loads((out / "metrics.json").read_text())
     keys = ["variant", "saes", "hooks", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "dce", "dce_ci_low",
             "dce_ci_high", "loss_recovered_zero", "loss_recovered_mean", "kl", "explained_variance", "l0",
-            "dead_frac", "n_tokens"]
+            "dead_frac", "n_tokens", "law", "compute_fraction", "compute_fraction_low", "compute_fraction_high"]
     names = [r["variant"] for r in records]
     assert {"clean", "l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32", "l15-w2304-k32+l22-w1152-k32",
             "pca:32@15.resid_post", "neurons:32@15.resid_post"} <= set(names)
     for r in records:
         assert set(keys) <= set(r)
+    # C_eff/C of every record: the compute ratio at which the Hoffmann law's numerically
+    # minimised frontier reaches the two losses (scipy root finding, tests/test_equivalents.py).
+    from harness import scaling
+    from test_equivalents import frontier_fraction
+
+    law = scaling.preset("hoffmann")
+    clean = records[0]["ce_clean"]
+    for r in records:
+        assert r["compute_fraction"] == pytest.approx(frontier_fraction(law, clean, r["ce_spliced"]), rel=1e-6)
+        assert r["compute_fraction_low"] <= r["compute_fraction"] <= r["compute_fraction_high"]
+    assert all(r["compute_fraction"] < 1 for r in records if r["saes"])
+    saved = json.loads((out / "compute_equivalents.json").read_text())["variants"]
+    assert {v: d["compute_fraction"] for v, d in saved.items()} == {r["variant"]: r["compute_fraction"] for r in records}
     assert np.load(out / "tokens.npy").shape == (4, 128)
     config = json.loads((out / "config.json").read_text())
     assert config["versions"]["sae-lens"] and config["saes"][0]["files"]
