@@ -221,10 +221,16 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
                                        ("d_eff_frac", "D_eff/D [95% CI]", r"$D_{\mathrm{eff}}/D$ [95\% CI]"))
              if any(f"{k}_low" in r for r in records)]
     columns += [(h, t) for _, h, t in extra]
+    robust = any("explained_variance_robust" in r for r in records)
+    columns += [("EV", "EV")] + ([("EV w/o massive (n)", r"EV w/o massive ($n$)")] if robust else [])
     rows = []
     for r in records:
         if r is clean:
             continue
+        ev = [Cell(num(r.get("explained_variance"), ".3f"))]
+        if robust:
+            ev_robust, n = num(r.get("explained_variance_robust"), ".3f"), num(r.get("n_massive"), ".0f")
+            ev.append(Cell(f"{ev_robust} ({n})" if ev_robust and n else ev_robust))
         cells = [Cell(num(r.get("l0"), ".3g")),
                  Cell(num(r["dce"], ".3f"), num(r["dce_ci_low"], ".3f"), num(r["dce_ci_high"], ".3f")),
                  Cell(num(r.get("kl"), ".3f")), Cell(num(r.get("loss_recovered_zero"), ".3f")),
@@ -232,7 +238,7 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
                  Cell(_frac(r.get("compute_fraction")), _frac(r.get("compute_fraction_low")),
                       _frac(r.get("compute_fraction_high")))]
         cells += [Cell(_frac(r.get(k)), _frac(r.get(f"{k}_low")), _frac(r.get(f"{k}_high"))) for k, _, _ in extra]
-        rows.append(([r["variant"]], cells))
+        rows.append(([r["variant"]], cells + ev))
     law = law_text(clean["law"]) if clean.get("law") else ("no scaling law", "no scaling law")
     n_tokens = clean.get("n_tokens")
     tokens = f" on {n_tokens:,} tokens" if isinstance(n_tokens, int) else ""
@@ -255,6 +261,11 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
         sentences.append(("N_eff/N, D_eff/D: the same reading on the reference family / checkpoint curve "
                           "fitted on these tokens.", r"$N_{\mathrm{eff}}/N$, $D_{\mathrm{eff}}/D$: the same "
                           "reading on the reference family / checkpoint curve fitted on these tokens."))
+    sentences.append(("EV: explained variance of the activations over the token set.", None))
+    if robust:
+        sentences.append(("EV w/o massive: the same without the massive activations (positions whose clean "
+                          "norm exceeds the run's factor, 10 by default, times the median), their count in brackets.",
+                          None))
     plain = " ".join(p for p, _ in sentences)
     tex = " ".join(_tex_text(p) if t is None else t for p, t in sentences)
     return Grid(["Variant"], columns, rows, (plain, tex), "tab:ce", None, [])

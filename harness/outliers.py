@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from harness.models import LoadedModel, hook_layer
+from harness.splice import Splicer, flat
 
 DEFAULT_FACTOR = 10.0
 
@@ -56,7 +57,7 @@ def hook_norms(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor, batch_si
         def grab(x, hook):
             for h, name in canonical.items():
                 if name == hook.name:
-                    out[h].append(x.float().norm(dim=-1).cpu())
+                    out[h].append(flat(x).float().norm(dim=-1).cpu())
             return x
 
         with lm.model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
@@ -91,8 +92,6 @@ def massive_in_sequences(lm: LoadedModel, hooks: list[str], sequences: list[list
 
     The set is every position the splice would touch (not special, not position 0), pooled
     over all sequences for the median, as T is for the CE suite. Positions are (sequence, index)."""
-    from harness.splice import Splicer
-
     splicer = Splicer(lm, hooks, keep_first)
     norms: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     sets = []
@@ -106,10 +105,10 @@ def massive_in_sequences(lm: LoadedModel, hooks: list[str], sequences: list[list
     out = {}
     for hook in hooks:
         mask, median = detect(torch.cat(norms[hook]), in_set, factor)
-        flat = mask.nonzero()[:, 0].numpy()
-        seq_of = np.searchsorted(starts, flat, side="right") - 1
+        hits = mask.nonzero()[:, 0].numpy()
+        seq_of = np.searchsorted(starts, hits, side="right") - 1
         out[hook] = {"count": int(mask.sum()), "n_positions": int(in_set.sum()), "median_norm": median,
-                     "positions": [[int(s), int(i - starts[s])] for s, i in zip(seq_of, flat)]}
+                     "positions": [[int(s), int(i - starts[s])] for s, i in zip(seq_of, hits)]}
     return out
 
 

@@ -230,6 +230,12 @@ def _f(x, p: int = 3, signed: bool = False) -> str:
     return f"{x:+.{p}f}" if signed else f"{x:.{p}f}"
 
 
+def _robust_ev(rec: dict) -> str:
+    """Explained variance without the massive activations, with their count: `0.808 (2)`."""
+    ev, n = _fin(rec.get("explained_variance_robust")), _fin(rec.get("n_massive"))
+    return "&ndash;" if math.isnan(ev) or math.isnan(n) else f"{ev:.3f} ({int(n)})"
+
+
 def _g(x) -> str:
     """A fraction that spans orders of magnitude: 3 significant digits."""
     x = _fin(x)
@@ -277,7 +283,7 @@ def headline_section(runs: list[Run], label: Labels) -> str:
     headers = ["variant<br><span class=n>hooks</span>", "CE<br><span class=n>nats/token</span>",
                "dCE [95% CI]<br><span class=n>nats/token</span>", law_head, "loss recovered<br>vs zero",
                "loss recovered<br>vs mean", "KL<br><span class=n>nats/token</span>", "explained<br>variance",
-               "L0", "dead<br>latents"] + [h for _, h in extra]
+               "EV without<br>massive (n)", "L0", "dead<br>latents"] + [h for _, h in extra]
     rows, ablations, seen = [], [], set()
     for run in runs:
         for rec in run.metrics:
@@ -289,7 +295,7 @@ def headline_section(runs: list[Run], label: Labels) -> str:
             dce = _ci(rec.get("dce"), rec.get("dce_ci_low"), rec.get("dce_ci_high"), _f)
             if is_ablation(rec["variant"]):
                 ablations.append([name, _f(rec.get("ce_spliced")), dce, _f(rec.get("kl")),
-                                  _f(rec.get("explained_variance"))])
+                                  _f(rec.get("explained_variance")), _robust_ev(rec)])
                 continue
             hooks = "+".join(h.replace("blocks.", "").replace("hook_", "") for h in rec.get("hooks", []))
             if hooks and hooks not in rec["variant"]:
@@ -298,7 +304,7 @@ def headline_section(runs: list[Run], label: Labels) -> str:
                        rec.get("compute_fraction_high"), _g)
             row = [name, _f(rec.get("ce_spliced")), dce, frac,
                    _pct(rec.get("loss_recovered_zero")), _pct(rec.get("loss_recovered_mean")), _f(rec.get("kl")),
-                   _f(rec.get("explained_variance")), _f(rec.get("l0"), 1), _pct(rec.get("dead_frac"))]
+                   _f(rec.get("explained_variance")), _robust_ev(rec), _f(rec.get("l0"), 1), _pct(rec.get("dead_frac"))]
             row += [_ci(rec.get(k), rec.get(f"{k}_low"), rec.get(f"{k}_high"), _g) for k, _ in extra]
             rows.append(row)
     tokens = "; ".join(f"{_esc(r.label) + ': ' if label.multi else ''}{r.metrics[0].get('n_tokens', '?')} tokens"
@@ -308,12 +314,15 @@ def headline_section(runs: list[Run], label: Labels) -> str:
            "95% paired bootstrap over sequences. C_eff/C: the fraction of training compute at which the "
            "law's compute-optimal frontier reaches the spliced loss, relative to the clean model (the "
            "interval carries the dCE interval). Loss recovered is shown against both the zero and the "
-           "mean ablation: a linear score that flatters every SAE, read it beside C_eff/C.</p>",
+           "mean ablation: a linear score that flatters every SAE, read it beside C_eff/C. EV without "
+           "massive leaves out the massive activations (positions whose clean norm exceeds the run's factor, "
+           "10 by default, times the median; their count in brackets): where it parts from the explained "
+           "variance, a few positions carry the EV.</p>",
            _table(headers, rows, "headline")]
     if ablations:
         out += ["<h3>Reference ablations (the denominators of loss recovered)</h3>",
                 _table(["ablation", "CE (nats/token)", "dCE (nats/token) [95% CI]", "KL (nats/token)",
-                        "explained variance"], ablations, "small")]
+                        "explained variance", "EV without massive (n)"], ablations, "small")]
     return "\n".join(out)
 
 

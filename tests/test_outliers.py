@@ -10,7 +10,7 @@ from conftest import make_topk_sae
 from harness import ce, outliers
 from harness.ce import HookStats
 from harness.saes import _from_sae
-from harness.splice import Variant
+from harness.variants import Variant
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -98,10 +98,10 @@ def test_ce_records_split_on_massive_positions(loud_model):
     sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked"), {})
     out = ce.evaluate(loud_model, [Variant("clean", {}), Variant("tiny", {HOOK: sae})], tokens, batch_size=4,
                       calib_tokens=tokens, n_boot=20)
-    rec = {r["variant"]: r for r in out["records"]}["tiny"]
+    rec = out.by_variant()["tiny"]
     planted = [[0, 4], [2, 9], [3, 1], [5, 12]]
-    assert out["massive"]["hooks"][HOOK]["positions"] == planted
-    assert out["massive"]["factor"] == 10.0 and out["massive"]["excluded"] is False
+    assert out.massive["hooks"][HOOK]["positions"] == planted
+    assert out.massive["factor"] == 10.0 and out.massive["excluded"] is False
 
     splice = torch.ones_like(tokens, dtype=torch.bool)
     splice[:, 0] = False  # position 0 is left alone
@@ -150,9 +150,9 @@ def test_exclude_massive_treats_them_like_position_zero(loud_model):
     sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked", seed=4), {})
     out = ce.evaluate(loud_model, [Variant("clean", {}), Variant("tiny", {HOOK: sae})], tokens, batch_size=4,
                       calib_tokens=tokens, n_boot=20, exclude_massive=True)
-    recs = {r["variant"]: r for r in out["records"]}
+    recs = out.by_variant()
     rec = recs["tiny"]
-    assert out["massive"]["excluded"] is True
+    assert out.massive["excluded"] is True
     dropped = torch.zeros_like(tokens, dtype=torch.bool)
     for r, c in ([0, 4], [2, 9], [3, 1], [5, 12]):
         dropped[r, c] = True
@@ -185,7 +185,7 @@ def test_exclude_massive_treats_them_like_position_zero(loud_model):
     assert rec["explained_variance_robust"] == pytest.approx(ev, abs=1e-12)
     assert rec["n_massive"] == 4 and rec["massive_var_share"] == 0.0
     assert np.isnan(rec["dce_massive"]) and np.isnan(rec["kl_massive"])
-    assert np.isnan(out["per_token_dce"]["tiny"][dropped[:, :-1].numpy()]).all()
+    assert np.isnan(out.per_token_dce["tiny"][dropped[:, :-1].numpy()]).all()
 
 
 def test_no_detection_without_a_factor(loud_model):
@@ -193,8 +193,8 @@ def test_no_detection_without_a_factor(loud_model):
     sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked"), {})
     variants = [Variant("clean", {}), Variant("tiny", {HOOK: sae})]
     out = ce.evaluate(loud_model, variants, tokens, 4, tokens, 20, massive_factor=None)
-    rec = {r["variant"]: r for r in out["records"]}["tiny"]
-    assert out["massive"] is None and np.isnan(rec["n_massive"])
+    rec = out.by_variant()["tiny"]
+    assert out.massive is None and np.isnan(rec["n_massive"])
     assert np.isnan(rec["explained_variance_robust"])
     with pytest.raises(ce.UserError, match="excluding massive activations needs their detection"):
         ce.evaluate(loud_model, variants, tokens, 4, tokens, 20, massive_factor=None, exclude_massive=True)
@@ -234,11 +234,15 @@ def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path):
     found = config["massive"]["hooks"]["blocks.1.hook_resid_post"]
     assert config["massive"]["excluded"] is True and found["threshold"] == pytest.approx(3 * found["median_norm"])
     header = [c.strip() for c in (out / "ce.md").read_text().splitlines()[0].split("|")]
-    assert header.index("EV w/o massive") == header.index("EV") + 1 and "massive" in header
+    assert header.index("EV w/o massive (n)") == header.index("EV") + 1
+    csv_header = (out / "ce.csv").read_text().splitlines()[0].split(",")
+    assert {"n_massive", "massive_var_share", "explained_variance_robust", "dce_massive", "kl_rest"} <= set(csv_header)
     rec = {r["variant"]: r for r in json.loads((out / "metrics.json").read_text())}["pca:4@1.resid_post"]
     assert rec["n_massive"] == found["count"]
     assert rec["explained_variance_robust"] == pytest.approx(rec["explained_variance"], abs=1e-12)
     assert "EV w/o massive (n)" in result.stdout
+    page = (out / "report.html").read_text()
+    assert "EV without<br>massive (n)" in page and f"{rec['explained_variance_robust']:.3f} ({found['count']})" in page
 
 
 @pytest.mark.slow
@@ -251,7 +255,7 @@ def test_embedded_default_detects_the_known_massive_positions(embedded_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.models import load_model
-    from harness.runner import build_variants
+    from harness.variants import build_variants
     from harness.saes import DEMO_DIR
     from test_embedded import plain_topk_sae
 
@@ -290,10 +294,10 @@ def test_embedded_default_detects_the_known_massive_positions(embedded_dir):
     lm = load_model("smollm2-135m")
     variants, _ = build_variants(["l15-w2304-k32"], False, "cpu")
     out = ce.evaluate(lm, variants, tokens, 4, tokens, n_boot=10)
-    found = out["massive"]["hooks"]["blocks.15.hook_resid_post"]
+    found = out.massive["hooks"]["blocks.15.hook_resid_post"]
     assert found["positions"] == [[0, 1], [7, 1]]
     assert found["median_norm"] == pytest.approx(median, rel=1e-3)
-    rec = {r["variant"]: r for r in out["records"]}["l15-w2304-k32"]
+    rec = out.by_variant()["l15-w2304-k32"]
     assert rec["n_massive"] == 2
 
     is_m = torch.zeros_like(in_set)

@@ -344,12 +344,17 @@ def test_ce_table_from_a_real_run():
     records = json.loads((main / "metrics.json").read_text())
     md = tables.build_table(main, level="ce", fmt="md")
     lines = md.split("\n\n")[0].splitlines()
-    assert lines[0] == "| Variant | L0 | dCE [95% CI] | KL | LR zero | LR mean | C_eff/C [95% CI] |"
+    robust = "explained_variance_robust" in records[0]  # runs from before massive-activation detection lack it
+    assert lines[0] == ("| Variant | L0 | dCE [95% CI] | KL | LR zero | LR mean | C_eff/C [95% CI] | EV |"
+                        + (" EV w/o massive (n) |" if robust else ""))
     assert len(lines) == 2 + len(records) - 1  # the clean model is the reference, in the caption
     r = next(x for x in records if x["variant"] == "l15-w2304-k32")
     expect = [r["variant"], f"{r['l0']:g}", f"{r['dce']:.3f} [{r['dce_ci_low']:.3f}, {r['dce_ci_high']:.3f}]",
               f"{r['kl']:.3f}", f"{r['loss_recovered_zero']:.3f}", f"{r['loss_recovered_mean']:.3f}",
-              f"{r['compute_fraction']:.3f} [{r['compute_fraction_low']:.3f}, {r['compute_fraction_high']:.3f}]"]
+              f"{r['compute_fraction']:.3f} [{r['compute_fraction_low']:.3f}, {r['compute_fraction_high']:.3f}]",
+              f"{r['explained_variance']:.3f}"]
+    if robust:
+        expect.append(f"{r['explained_variance_robust']:.3f} ({r['n_massive']})")
     assert lines[2] == "| " + " | ".join(expect) + " |"
     z = next(x for x in records if x["variant"] == "zero@15.resid_post")
     zero_line = next(line for line in lines if line.startswith("| zero@15.resid_post |"))
