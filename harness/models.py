@@ -241,6 +241,7 @@ def _dtype(name: str) -> torch.dtype:
 _MODULE_PATH = re.compile(
     r"^(?:[A-Za-z_]+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
 )
+_DL_SUBMODULE = re.compile(r"^(resid_post|resid_pre|mlp_out|attn_out)_layer_(\d+)$")
 _SUFFIX = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out",
            "attn": "hook_attn_out", "attention": "hook_attn_out"}
 
@@ -250,11 +251,15 @@ def to_tl_hook_name(name: str) -> str:
 
     SAEs in the wild name their hook either way: sae-lens trained on an AutoModelForCausalLM
     records `model.layers.15` (that decoder layer's output), TransformerLens-trained ones record
-    `blocks.15.hook_resid_post`. This is the one place the two vocabularies meet.
+    `blocks.15.hook_resid_post`, EleutherAI sparsify names its folders `layers.15` or
+    `layers.15.mlp`, dictionary_learning / SAEBench name the submodule `resid_post_layer_15`. This is the one place the two vocabularies meet.
     TransformerLens names pass through unchanged.
     """
     if ".hook_" in name or name.startswith("hook_"):
         return name
+    submodule = _DL_SUBMODULE.match(name)  # dictionary_learning / SAEBench `resid_post_layer_3`
+    if submodule:
+        return f"blocks.{submodule.group(2)}.hook_{submodule.group(1)}"
     match = _MODULE_PATH.match(name)
     if not match:
         return name
