@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import pad_and_concat
 
-from harness.models import LoadedModel, UserError
+from harness.models import LoadedModel, UserError, hook_device
 from harness.session import prepare
 from harness.splice import Splicer, splice_hooks
 from harness.variants import Variant
@@ -47,7 +47,7 @@ class SpliceEngine:
         self.splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}), keep_first)
         for v in variants:
             for r in v.parts.values():
-                r.to(lm.device)
+                r.to(hook_device(lm, r.hook))
         self.max_length = max_length or int(getattr(lm.model.cfg, "n_ctx", 2048) or 2048)
         self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
         self.generations: dict[tuple, str] = {}

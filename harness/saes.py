@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from harness.models import UserError, to_tl_hook_name
+from harness.models import UserError, to_dtype, to_tl_hook_name
 
 DEMO_DIR = Path(__file__).parent / "demo_saes"
 BASELINES = ("identity", "zero", "mean", "pca", "neurons")
@@ -48,6 +48,7 @@ class Replacement:
     model_name: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # path -> sha256
+    sae_dtype: torch.dtype = torch.float32  # the SAE computes in this dtype, whatever the model's
     mean: torch.Tensor | None = None
     components: torch.Tensor | None = None  # [K, d] for pca
 
@@ -72,8 +73,10 @@ class Replacement:
             self.components = vh[: self.k]
 
     def to(self, device, dtype=torch.float32) -> "Replacement":
+        """Place on `device` (the one holding the hooked layer). SAE weights take `sae_dtype`;
+        baseline statistics `dtype`, and are cast to the activation's dtype when applied."""
         if self.sae is not None:
-            self.sae = self.sae.to(device)
+            self.sae = self.sae.to(device=device, dtype=self.sae_dtype)
         if self.mean is not None:
             self.mean = self.mean.to(device, dtype)
         if self.components is not None:
@@ -117,8 +120,17 @@ def demo_sae_names() -> list[str]:
     return sorted(p.name for p in DEMO_DIR.iterdir() if (p / "cfg.json").exists())
 
 
-def load_replacement(spec: str, device: str = "cpu") -> Replacement:
-    """Parse one --sae spec (see module docstring) into a Replacement."""
+def load_replacement(spec: str, device: str = "cpu", sae_dtype: str = "float32") -> Replacement:
+    """Parse one --sae spec (see module docstring) into a Replacement; an SAE's weights are
+    cast to `sae_dtype` (`--sae-dtype`, independent of the model's `--dtype`)."""
+    r = _parse_spec(spec, device)
+    if r.sae is not None:
+        r.sae_dtype = to_dtype(sae_dtype)
+        r.sae = r.sae.to(dtype=r.sae_dtype)
+    return r
+
+
+def _parse_spec(spec: str, device: str) -> Replacement:
     match = _BASELINE_SPEC.match(spec)
     if match:
         kind, k, hook = match.groups()
