@@ -85,3 +85,10 @@ def test_hook_device_follows_the_block(tiny_hf_dir):
     assert hook_device(lm, "blocks.3.hook_mlp_out") == torch.device("meta")
     assert hook_device(lm, "blocks.1.hook_resid_post") == torch.device("cpu")
     assert hook_device(lm, "hook_embed") == lm.device
+
+
+def test_device_map_refuses_hooked_transformer_models():
+    from harness.models import UserError, load_model
+
+    with pytest.raises(UserError, match=r"--device-map needs a Hugging Face model .*tl:gpt2"):
+        load_model("tl:gpt2", device_map="auto")
