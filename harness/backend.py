@@ -173,11 +173,13 @@ class SplicedLM(TemplateLM):
     (`sae=A+B` splices A and B jointly; no `sae` is the clean model)."""
 
     def __init__(self, model: str = "smollm2-135m", sae: str = "", batch_size: int | str = 8,
-                 device: str = "cpu", dtype: str = "float32", max_length: int | None = None,
+                 device: str = "cpu", dtype: str = "float32", sae_dtype: str = "float32",
+                 device_map: str | None = None, max_length: int | None = None,
                  engine: SpliceEngine | None = None, variant: str | None = None, **kwargs):
         super().__init__()
         if engine is None:  # built by lm-eval from a model_args string
-            session = prepare(model, [sae] if sae else [], device=device, dtype=dtype)
+            session = prepare(model, [sae] if sae else [], device=device, dtype=dtype,
+                              sae_dtype=sae_dtype, device_map=device_map)
             engine = SpliceEngine(session.lm, session.variants[-1:], max_length=max_length,
                                   batch_size=int(batch_size) if batch_size != "auto" else 8)
             variant = session.variants[-1].name

@@ -371,5 +371,6 @@ def describe(r: Replacement) -> dict:
     d = {"name": r.name, "spec": r.spec, "kind": r.kind, "hook": r.hook, "k": r.k, "files": r.files}
     if r.sae is not None:
         d.update(d_in=r.d_in, d_sae=int(r.sae.cfg.d_sae), architecture=r.sae.cfg.architecture(),
+                 dtype=str(r.sae_dtype).removeprefix("torch."),
                  model_name=r.model_name, model_from_pretrained_kwargs=r.model_kwargs)
     return d
