@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import pad_and_concat
 
-from harness.models import LoadedModel, UserError
+from harness.models import LoadedModel, UserError, hook_device
 from harness.session import prepare
 from harness.splice import Splicer, splice_hooks
 from harness.variants import Variant
@@ -47,7 +47,7 @@ class SpliceEngine:
         self.splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}), keep_first)
         for v in variants:
             for r in v.parts.values():
-                r.to(lm.device)
+                r.to(hook_device(lm, r.hook))
         self.max_length = max_length or int(getattr(lm.model.cfg, "n_ctx", 2048) or 2048)
         self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
         self.generations: dict[tuple, str] = {}
@@ -173,11 +173,13 @@ class SplicedLM(TemplateLM):
     (`sae=A+B` splices A and B jointly; no `sae` is the clean model)."""
 
     def __init__(self, model: str = "smollm2-135m", sae: str = "", batch_size: int | str = 8,
-                 device: str = "cpu", dtype: str = "float32", max_length: int | None = None,
+                 device: str = "cpu", dtype: str = "float32", sae_dtype: str = "float32",
+                 device_map: str | None = None, max_length: int | None = None,
                  engine: SpliceEngine | None = None, variant: str | None = None, **kwargs):
         super().__init__()
         if engine is None:  # built by lm-eval from a model_args string
-            session = prepare(model, [sae] if sae else [], device=device, dtype=dtype)
+            session = prepare(model, [sae] if sae else [], device=device, dtype=dtype,
+                              sae_dtype=sae_dtype, device_map=device_map)
             engine = SpliceEngine(session.lm, session.variants[-1:], max_length=max_length,
                                   batch_size=int(batch_size) if batch_size != "auto" else 8)
             variant = session.variants[-1].name

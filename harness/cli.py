@@ -190,6 +190,9 @@ def ce(
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
+    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
+                                             "(transformers/accelerate); overrides --device"),
     seed: int = typer.Option(0),
     law: str = typer.Option("hoffmann", help="scaling law for compute-equivalents: preset or LAW.json"),
     reference_models: str = typer.Option("", help="comma-separated models of the same family (same "
@@ -208,7 +211,8 @@ def ce(
     from harness.pipeline import RunConfig
 
     _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
-                   batch_size=batch_size, device=device, dtype=dtype, seed=seed, law=law, out=out,
+                   batch_size=batch_size, device=device, dtype=dtype, sae_dtype=sae_dtype,
+                   device_map=device_map, seed=seed, law=law, out=out,
                    reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
                    reference_checkpoints=_csv(reference_checkpoints),
                    checkpoint_tokens=_csv(checkpoint_tokens, float), massive_factor=massive_factor,
@@ -233,6 +237,9 @@ def run(
     full: bool = typer.Option(False, "--full", help="all 14,042 MMLU questions"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
+    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
+                                             "(transformers/accelerate); overrides --device"),
     batch_size: int = typer.Option(8),
     massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
     exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
@@ -242,7 +249,8 @@ def run(
     _quiet_libraries()
     from harness.pipeline import RunConfig
 
-    _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, batch_size=batch_size,
+    _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, sae_dtype=sae_dtype,
+                   device_map=device_map, batch_size=batch_size,
                    mmlu_limit=None if full else mmlu_limit, massive_factor=massive_factor,
                    exclude_massive=exclude_massive), ("ce", "mmlu"))
 
@@ -259,6 +267,9 @@ def lm_eval_command(
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
+    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
+                                             "(transformers/accelerate); overrides --device"),
     seed: int = typer.Option(0),
     include_path: Optional[str] = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
     out: str = typer.Option("results/lm-eval", help="run folder to write"),
@@ -271,7 +282,8 @@ def lm_eval_command(
 
     extra = _parse_extra(ctx.args)
     cfg = RunConfig(model=model, saes=list(sae), batch_size=batch_size,
-                    device=device, dtype=dtype, seed=seed, out=out, num_fewshot=num_fewshot)
+                    device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, seed=seed,
+                    out=out, num_fewshot=num_fewshot)
     res = run_lm_eval(cfg, [t for t in tasks.split(",") if t], limit, include_path, extra, StageBar)
     _print_task_results(res.aggregate)
     typer.echo(f"wrote {out}", err=True)

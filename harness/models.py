@@ -144,7 +144,7 @@ def random_checkpoint(spec: str, dtype: str = "float32", seed: int = 0) -> tuple
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=True, initializer_range=width ** -0.5)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(_dtype(storage))
+    model = LlamaForCausalLM(cfg).to(to_dtype(storage))
     _save_checkpoint(model, tok, out)
     return out, shape
 
@@ -177,19 +177,27 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     from_pretrained_kwargs: dict | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
+    """`device_map` (e.g. "auto") shards a Hugging Face model over the visible devices through
+    transformers/accelerate, for models larger than one device; `device` is then ignored."""
     check_device(device)
-    torch_dtype = _dtype(dtype)
+    if device_map is not None and (spec.startswith("tl:") or _is_tl_official(spec)) and not Path(spec).exists():
+        raise UserError("--device-map needs a Hugging Face model (TransformerBridge); HookedTransformer "
+                        f"models ({spec}) load on one --device")
+    torch_dtype = to_dtype(dtype)
     kwargs = dict(from_pretrained_kwargs or {})
     info = {"spec": spec, "device": device, "dtype": dtype}
+    if device_map is not None:
+        info["device_map"] = device_map
     if spec.startswith("random:"):
         path, shape = random_checkpoint(spec, dtype)
         info.update(loader="TransformerBridge.boot_transformers", source=str(path), random=shape)
-        return _boot_bridge(spec, str(path), device, torch_dtype, info)
+        return _boot_bridge(spec, str(path), device, torch_dtype, info, device_map)
     if spec == EMBEDDED_DEFAULT:
         path = embedded_checkpoint()
         info.update(loader="TransformerBridge.boot_transformers", source=str(path), gguf=_GGUF_NAME)
-        return _boot_bridge(spec, str(path), device, torch_dtype, info)
+        return _boot_bridge(spec, str(path), device, torch_dtype, info, device_map)
     local = Path(spec).expanduser()
     if spec.startswith("tl:") or (not local.exists() and _is_tl_official(spec)):
         name = spec.removeprefix("tl:")
@@ -205,7 +213,7 @@ def load_model(
     source = str(local) if local.exists() else spec
     info.update(loader="TransformerBridge.boot_transformers", source=source)
     try:
-        return _boot_bridge(spec, source, device, torch_dtype, info)
+        return _boot_bridge(spec, source, device, torch_dtype, info, device_map)
     except OSError as e:  # a hub id that cannot be fetched (offline, typo, gated)
         if local.exists():
             raise
@@ -213,10 +221,20 @@ def load_model(
                         f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def _boot_bridge(spec: str, source: str, device: str, dtype: torch.dtype, info: dict) -> LoadedModel:
+def _boot_bridge(spec: str, source: str, device: str, dtype: torch.dtype, info: dict,
+                 device_map: str | None = None) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+    if device_map is None:
+        bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+    else:
+        try:
+            bridge = TransformerBridge.boot_transformers(source, dtype=dtype, device_map=device_map)
+        except ValueError as e:  # a map naming disk/meta offload, or an unknown directive
+            raise UserError(f"--device-map {device_map}: {str(e).splitlines()[0]}") from None
+        # Where accelerate put the weights (transformers keeps no hf_device_map when the whole
+        # model landed on one device).
+        info["devices"] = sorted({str(p.device) for p in bridge.original_model.parameters()})
     bridge.eval()
     cfg = bridge.cfg
     return LoadedModel(spec, "bridge", bridge, bridge.tokenizer, cfg.n_layers, cfg.d_model, info)
@@ -229,7 +247,7 @@ def wrap_hooked(spec: str, model: Any, info: dict | None = None) -> LoadedModel:
     return LoadedModel(spec, "hooked", model, model.tokenizer, model.cfg.n_layers, model.cfg.d_model, info)
 
 
-def _dtype(name: str) -> torch.dtype:
+def to_dtype(name: str) -> torch.dtype:
     from sae_lens.util import str_to_dtype  # the same names sae-lens accepts for its SAEs
 
     try:
@@ -241,6 +259,7 @@ def _dtype(name: str) -> torch.dtype:
 _MODULE_PATH = re.compile(
     r"^(?:[A-Za-z_]+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
 )
+_DL_SUBMODULE = re.compile(r"^(resid_post|resid_pre|mlp_out|attn_out)_layer_(\d+)$")
 _SUFFIX = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out",
            "attn": "hook_attn_out", "attention": "hook_attn_out"}
 
@@ -250,16 +269,32 @@ def to_tl_hook_name(name: str) -> str:
 
     SAEs in the wild name their hook either way: sae-lens trained on an AutoModelForCausalLM
     records `model.layers.15` (that decoder layer's output), TransformerLens-trained ones record
-    `blocks.15.hook_resid_post`. This is the one place the two vocabularies meet.
+    `blocks.15.hook_resid_post`, EleutherAI sparsify names its folders `layers.15` or
+    `layers.15.mlp`, dictionary_learning / SAEBench name the submodule `resid_post_layer_15`. This is the one place the two vocabularies meet.
     TransformerLens names pass through unchanged.
     """
     if ".hook_" in name or name.startswith("hook_"):
         return name
+    submodule = _DL_SUBMODULE.match(name)  # dictionary_learning / SAEBench `resid_post_layer_3`
+    if submodule:
+        return f"blocks.{submodule.group(2)}.hook_{submodule.group(1)}"
     match = _MODULE_PATH.match(name)
     if not match:
         return name
     layer, sub = match.groups()
     return f"blocks.{layer}.{_SUFFIX[sub]}"
+
+
+def hook_device(lm: LoadedModel, hook_name: str) -> torch.device:
+    """The device holding the block a hook lives in: under `--device-map` a sharded model's
+    blocks sit on different devices, and a splice must run (and its SAE live) where the
+    activation is. Hooks outside the blocks (embeddings) use the model's first device."""
+    match = re.match(r"^blocks\.(\d+)\.", hook_name)
+    blocks = getattr(lm.model, "blocks", None)
+    if match is None or blocks is None:
+        return lm.device
+    params = list(blocks[int(match.group(1))].parameters())
+    return params[0].device if params else lm.device
 
 
 def hook_layer(hook_name: str) -> int:

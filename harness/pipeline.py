@@ -42,6 +42,8 @@ class RunConfig:
     calib_seqs: int = 16
     device: str = "cpu"
     dtype: str = "float32"
+    sae_dtype: str = "float32"  # SAE weights' dtype, independent of the model's
+    device_map: str | None = None  # e.g. "auto": shard the model over the visible devices
     seed: int = 0
     n_boot: int = 1000
     law: str = "hoffmann"  # scaling law for compute-equivalents: preset name or LAW.json
@@ -89,6 +91,7 @@ class JobResult:
 
 def session_for(cfg: RunConfig) -> Session:
     return prepare(cfg.model, cfg.saes, joint=cfg.joint, device=cfg.device, dtype=cfg.dtype,
+                   sae_dtype=cfg.sae_dtype, device_map=cfg.device_map,
                    calib_seqs=cfg.calib_seqs, ctx=cfg.ctx, batch_size=cfg.batch_size)
 
 

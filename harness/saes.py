@@ -12,6 +12,10 @@ A `Replacement` maps an activation x [..., d] to (x_hat, latents | None). It is 
 
 `@HOOK` may be left out when another SAE of the run names a hook: the baseline then sits at
 the first SAE's hook. Hooks may be TransformerLens names or Hugging Face module paths.
+
+A local SAE folder is recognised by its files (FOLDER_FORMATS) and read by sae-lens' own loader
+or converter for that format, so every architecture sae-lens knows (standard ReLU, TopK,
+JumpReLU, gated) loads the way sae-lens defines it.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harness.models import UserError, to_tl_hook_name
+from harness.models import UserError, to_dtype, to_tl_hook_name
 
 DEMO_DIR = Path(__file__).parent / "demo_saes"
 BASELINES = ("identity", "zero", "mean", "pca", "neurons")
@@ -43,6 +48,7 @@ class Replacement:
     model_name: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # path -> sha256
+    sae_dtype: torch.dtype = torch.float32  # the SAE computes in this dtype, whatever the model's
     mean: torch.Tensor | None = None
     components: torch.Tensor | None = None  # [K, d] for pca
 
@@ -67,8 +73,10 @@ class Replacement:
             self.components = vh[: self.k]
 
     def to(self, device, dtype=torch.float32) -> "Replacement":
+        """Place on `device` (the one holding the hooked layer). SAE weights take `sae_dtype`;
+        baseline statistics `dtype`, and are cast to the activation's dtype when applied."""
         if self.sae is not None:
-            self.sae = self.sae.to(device)
+            self.sae = self.sae.to(device=device, dtype=self.sae_dtype)
         if self.mean is not None:
             self.mean = self.mean.to(device, dtype)
         if self.components is not None:
@@ -112,8 +120,17 @@ def demo_sae_names() -> list[str]:
     return sorted(p.name for p in DEMO_DIR.iterdir() if (p / "cfg.json").exists())
 
 
-def load_replacement(spec: str, device: str = "cpu") -> Replacement:
-    """Parse one --sae spec (see module docstring) into a Replacement."""
+def load_replacement(spec: str, device: str = "cpu", sae_dtype: str = "float32") -> Replacement:
+    """Parse one --sae spec (see module docstring) into a Replacement; an SAE's weights are
+    cast to `sae_dtype` (`--sae-dtype`, independent of the model's `--dtype`)."""
+    r = _parse_spec(spec, device)
+    if r.sae is not None:
+        r.sae_dtype = to_dtype(sae_dtype)
+        r.sae = r.sae.to(dtype=r.sae_dtype)
+    return r
+
+
+def _parse_spec(spec: str, device: str) -> Replacement:
     match = _BASELINE_SPEC.match(spec)
     if match:
         kind, k, hook = match.groups()
@@ -132,7 +149,8 @@ def load_replacement(spec: str, device: str = "cpu") -> Replacement:
     if "/" in spec:
         return _load_release(spec, device)
     known = ", ".join(demo_sae_names()) or "none shipped"
-    raise UserError(f"SAE {spec!r} not found: not a folder, baseline, demo SAE ({known}) or release/sae_id")
+    raise UserError(f"SAE {spec!r} not found: tried a local folder ({', '.join(FOLDER_FORMATS)}), a baseline, "
+                    f"a demo SAE ({known}) and a sae-lens release/sae_id")
 
 
 def _local_sae_path(spec: str) -> Path | None:
@@ -145,24 +163,143 @@ def _local_sae_path(spec: str) -> Path | None:
     return path if path.exists() else None
 
 
+# name -> the files that mark a folder of that format (checked in this order).
+FOLDER_FORMATS = {
+    "sae-lens": ("cfg.json", "sae_weights.safetensors"),
+    "sparsify": ("cfg.json", "sae.safetensors"),
+    "dictionary_learning": ("config.json", "ae.pt"),
+    "Gemma Scope": ("params.npz",),
+}
+
+
+def folder_format(path: Path) -> str:
+    for fmt, marks in FOLDER_FORMATS.items():
+        if all((path / m).exists() for m in marks):
+            return fmt
+    tried = "; ".join(f"{fmt} ({' + '.join(m)})" for fmt, m in FOLDER_FORMATS.items())
+    raise UserError(f"SAE folder {path} is in no known format; tried {tried}")
+
+
 def _load_folder(spec: str, path: Path, device: str) -> Replacement:
     from sae_lens import SAE
 
-    cfg_path, weights = path / "cfg.json", path / "sae_weights.safetensors"
-    for f in (cfg_path, weights):
-        if not f.exists():
-            raise UserError(f"SAE folder {path} lacks {f.name} (sae-lens format: cfg.json + sae_weights.safetensors)")
+    fmt = folder_format(path)
+    cfg_file = path / FOLDER_FORMATS[fmt][0]
+    if cfg_file.suffix == ".json":
+        try:
+            json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{cfg_file} is not valid JSON: {e}") from None
+    converter = _CONVERTERS[fmt]
     try:
-        json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
-    try:
-        sae = SAE.load_from_disk(str(path), device=device, dtype="float32")
-    except Exception as e:  # corrupt safetensors, shape mismatch, unknown architecture...
-        raise UserError(f"cannot load SAE from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    files = {str(f): sha256(f) for f in (cfg_path, weights)}
+        sae = SAE.load_from_disk(str(path), device=device, dtype="float32", converter=converter)
+    except UserError:
+        raise
+    except Exception as e:  # corrupt weights, shape mismatch, unknown architecture...
+        raise UserError(f"cannot load {fmt} SAE from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    files = {str(f): sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
     name = path.name if path.parent == DEMO_DIR else spec
     return _from_sae(name, spec, sae, files)
+
+
+@contextmanager
+def _hub_from_folder(root: Path):
+    """Serve sae-lens' hub downloads from a local folder.
+
+    sae-lens keeps its dictionary_learning and Gemma Scope converters inside Hugging Face
+    loaders that fetch each file with `hf_hub_download`; pointing that one function at `root`
+    lets a local checkpoint go through the very same converter instead of a copy of it.
+    """
+    from huggingface_hub.errors import EntryNotFoundError
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    def local(repo_id, filename, subfolder=None, **_):
+        f = root / (subfolder or "") / filename
+        if not f.exists():
+            raise EntryNotFoundError(f"{f} not found")
+        return str(f)
+
+    original, loaders.hf_hub_download = loaders.hf_hub_download, local
+    try:
+        yield
+    finally:
+        loaders.hf_hub_download = original
+
+
+def _hook_override(hook: str, path: Path) -> dict:
+    """A converter's hook name, translated to TransformerLens and checked."""
+    tl = to_tl_hook_name(hook)
+    if ".hook_" not in tl and not tl.startswith("hook_"):
+        raise UserError(f"SAE folder {path}: cannot translate its hook {hook!r} to a TransformerLens hook name")
+    return {"hook_name": tl}
+
+
+def _sparsify_converter(path, device, cfg_overrides=None):
+    """sae-lens' sparsify loader, with three corrections checked against sparsify's own
+    SparseCoder: the hook comes from the folder name (`layers.3`, `layers.3.mlp`), where sae-lens
+    reads only the layer number and assumes the residual stream; sparsify's encoder always
+    subtracts b_dec (sae-lens skips it when `normalize_decoder` is set); and sparsify stores
+    `W_dec` as [latents, d_in], the layout sae-lens wants, which sae-lens transposes anyway."""
+    from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
+    from safetensors import safe_open
+
+    path = Path(path)
+    raw_cfg = json.loads((path / "cfg.json").read_text())
+    if raw_cfg.get("transcode"):
+        raise UserError(f"sparsify folder {path} holds a transcoder; only SAEs can be spliced")
+    overrides = {**(cfg_overrides or {}), **_hook_override(path.name, path), "apply_b_dec_to_input": True}
+    cfg, state = sparsify_disk_loader(path, device, cfg_overrides=overrides)
+    with safe_open(str(path / "sae.safetensors"), framework="pt") as f:
+        if "W_dec" in f.keys():
+            state["W_dec"] = state["W_dec"].T.contiguous()
+    return cfg, state
+
+
+def _dictionary_learning_converter(path, device, cfg_overrides=None):
+    """sae-lens' dictionary_learning converter (ae.pt + config.json), hook from the trainer's
+    `submodule_name` (`resid_post_layer_3`) when it names one; sae-lens assumes resid_post."""
+    from sae_lens.loading.pretrained_sae_loaders import dictionary_learning_sae_huggingface_loader_1
+
+    path = Path(path)
+    trainer = json.loads((path / "config.json").read_text()).get("trainer", {})
+    overrides = dict(cfg_overrides or {})
+    if trainer.get("submodule_name"):
+        overrides.update(_hook_override(trainer["submodule_name"], path))
+    with _hub_from_folder(path.parent):
+        cfg, state, _ = dictionary_learning_sae_huggingface_loader_1(
+            repo_id="local", folder_name=path.name, device=device, cfg_overrides=overrides)
+    return cfg, state
+
+
+def _gemma_scope_converter(path, device, cfg_overrides=None):
+    """sae-lens' Gemma Scope converter (params.npz, JumpReLU). It reads the model size and hook
+    kind from the repository name (`gemma-scope-2b-pt-res`), so the folder must sit under a
+    folder of that name, as a hub download does; d_in and d_sae come from the weights."""
+    import numpy as np
+    from sae_lens.loading.pretrained_sae_loaders import gemma_2_sae_huggingface_loader
+
+    path = Path(path)
+    repo = next((p for p in path.parents if p.name.startswith("gemma-scope-")), None)
+    if repo is None:
+        raise UserError(f"Gemma Scope folder {path} must lie under its release folder (e.g. gemma-scope-2b-pt-res/)")
+    with np.load(path / "params.npz") as params:
+        d_in, d_sae = params["W_enc"].shape
+    overrides = {**(cfg_overrides or {}), "d_in": int(d_in), "d_sae": int(d_sae)}
+    with _hub_from_folder(repo):
+        cfg, state, _ = gemma_2_sae_huggingface_loader(
+            repo_id=f"google/{repo.name}", folder_name=str(path.relative_to(repo)), device=device,
+            cfg_overrides=overrides)
+    return cfg, state
+
+
+def _sae_lens_converter(path, device, cfg_overrides=None):
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+
+    return sae_lens_disk_loader(path, device, cfg_overrides=cfg_overrides)
+
+
+_CONVERTERS = {"sae-lens": _sae_lens_converter, "sparsify": _sparsify_converter,
+               "dictionary_learning": _dictionary_learning_converter, "Gemma Scope": _gemma_scope_converter}
 
 
 def _load_release(spec: str, device: str) -> Replacement:
@@ -234,5 +371,6 @@ def describe(r: Replacement) -> dict:
     d = {"name": r.name, "spec": r.spec, "kind": r.kind, "hook": r.hook, "k": r.k, "files": r.files}
     if r.sae is not None:
         d.update(d_in=r.d_in, d_sae=int(r.sae.cfg.d_sae), architecture=r.sae.cfg.architecture(),
+                 dtype=str(r.sae_dtype).removeprefix("torch."),
                  model_name=r.model_name, model_from_pretrained_kwargs=r.model_kwargs)
     return d

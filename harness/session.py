@@ -31,16 +31,16 @@ class Session:
 
 
 def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: str = "cpu",
-            dtype: str = "float32", calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
+            dtype: str = "float32", sae_dtype: str = "float32", device_map: str | None = None, calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
             make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None) -> Session:
     """Load `model` and the `saes` specs, check they fit together, calibrate baselines.
 
     `make_replacements(lm)` adds replacements built in memory for the loaded model (the
     bench's random SAEs); each becomes a variant of its own and is checked like the rest."""
     check_device(device)
-    variants, repls = build_variants(list(saes), joint, device) if saes else ([Variant(CLEAN, {})], [])
+    variants, repls = build_variants(list(saes), joint, device, sae_dtype) if saes else ([Variant(CLEAN, {})], [])
     kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
-    lm = load_model(model, device, dtype, kwargs)
+    lm = load_model(model, device, dtype, kwargs, device_map=device_map)
     if make_replacements is not None:
         extra = make_replacements(lm)
         repls = repls + extra

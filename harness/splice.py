@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from harness import replay
-from harness.models import LoadedModel, UserError, hook_layer
+from harness.models import LoadedModel, UserError, hook_device, hook_layer
 from harness.replay import take_positions as _take
 from harness.saes import Replacement
 from harness.variants import Variant
@@ -275,4 +275,4 @@ def calibrate(lm: LoadedModel, replacements: list[Replacement], calib_tokens: to
         for r in to_fit:
             r.fit(cache[r.hook])
     for r in replacements:
-        r.to(lm.device)
+        r.to(hook_device(lm, r.hook))

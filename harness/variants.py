@@ -40,14 +40,15 @@ def label(r: Replacement) -> str:
     return r.name if r.kind == "sae" else f"{r.name}@{short_hook(r.hook)}"
 
 
-def build_variants(specs: list[str], joint: bool, device: str) -> tuple[list[Variant], list[Replacement]]:
+def build_variants(specs: list[str], joint: bool, device: str,
+                   sae_dtype: str = "float32") -> tuple[list[Variant], list[Replacement]]:
     """Parse specs into [clean, each part alone, each `A+B` group, the --joint group], and the
     distinct replacements they use (each loaded once even if several specs name it)."""
     groups = [s.split("+") for s in specs]
     by_spec: dict[str, Replacement] = {}
     for part in [p for g in groups for p in g]:
         if part not in by_spec:
-            by_spec[part] = load_replacement(part, device)
+            by_spec[part] = load_replacement(part, device, sae_dtype)
     repls = list(by_spec.values())
     resolve_hooks(repls)
     if joint:

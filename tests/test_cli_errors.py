@@ -51,13 +51,13 @@ def test_missing_folder_and_missing_weights(tiny_hf_dir, tmp_path):
     half = tmp_path / "half"
     half.mkdir()
     (half / "cfg.json").write_text("{}")
-    assert "lacks sae_weights.safetensors" in _ce(tiny_hf_dir, half, tmp_path)
+    assert "in no known format; tried sae-lens (cfg.json + sae_weights.safetensors); sparsify" in _ce(tiny_hf_dir, half, tmp_path)
 
 
 def test_corrupt_safetensors(tiny_hf_dir, tmp_path):
     sae = _save_sae(tmp_path / "corrupt", tiny_hf_dir)
     (sae / "sae_weights.safetensors").write_bytes(b"\x00garbage" * 10)
-    assert "cannot load SAE" in _ce(tiny_hf_dir, sae, tmp_path)
+    assert "cannot load sae-lens SAE" in _ce(tiny_hf_dir, sae, tmp_path)
 
 
 def test_corrupt_cfg(tiny_hf_dir, tmp_path):
