@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import browser  # tests/browser.py
-from harness import figures, report
+from harness import figures, report, saved_runs
 from harness.cli import app
 
 MAIN = Path(__file__).resolve().parent.parent / "results" / "main"
@@ -94,7 +94,7 @@ def test_concentration_curve_against_numpy():
 def test_profile_deltas_against_pandas(main_copy):
     """The profile's delta accuracy and delta log-prob per category equal a direct paired
     computation on the per-question CSV."""
-    run = report.load_runs([main_copy])[0]
+    run = saved_runs.load_runs([main_copy])[0]
     pq = main_mmlu_questions()
     clean = pq[pq.variant == "clean"].set_index(["subject", "doc_id"])
     for v in ("l15-w1152-k16", "neurons:32@15.resid_post"):
