@@ -14,7 +14,7 @@ import plain_hf
 from conftest import make_topk_sae
 from harness import ce
 from harness.saes import _from_sae
-from harness.splice import Variant
+from harness.variants import Variant
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -48,7 +48,7 @@ N_BOOT, SEED = 2000, 7
 def rec(setup):
     lm, variants, tokens, _ = setup
     out = ce.evaluate(lm, variants, tokens, batch_size=8, calib_tokens=tokens, n_boot=N_BOOT, seed=SEED)
-    return {r["variant"]: r for r in out.records}["sae"]
+    return out.by_variant()["sae"]
 
 
 def _sequence_bootstrap(d, count, idx):

@@ -17,7 +17,8 @@ import plain_hf
 from conftest import make_topk_sae
 from harness import ce
 from harness.saes import _from_sae
-from harness.splice import Splicer, Variant
+from harness.splice import Splicer
+from harness.variants import Variant
 
 LOW, HIGH = 1, 3
 HOOKS = {LOW: f"blocks.{LOW}.hook_resid_post", HIGH: f"blocks.{HIGH}.hook_resid_post"}
@@ -155,7 +156,7 @@ def test_ce_suite_metrics_equal_plain_hooks(tiny_hf, hf, saes, variants):
     special = tiny_hf.special_ids()
     ref = _reference(hf, saes, tokens, special)
     out = ce.evaluate(tiny_hf, variants, tokens, batch_size=4, calib_tokens=tokens, n_boot=20)
-    recs = {r["variant"]: r for r in out.records}
+    recs = out.by_variant()
     assert out.n_tokens == int((~torch.isin(tokens[:, :-1], torch.tensor(special))).sum())
     for name in ("low", "high", "joint"):
         want = _hand_metrics(ref, tokens, special, name)
@@ -203,7 +204,7 @@ def test_special_tokens_excluded_from_kl_and_ev(tiny_hf, hf, saes, variants):
     special = tiny_hf.special_ids()
     ref = _reference(hf, saes, tokens, special)
     out = ce.evaluate(tiny_hf, [variants[0], variants[1]], tokens, batch_size=4, calib_tokens=tokens, n_boot=10)
-    rec = {r["variant"]: r for r in out.records}["low"]
+    rec = out.by_variant()["low"]
     want = _hand_metrics(ref, tokens, special, "low")
     assert rec["kl"] == pytest.approx(want["kl"], abs=2e-5)
     assert rec["explained_variance"] == pytest.approx(want["explained_variance"], abs=2e-5)

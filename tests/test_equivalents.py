@@ -106,6 +106,10 @@ def test_load_law_reads_fit_law_json_and_curves(tmp_path):
     fam.write_text(json.dumps(S.Curve(E=2.0, A=300.0, alpha=0.3, var="N", name="f").to_json()))
     curve = S.load_law(str(fam))
     assert (curve.var, curve.E, curve.A, curve.alpha) == ("N", 2.0, 300.0, 0.3)
+    by_hand = tmp_path / "hand.json"  # E, A, alpha only: a family curve in N
+    by_hand.write_text(json.dumps({"E": 2.0, "A": 300.0, "alpha": 0.3}))
+    curve = S.load_law(str(by_hand))
+    assert isinstance(curve, S.Curve) and (curve.var, curve.E, curve.A, curve.alpha) == ("N", 2.0, 300.0, 0.3)
     assert S.load_law("epoch").B == 2085.43420
 
 
@@ -117,7 +121,7 @@ def test_load_law_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
         S.load_law(str(bad))
     partial = tmp_path / "partial.json"
-    partial.write_text(json.dumps({"E": 1.8, "A": 400.0, "alpha": 0.3, "B": 2.0}))  # a D term without beta
+    partial.write_text(json.dumps({"E": 1.8, "A": 400.0, "B": 300.0, "alpha": 0.3}))
     with pytest.raises(ValueError, match=r"partial\.json is not a usable law: lacks law parameters \['beta'\]"):
         S.load_law(str(partial))
 
@@ -224,7 +228,8 @@ def test_ce_command_writes_compute_equivalents(tiny_hf_dir, tmp_path):
 
 def test_compute_equivalents_from_a_law_file(tmp_path):
     """The pipeline step with a fitted law read from JSON, and a variant its E cannot place."""
-    from harness.pipeline import compute_equivalents, load_law
+    from harness.pipeline import compute_equivalents
+    from harness.runfolder import write_compute_equivalents
 
     law_json = tmp_path / "law.json"
     law_json.write_text(json.dumps(LAW.to_json()))
@@ -233,9 +238,12 @@ def test_compute_equivalents_from_a_law_file(tmp_path):
         {"variant": "a", "ce_clean": 3.0, "ce_spliced": 3.15, "dce_ci_low": 0.1, "dce_ci_high": 0.2},
         {"variant": "b", "ce_clean": 3.0, "ce_spliced": 1.5, "dce_ci_low": -1.6, "dce_ci_high": -1.4},
     ]
-    details, _ = compute_equivalents(records, load_law(str(law_json)), str(law_json))
+    details, band = compute_equivalents(records, S.load_law(str(law_json)), str(law_json))
+    write_compute_equivalents(tmp_path, details)
     assert records[0]["compute_fraction"] == 1.0
     _check_record(LAW, records[1], 3.0)
     assert np.isnan(records[2]["compute_fraction"]) and np.isnan(records[2]["compute_fraction_low"])
-    assert "irreducible loss E=1.9000" in details["variants"]["b"]["error"]
-    assert details["variants"]["a"]["compute_fraction"] == records[1]["compute_fraction"]
+    saved = json.loads((tmp_path / "compute_equivalents.json").read_text())
+    assert "irreducible loss E=1.9000" in saved["variants"]["b"]["error"]
+    assert saved["variants"]["a"]["compute_fraction"] == records[1]["compute_fraction"]
+    assert saved["law_params"]["B"] == LAW.B and band == pytest.approx((0.5 * LAW.E, 0.95 * 3.0))
