@@ -104,10 +104,12 @@ def massive_in_sequences(lm: LoadedModel, hooks: list[str], sequences: list[list
     starts = np.cumsum([0] + [len(s) for s in sequences])
     out = {}
     for hook in hooks:
-        mask, median = detect(torch.cat(norms[hook]), in_set, factor)
+        all_norms = torch.cat(norms[hook])
+        mask, median = detect(all_norms, in_set, factor)
         hits = mask.nonzero()[:, 0].numpy()
         seq_of = np.searchsorted(starts, hits, side="right") - 1
         out[hook] = {"count": int(mask.sum()), "n_positions": int(in_set.sum()), "median_norm": median,
+                     "max_norm": float(all_norms[in_set].max()) if in_set.any() else float("nan"),
                      "positions": [[int(s), int(i - starts[s])] for s, i in zip(seq_of, hits)]}
     return out
 

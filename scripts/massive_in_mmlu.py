@@ -51,7 +51,7 @@ def main(limit: int = 5, factor: float = outliers.DEFAULT_FACTOR) -> dict:
     for hook, f in found.items():
         examples = [{"sequence": s, "position": p, "token": tok.decode([sequences[s][p]]),
                      "previous": tok.decode(sequences[s][max(p - 3, 0):p])} for s, p in f["positions"][:10]]
-        report["hooks"][hook] = {k: f[k] for k in ("count", "n_positions", "median_norm")} | {"examples": examples}
+        report["hooks"][hook] = {k: f[k] for k in ("count", "n_positions", "median_norm", "max_norm")} | {"examples": examples}
     return report
 
 

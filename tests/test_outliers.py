@@ -211,6 +211,7 @@ def test_massive_in_sequences_of_any_length(loud_model):
             norms.append(cache[HOOK][0, 1:].norm(dim=-1))  # position 0 is never spliced
     assert got["median_norm"] == pytest.approx(float(np.median(torch.cat(norms).double().numpy())), rel=1e-6)
     assert got["positions"] == [[0, 2], [1, 5]] and got["count"] == 2 and got["n_positions"] == 17
+    assert got["max_norm"] == pytest.approx(float(torch.cat(norms).max()), rel=1e-6)
 
 
 def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path):
