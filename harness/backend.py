@@ -18,6 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import hashlib
+import json
+import sqlite3
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,8 +42,9 @@ class SpliceEngine:
     """The model, its variants, and a cache of per-variant answers keyed by request tokens."""
 
     def __init__(self, lm: LoadedModel, variants: list[Variant], tokenizer=None, batch_size: int = 8,
-                 max_length: int | None = None, keep_first: bool = True):
+                 max_length: int | None = None, keep_first: bool = True, store: "RequestStore | None" = None):
         self.lm = lm
+        self.store = store  # answers saved across processes (resume); None keeps them in memory only
         self.variants = variants
         self.tokenizer = tokenizer or _hf_tokenizer(lm)
         self.batch_size = int(batch_size)
@@ -50,7 +54,7 @@ class SpliceEngine:
                 r.to(hook_device(lm, r.hook))
         self.max_length = max_length or int(getattr(lm.model.cfg, "n_ctx", 2048) or 2048)
         self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
-        self.generations: dict[tuple, str] = {}
+        self.generations: dict[str, str] = {}
         self.forward_stats = {"tokens": 0, "batches": 0, **self.splicer.block_cost(variants)}
         # Progress over the real work: (requests answered, requests seen) counted once per
         # variant, so a bar moves as batches are scored, whichever variant's view asked.
@@ -82,37 +86,63 @@ class SpliceEngine:
 
         # One forward per group of requests sharing context + continuation[:-1] (MC choices).
         order = Collator(todo, sort_fn=sort_key, group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
+        members: dict[tuple, list] = {}  # a row's group: every request its one forward answers
+        for _, ctx, cont in todo:
+            members.setdefault(tuple(ctx + cont[:-1]), []).append([ctx, cont])
         answers: list[list[tuple[float, bool]]] = []
         n_var = len(self.variants)
         self._advance(expected=len(todo) * n_var)
         for chunk in order.get_batched(n=self.batch_size):
             answered = len(answers)
-            inps, inplens, conts = [], [], []
-            for _, ctx, cont in chunk:
-                inp = torch.tensor((ctx + cont)[-(self.max_length + 1):][:-1], dtype=torch.long)
-                inps.append(inp)
-                inplens.append(len(inp))
-                conts.append(cont)
-            batch = pad_and_concat(max(inplens), inps, padding_side="right").to(self.lm.device)
-            span = max(len(c) for c in conts)
-            # Positions whose logits predict the continuation (the last `span` of each row).
-            pos = torch.tensor([[max(n - span + j, 0) for j in range(span)] for n in inplens],
-                               device=self.lm.device)
-            per_variant = self._continuation_logprobs(batch, pos)  # [n_var, B, span, V]
-            for row, (req, ctx, cont) in enumerate(chunk):
-                # get_cache expands one row to every request of its context group; it wants a
-                # [1, seq, vocab] tensor, so the variants ride along in the last dimension.
-                stacked = per_variant[:, row].permute(1, 0, 2).reshape(1, span, -1)
-                for _, cont_toks, lp in order.get_cache(req_str=req, cxt_toks=ctx, cont_toks=cont, logits=stacked):
-                    n = len(cont_toks)
-                    lp = lp.reshape(span, n_var, -1)[-n:]  # [n, n_var, V]
-                    target = torch.tensor(cont_toks, device=lp.device)
-                    picked = lp.gather(-1, target[:, None, None].expand(n, n_var, 1))[..., 0]
-                    greedy = (lp.argmax(-1) == target[:, None]).all(0)
-                    answers.append([(float(picked[:, v].sum()), bool(greedy[v])) for v in range(n_var)])
+            # The chunks depend only on the full request list, so a resumed run meets the same
+            # chunks: a saved one is read back, the others are computed exactly as before.
+            key = self._chunk_key([members[tuple(ctx + cont[:-1])] for _, ctx, cont in chunk])
+            saved = self.store.get(key) if self.store is not None else None
+            if saved is None:
+                saved = self._score_chunk(order, chunk)
+                if self.store is not None:
+                    self.store.put(key, saved)
+            else:
+                for req, ctx, cont in chunk:  # keep the Collator's bookkeeping of expanded requests
+                    for _ in order.get_cache(req_str=req, cxt_toks=ctx, cont_toks=cont, logits=torch.zeros(1, 1, 1)):
+                        pass
+            answers.extend([tuple(a) for a in ans] for ans in saved)
             self._advance(done=(len(answers) - answered) * n_var)
         for (_, ctx, cont), ans in zip(todo, order.get_original(answers)):
             self.cache[(tuple(ctx), tuple(cont))] = ans
+
+    def _chunk_key(self, groups: list[list]) -> str:
+        what = [[v.name for v in self.variants], self.max_length, groups]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+    def _score_chunk(self, order: Collator, chunk) -> list[list[tuple[float, bool]]]:
+        """One forward (prefix once, a tail per variant) -> every variant's answer for every
+        request of the chunk, including the requests its rows stand for (MC choices)."""
+        inps, inplens, conts = [], [], []
+        for _, ctx, cont in chunk:
+            inp = torch.tensor((ctx + cont)[-(self.max_length + 1):][:-1], dtype=torch.long)
+            inps.append(inp)
+            inplens.append(len(inp))
+            conts.append(cont)
+        batch = pad_and_concat(max(inplens), inps, padding_side="right").to(self.lm.device)
+        span = max(len(c) for c in conts)
+        # Positions whose logits predict the continuation (the last `span` of each row).
+        pos = torch.tensor([[max(n - span + j, 0) for j in range(span)] for n in inplens], device=self.lm.device)
+        per_variant = self._continuation_logprobs(batch, pos)  # [n_var, B, span, V]
+        n_var = len(self.variants)
+        answers = []
+        for row, (req, ctx, cont) in enumerate(chunk):
+            # get_cache expands one row to every request of its context group; it wants a
+            # [1, seq, vocab] tensor, so the variants ride along in the last dimension.
+            stacked = per_variant[:, row].permute(1, 0, 2).reshape(1, span, -1)
+            for _, cont_toks, lp in order.get_cache(req_str=req, cxt_toks=ctx, cont_toks=cont, logits=stacked):
+                n = len(cont_toks)
+                lp = lp.reshape(span, n_var, -1)[-n:]  # [n, n_var, V]
+                target = torch.tensor(cont_toks, device=lp.device)
+                picked = lp.gather(-1, target[:, None, None].expand(n, n_var, 1))[..., 0]
+                greedy = (lp.argmax(-1) == target[:, None]).all(0)
+                answers.append([(float(picked[:, v].sum()), bool(greedy[v])) for v in range(n_var)])
+        return answers
 
     def _continuation_logprobs(self, batch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """[n_variants, batch, P, vocab] log-probs at `pos`, in self.variants order."""
@@ -126,6 +156,18 @@ class SpliceEngine:
             else:
                 spliced[v.name] = lp
         return torch.stack([spliced[v.name] if v.parts else clean for v in self.variants])
+
+    def generation(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
+        """`generate`, remembered (and saved, with a store) per variant and request."""
+        key = json.dumps([variant.name, context, until, max_gen_toks])
+        if key not in self.generations:
+            text = self.store.get("gen:" + key) if self.store is not None else None
+            if text is None:
+                text = self.generate(variant, context, until, max_gen_toks)
+                if self.store is not None:
+                    self.store.put("gen:" + key, text)
+            self.generations[key] = text
+        return self.generations[key]
 
     @torch.no_grad()
     def generate(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
@@ -150,6 +192,29 @@ class SpliceEngine:
         for u in until:
             text = text.split(u)[0]
         return text
+
+
+class RequestStore:
+    """Scored request chunks and generations in one sqlite file (the partial run folder's
+    `.resume/requests.sqlite`), committed one by one, so an interrupted task stage resumes
+    where it stopped. Floats go through JSON, which writes them so they read back exactly.
+    The run folder's identity check (model, SAE file hashes, variants, tasks) guards reuse."""
+
+    def __init__(self, path):
+        self.db = sqlite3.connect(str(path))
+        self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.db.commit()
+
+    def get(self, key: str):
+        row = self.db.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, json.dumps(value)))
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def _hf_tokenizer(lm: LoadedModel):
@@ -232,19 +297,17 @@ class SplicedLM(TemplateLM):
             until = gen_kwargs.get("until", [self.tok_decode([self.eot_token_id])])
             until = [until] if isinstance(until, str) else list(until)
             max_gen = int(gen_kwargs.get("max_gen_toks", 256))
-            key = (self.variant.name, context, tuple(until), max_gen)
-            if key not in self.engine.generations:
-                ctx = self.tok_encode(context)
-                self.engine.generations[key] = self.engine.generate(self.variant, ctx, until, max_gen)
-            out.append(self.engine.generations[key])
+            out.append(self.engine.generation(self.variant, self.tok_encode(context), until, max_gen))
             self.engine._advance(done=1)
         return out
 
 
 def variant_views(lm: LoadedModel, variants: list[Variant], batch_size: int = 8,
-                  max_length: int | None = None, keep_first: bool = True) -> list[SplicedLM]:
+                  max_length: int | None = None, keep_first: bool = True,
+                  store: RequestStore | None = None) -> list[SplicedLM]:
     """One lm-eval model per variant, all sharing one engine (and so one pass)."""
-    engine = SpliceEngine(lm, variants, batch_size=batch_size, max_length=max_length, keep_first=keep_first)
+    engine = SpliceEngine(lm, variants, batch_size=batch_size, max_length=max_length, keep_first=keep_first,
+                          store=store)
     return [SplicedLM(engine=engine, variant=v.name) for v in variants]
 
 
@@ -290,19 +353,21 @@ def quiet_lm_eval():
 
 def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], task_manager=None,
                    batch_size: int = 8, max_length: int | None = None, progress=None,
-                   keep_first: bool = True, **lm_eval_kwargs) -> TaskResults:
+                   keep_first: bool = True, request_store: str | None = None, **lm_eval_kwargs) -> TaskResults:
     """`lm_eval.simple_evaluate` for every variant, sharing one engine (one pass over the data).
 
-    Extra keyword arguments (limit, num_fewshot, log_samples, ...) go to simple_evaluate
-    unchanged. progress(done, total), if given, is called as requests are scored, counting
-    each request once per variant."""
+    `request_store`: a sqlite file that keeps scored requests across an interruption. Extra
+    keyword arguments (limit, num_fewshot, log_samples, ...) go to simple_evaluate unchanged.
+    progress(done, total), if given, is called as requests are scored, counting each request
+    once per variant."""
     import lm_eval
 
-    views = variant_views(lm, variants, batch_size, max_length, keep_first)
+    store = RequestStore(request_store) if request_store is not None else None
+    views = variant_views(lm, variants, batch_size, max_length, keep_first, store)
     if views:
         views[0].engine.on_progress = progress
     out = {}
-    with quiet_lm_eval():
+    with (contextlib.closing(store) if store else contextlib.nullcontext()), quiet_lm_eval():
         for view in views:
             try:
                 out[view.variant.name] = lm_eval.simple_evaluate(model=view, tasks=list(tasks),

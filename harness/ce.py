@@ -101,13 +101,16 @@ def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
 def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, batch_size: int = 8,
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
              progress=None, keep_first: bool = True, massive_factor: float | None = outliers.DEFAULT_FACTOR,
-             exclude_massive: bool = False) -> CEResult:
+             exclude_massive: bool = False, checkpoint=None, checkpoint_every: int = 4) -> CEResult:
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass.
 
     The zero / mean references are fitted on `calib_tokens` (through the model's activation
     cache, so a session's calibration batch is collected once). `massive_factor` None skips
     the detection of massive activations (no extra clean pass); `exclude_massive` leaves the
-    detected positions unspliced and out of T."""
+    detected positions unspliced and out of T. With a `checkpoint` (an object with save(state) /
+    load(), see runfolder.Checkpoint) the running sums are saved every `checkpoint_every`
+    batches and at the end, and a saved state is continued from: the sums are folded in the
+    same order either way, so a resumed run ends bit-identical."""
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
@@ -121,8 +124,16 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
 
     sums = {v.name: VariantSums() for v in all_variants}
     clean = VariantSums()
+    start = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        if sorted(saved["sums"]) != sorted(sums) or saved["batch_size"] != batch_size:
+            raise UserError("the CE checkpoint was written for other variants or another batch size")
+        start, clean, sums = saved["next"], saved["clean"], saved["sums"]
+        if progress is not None:
+            progress(min(start, len(tokens)))
     t0 = time.perf_counter()
-    for i in range(0, len(tokens), batch_size):
+    for i in range(start, len(tokens), batch_size):
         batch = tokens[i:i + batch_size].to(lm.device)
         drop = dropped[i:i + batch_size].to(lm.device)
         in_t = token_set(batch, splicer) & ~drop[:, :-1]
@@ -151,6 +162,9 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
             else:
                 on_massive = union[v.name][i:i + batch_size, :-1].to(in_t.device) & in_t
                 _fold(sums[v.name], logp, clean_ref, targets, in_t, on_massive)
+        done = i // batch_size + 1
+        if checkpoint is not None and (done % checkpoint_every == 0 or i + batch_size >= len(tokens)):
+            checkpoint.save({"next": i + batch_size, "batch_size": batch_size, "clean": clean, "sums": sums})
         if progress is not None:
             progress(min(i + batch_size, len(tokens)))
     seconds = time.perf_counter() - t0

@@ -30,6 +30,12 @@ def _one_line_errors(value_errors: bool):
             except (UserError, ValueError) if value_errors else UserError as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(2)
+            except KeyboardInterrupt:
+                if "resume" in kwargs:
+                    typer.echo("interrupted: the partial run folder is kept; add --resume to continue it", err=True)
+                else:
+                    typer.echo("interrupted", err=True)
+                raise typer.Exit(130)
         return wrapper
     return decorate
 
@@ -128,13 +134,13 @@ def _robust_ev_cell(r: dict) -> str:
     return f"{ev:.3f} ({int(n)})"
 
 
-def _run(cfg, stages) -> None:
+def _run(cfg, stages, resume: bool = False) -> None:
     import time
 
     from harness.pipeline import run_job
 
     t0 = time.perf_counter()
-    result = run_job(cfg, stages, _progress_factory())
+    result = run_job(cfg, stages, _progress_factory(), resume)
     if result.ce is not None:
         excluded = " (massive positions excluded from T)" if cfg.exclude_massive else ""
         print_ce_table(result.ce.records,
@@ -205,6 +211,8 @@ def ce(
     massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
     exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
     out: str = typer.Option("results/ce", help="run folder to write"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
+                                "(same configuration only); saved work is not recomputed"),
 ):
     """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
     _quiet_libraries()
@@ -216,7 +224,7 @@ def ce(
                    reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
                    reference_checkpoints=_csv(reference_checkpoints),
                    checkpoint_tokens=_csv(checkpoint_tokens, float), massive_factor=massive_factor,
-                   exclude_massive=exclude_massive), ("ce",))
+                   exclude_massive=exclude_massive), ("ce",), resume)
 
 
 def _csv(text: str, kind=str) -> list:
@@ -232,6 +240,8 @@ def _csv(text: str, kind=str) -> list:
 @user_errors
 def run(
     out: str = typer.Option("results/main", help="run folder to write"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
+                                "(same configuration only); saved work is not recomputed"),
     tokens: int = typer.Option(8192, help="held-out tokens for the CE suite"),
     mmlu_limit: int = typer.Option(5, help="MMLU questions per subject"),
     full: bool = typer.Option(False, "--full", help="all 14,042 MMLU questions"),
@@ -252,7 +262,7 @@ def run(
     _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, sae_dtype=sae_dtype,
                    device_map=device_map, batch_size=batch_size,
                    mmlu_limit=None if full else mmlu_limit, massive_factor=massive_factor,
-                   exclude_massive=exclude_massive), ("ce", "mmlu"))
+                   exclude_massive=exclude_massive), ("ce", "mmlu"), resume)
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -273,6 +283,8 @@ def lm_eval_command(
     seed: int = typer.Option(0),
     include_path: Optional[str] = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
     out: str = typer.Option("results/lm-eval", help="run folder to write"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
+                                "(same configuration only); saved work is not recomputed"),
 ):
     """Any lm-eval task on the clean model and every SAE variant in one pass.
 
@@ -284,7 +296,7 @@ def lm_eval_command(
     cfg = RunConfig(model=model, saes=list(sae), batch_size=batch_size,
                     device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, seed=seed,
                     out=out, num_fewshot=num_fewshot)
-    res = run_lm_eval(cfg, [t for t in tasks.split(",") if t], limit, include_path, extra, StageBar)
+    res = run_lm_eval(cfg, [t for t in tasks.split(",") if t], limit, include_path, extra, StageBar, resume=resume)
     _print_task_results(res.aggregate)
     typer.echo(f"wrote {out}", err=True)
 

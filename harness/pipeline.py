@@ -22,7 +22,7 @@ from harness import ce, data, mmlu, samples, scaling
 from harness.backend import evaluate_tasks
 from harness.models import EMBEDDED_DEFAULT, UserError
 from harness.references import add_reference_equivalents
-from harness.runfolder import (command_line, machine, model_hash, staging, versions, write_ce,
+from harness.runfolder import (Checkpoint, command_line, machine, model_hash, staging, versions, write_ce,
                                write_compute_equivalents, write_json, write_report, write_tasks)
 from harness.saes import describe
 from harness.session import Session, prepare
@@ -102,8 +102,11 @@ def load_law(spec: str):
         raise UserError(str(e)) from None
 
 
-def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> JobResult:
-    """Prepare the model and SAEs once, run the stages ("ce", "mmlu"), write one run folder."""
+def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool = False) -> JobResult:
+    """Prepare the model and SAEs once, run the stages ("ce", "mmlu"), write one run folder.
+
+    An interrupted run keeps its partial folder; `resume=True` continues it (same identity
+    only: see `identity`) without recomputing the saved CE batches or task requests."""
     law = load_law(cfg.law) if "ce" in stages else None  # a bad law file fails before any model work
     session = session_for(cfg)
     lm, variants = session.lm, session.variants
@@ -112,20 +115,26 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> JobResult:
         tokens = data.pack(lm.tokenizer, data.documents("eval"), cfg.n_seq, cfg.ctx)
     except ValueError as e:
         raise UserError(str(e)) from None
+    hashes = model_hash(lm)
+    tokens_sha = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
     config = {
-        "run": asdict(cfg), "stages": list(stages), "model": lm.load_info | {"hashes": model_hash(lm)},
+        "run": asdict(cfg), "stages": list(stages), "model": lm.load_info | {"hashes": hashes},
         "saes": [describe(r) for r in session.replacements], "variants": {v.name: v.hooks for v in variants},
         "hooks": sorted({r.hook for r in session.replacements}), "versions": versions(), "machine": machine(),
         "calibration": f"{cfg.calib_seqs} x {cfg.ctx} tokens of the train-prose split",
         "command": command_line(),
     }
+    who = identity(session, {k: v for k, v in asdict(cfg).items() if k != "out"}, hashes,
+                   stages=list(stages), tokens_sha256=tokens_sha, law_params=law.to_json() if law else None)
     result = JobResult(config)
-    with staging(Path(cfg.out)) as tmp:
+    folder = staging(Path(cfg.out), who, resume)
+    with folder as tmp:
         if "ce" in stages:
             with stage(progress_factory, "CE suite: sequences", len(tokens)) as progress:
                 res = ce.evaluate(lm, variants, tokens, cfg.batch_size, session.calib_tokens, cfg.n_boot, cfg.seed,
-                                  progress, massive_factor=cfg.massive_factor, exclude_massive=cfg.exclude_massive)
-            config.update(tokens_sha256=hashlib.sha256(tokens.numpy().tobytes()).hexdigest(), massive=res.massive,
+                                  progress, massive_factor=cfg.massive_factor, exclude_massive=cfg.exclude_massive,
+                                  checkpoint=Checkpoint(folder.state / "ce.pt"))
+            config.update(tokens_sha256=tokens_sha, massive=res.massive,
                           data="offline pydoc topics, eval split (harness/data.py)",
                           ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
                           ce_block_cost=res.block_cost)
@@ -138,11 +147,13 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> JobResult:
             result.ce = res
         if "mmlu" in stages:
             with stage(progress_factory, f"MMLU: requests x {len(variants)} variants", None) as progress:
-                res = run_tasks(session, ["mmlu_offline"], mmlu.task_manager(), cfg, cfg.mmlu_limit, progress)
+                res = run_tasks(session, ["mmlu_offline"], mmlu.task_manager(), cfg, cfg.mmlu_limit, progress,
+                                request_store=str(folder.state / "requests.sqlite"))
             config.update(mmlu_seconds=res.seconds, mmlu_engine=res.engine_stats,
                           mmlu_questions=int(res.per_question["doc_id"].count() // len(variants)))
             write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
             result.tasks = res
+        config["resumed"] = folder.resumed
         write_json(tmp / "config.json", config)
         write_report(tmp, Path(cfg.out))
     return result
@@ -162,6 +173,13 @@ def stage(progress_factory, label: str, total: int | None):
         raise
     if close is not None:
         close()
+
+
+def identity(session: Session, options: dict, model_files: dict, **more) -> dict:
+    """What a run's results depend on: a resume must match it key by key."""
+    return {**options, "model_files": model_files,
+            "sae_files": {r.spec: r.files for r in session.replacements if r.files},
+            "variants": [v.name for v in session.variants], **more}
 
 
 def compute_equivalents(records: list[dict], law, law_spec: str):
@@ -193,13 +211,13 @@ def compute_equivalents(records: list[dict], law, law_spec: str):
 
 
 def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, limit=None, progress=None,
-              **lm_eval_kwargs) -> TaskRun:
+              request_store: str | None = None, **lm_eval_kwargs) -> TaskRun:
     """lm-eval tasks for every variant of the session in one pass."""
     t0 = time.perf_counter()
     seeds = {k: cfg.seed for k in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
     results = evaluate_tasks(session.lm, session.variants, tasks, task_manager, batch_size=cfg.batch_size,
                              progress=progress, limit=limit, num_fewshot=cfg.num_fewshot, log_samples=True,
-                             **seeds, **lm_eval_kwargs)
+                             request_store=request_store, **seeds, **lm_eval_kwargs)
     # tasks whose logged target is text (Winogrande) need their lm-eval Task to find the gold choice
     first = next(iter(results.by_variant.values()))["samples"] if results.by_variant else {}
     task_objs = samples.task_objects(samples.needs_task_objects(first), task_manager)
@@ -210,22 +228,28 @@ def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, 
 
 
 def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None, extra: dict | None = None,
-                progress_factory=None) -> TaskRun:
-    """The `lm-eval` command: any tasks, clean + every variant, one run folder."""
+                progress_factory=None, resume: bool = False) -> TaskRun:
+    """The `lm-eval` command: any tasks, clean + every variant, one run folder (resumable)."""
     extra = dict(extra or {})
     session = session_for(cfg)
     try:
         tm = mmlu.task_manager(include_path=include_path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    with stage(progress_factory, f"tasks: requests x {len(session.variants)} variants", None) as progress:
-        res = run_tasks(session, tasks, tm, cfg, limit, progress, **extra)
-    with staging(Path(cfg.out)) as tmp:
+    hashes = model_hash(session.lm)
+    options = dict(model=cfg.model, saes=cfg.saes, tasks=tasks, limit=limit, num_fewshot=cfg.num_fewshot,
+                   batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+                   include_path=include_path, extra=extra)
+    folder = staging(Path(cfg.out), identity(session, options, hashes), resume)
+    with folder as tmp:
+        with stage(progress_factory, f"tasks: requests x {len(session.variants)} variants", None) as progress:
+            res = run_tasks(session, tasks, tm, cfg, limit, progress,
+                            request_store=str(folder.state / "requests.sqlite"), **extra)
         write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
         write_json(tmp / "config.json", {
-            "model": session.lm.load_info, "tasks": ",".join(tasks), "limit": limit,
+            "model": session.lm.load_info | {"hashes": hashes}, "tasks": ",".join(tasks), "limit": limit,
             "num_fewshot": cfg.num_fewshot, "variants": [v.name for v in session.variants],
             "engine": res.engine_stats, "extra": extra, "versions": versions(), "machine": machine(),
-            "command": command_line()})
+            "command": command_line(), "resumed": folder.resumed})
         write_report(tmp, Path(cfg.out))
     return res

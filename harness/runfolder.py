@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -22,27 +23,48 @@ import pandas as pd
 import torch
 
 from harness import tables
-from harness.models import LoadedModel
+from harness.models import LoadedModel, UserError
 from harness.saes import sha256
 from harness.variants import short_hook
 
 
-class staging:
-    """Build a run folder under a temporary name; rename it into place only on success."""
+RESUME_DIR = ".resume"  # inside a partial folder: what --resume needs; removed when the run completes
 
-    def __init__(self, out: Path):
+
+class staging:
+    """Build a run folder under a temporary name (`.NAME.partial` beside it); rename it into
+    place only on success, so the final folder only ever appears complete.
+
+    `identity` is what a run's results depend on (model, SAE files, tokens, options). If the
+    run is interrupted or crashes, the partial folder stays, with its checkpoints under
+    `.resume/`; `resume=True` continues it when the identity is the same and refuses, naming
+    what differs, when it is not. Bad input (UserError) removes the partial folder."""
+
+    def __init__(self, out: Path, identity: dict | None = None, resume: bool = False):
         self.out = Path(out)
-        self.tmp = self.out.with_name(f".{self.out.name}.partial{os.getpid()}")
+        self.tmp = self.out.with_name(f".{self.out.name}.partial")
+        self.state = self.tmp / RESUME_DIR
+        self.identity = json.loads(json.dumps(identity or {}, default=str))  # as it reads back from disk
+        self.resume = resume
+        self.resumed = False
 
     def __enter__(self) -> Path:
+        saved = self.state / "identity.json"
+        if self.resume and saved.is_file():
+            _check_same(json.loads(saved.read_text()), self.identity, self.out)
+            self.resumed = True
+            return self.tmp
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.state.mkdir(parents=True)
+        write_json(saved, self.identity)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
+            if issubclass(exc_type, UserError):
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            return False  # anything else (Ctrl-C, a crash) keeps the partial folder for --resume
+        shutil.rmtree(self.state, ignore_errors=True)
         if self.out.exists():  # replace an older run only once the new one is complete
             old = self.out.with_name(f".{self.out.name}.old{os.getpid()}")
             self.out.replace(old)
@@ -51,6 +73,38 @@ class staging:
         else:
             self.tmp.replace(self.out)
         return False
+
+
+def _check_same(saved: dict, now: dict, out: Path) -> None:
+    """One line naming the first difference (in the identity's own order) and the others."""
+    keys = list(now) + [k for k in saved if k not in now]
+    diff = [k for k in keys if saved.get(k) != now.get(k)]
+    if diff:
+        first = diff[0]
+        more = f"; also differs: {', '.join(diff[1:])}" if diff[1:] else ""
+        raise UserError(f"cannot resume {out}: {first} differs (saved run: {_short(saved.get(first))}; "
+                        f"now: {_short(now.get(first))}){more}; rerun without --resume to start over")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass
+class Checkpoint:
+    """One file of resumable state in a partial run folder, replaced atomically: a reader sees
+    the old state or the new one, never half of it."""
+    path: Path
+
+    def save(self, state) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self):
+        # written by this run's own code into its own folder: plain Python objects and tensors
+        return torch.load(self.path, weights_only=False) if self.path.is_file() else None
 
 
 def write_text(path: Path, text: str) -> None:
