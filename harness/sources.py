@@ -9,7 +9,8 @@ A source is one of
 
 Without --dataset the embedded default reads the built-in prose (harness/data.py), and any
 other model the first SAE's own `dataset_path` from its sae-lens config, as sae-lens'
-run_evals does; failing both, the user is asked for --dataset.
+run_evals does; failing both, the user is asked for --dataset. `--dataset builtin` picks the
+built-in prose for any model.
 
 The evaluated tokens are the first n_seq rows packed from the source, in its order; the
 calibration rows (mean / PCA baselines) are packed from the documents that follow, so they
@@ -31,6 +32,16 @@ from harness.models import EMBEDDED_DEFAULT, UserError
 TOKEN_COLUMNS = ("input_ids", "tokens")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 BUILTIN = "builtin"
+
+
+@dataclass
+class TextRequest:
+    """What the user asked for: --dataset (None = the default), --dataset-config,
+    --dataset-split, --text-column (None = text, else input_ids / tokens)."""
+    dataset: str | None = None
+    config: str | None = None
+    split: str | None = "train"
+    column: str | None = None
 
 
 @dataclass
@@ -199,6 +210,8 @@ def tokens_for_run(source: TextSource, tokenizer, vocab_size: int, n_seq: int, c
 def _take(docs: Iterator[list[int]], need: int) -> tuple[list[int], int]:
     """Whole documents from the iterator until `need` ids are there (the last one cut)."""
     out, n = [], 0
+    if need <= 0:
+        return out, n
     for ids in docs:
         out.extend(ids)
         n += 1

@@ -118,9 +118,9 @@ def test_missing_package_is_one_clear_line(monkeypatch):
 
 
 def test_nearest_task_names():
-    assert benchmarks.nearest_task_names("hellaswag")[0] == "hellaswag_offline"
-    assert benchmarks.nearest_task_names("arc_easy_ofline")[0] == "arc_easy_offline"
-    assert "mmlu_offline_anatomy" in benchmarks.nearest_task_names("mmlu_anatomy")
+    assert mmlu.nearest_task_names("hellaswag")[0] == "hellaswag_offline"
+    assert mmlu.nearest_task_names("arc_easy_ofline")[0] == "arc_easy_offline"
+    assert "mmlu_offline_anatomy" in mmlu.nearest_task_names("mmlu_anatomy")
 
 
 def test_samples_carry_per_question_data(tm):
