@@ -34,7 +34,7 @@ DEFAULT_SAES = ["l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32",
                 "l15-w2304-k32+l22-w1152-k32", "pca:32", "neurons:32"]
 # The main job's tasks -> documents per task (MMLU: per subject), chosen by timing on 2 CPU
 # cores so that `make run` stays under 10 minutes (README); None = every document.
-MAIN_TASKS = {"mmlu_offline": 5, "hellaswag_offline": 40, "arc_easy_offline": 60, "piqa_offline": 60,
+MAIN_TASKS = {"mmlu_offline": 3, "hellaswag_offline": 40, "arc_easy_offline": 50, "piqa_offline": 50,
               "winogrande_offline": 80}
 
 

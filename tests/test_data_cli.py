@@ -143,7 +143,7 @@ def test_lm_eval_options_are_lm_evals(tiny_hf_dir, tmp_path):
     ref = _hflm_reference(tiny_hf_dir, "piqa_offline", limit=4, num_fewshot=1, random_seed=3, numpy_random_seed=3,
                           torch_random_seed=3, fewshot_random_seed=3)
     files = {p.parent.parent.name: p for p in lm_out.glob("*/*/results_*.json")}
-    assert set(files) == {"clean", "zero_1.resid_post"}
+    assert set(files) == {"clean", "zero@1.resid_post"}  # lm-eval's sanitize_model_name keeps @
     ours = json.loads(files["clean"].read_text())
     assert ours["n-shot"]["piqa_offline"] == 1
     assert ours["results"]["piqa_offline"]["acc,none"] == ref["results"]["piqa_offline"]["acc,none"]
