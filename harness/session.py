@@ -4,7 +4,9 @@ Every command that runs a model (`run`, `ce`, `lm-eval`, `bench`, the lm-eval mo
 `sae-spliced`) starts with `prepare(...)`, so they all load the model the way the SAEs were
 trained (their `model_from_pretrained_kwargs`), refuse the same bad input (SAE for another
 model, unknown hook, wrong width) with the same message, and fit the mean / PCA baselines on
-the same calibration batch (the train-prose split, never evaluated tokens).
+the same calibration batch. Without a `text` request that batch is the built-in train-prose
+split; with one (`--dataset`, harness/sources.py) the evaluated tokens and the calibration
+batch are cut from the same source, the calibration from documents after the evaluated ones.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from harness import data
+from harness import data, sources
 from harness.models import LoadedModel, UserError, check_device, load_model
 from harness.saes import Replacement, same_model
 from harness.splice import activation_widths, calibrate, check_hooks
@@ -28,15 +30,21 @@ class Session:
     replacements: list[Replacement]  # each distinct SAE / baseline once, checked and calibrated
     calib_tokens: torch.Tensor | None  # [calib_seqs, ctx] train-prose tokens; None without replacements
     calibration: str = ""  # how the calibration batch was made, for config.json
+    tokens: torch.Tensor | None = None  # [eval_seqs, ctx] evaluated tokens when `text` asked for them
+    data_info: dict | None = None  # provenance of tokens / calibration (sources.tokens_for_run)
 
 
 def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: str = "cpu",
-            dtype: str = "float32", sae_dtype: str = "float32", device_map: str | None = None, calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
-            make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None) -> Session:
+            dtype: str = "float32", sae_dtype: str = "float32", device_map: str | None = None,
+            calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
+            make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None,
+            text: sources.TextRequest | None = None, eval_seqs: int = 0) -> Session:
     """Load `model` and the `saes` specs, check they fit together, calibrate baselines.
 
     `make_replacements(lm)` adds replacements built in memory for the loaded model (the
-    bench's random SAEs); each becomes a variant of its own and is checked like the rest."""
+    bench's random SAEs); each becomes a variant of its own and is checked like the rest.
+    `text` names where tokens come from: `eval_seqs` evaluated rows of `ctx` tokens
+    (Session.tokens) and the calibration batch, both from that source."""
     check_device(device)
     variants, repls = build_variants(list(saes), joint, device, sae_dtype) if saes else ([Variant(CLEAN, {})], [])
     kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
@@ -46,6 +54,12 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
         repls = repls + extra
         variants = variants + variants_of([[r] for r in extra])[1:]
     check_compatible(lm, repls)
+    if text is not None and (eval_seqs or any(r.needs_calibration for r in repls)):
+        src = sources.open_source(text.dataset, model, repls, text.config, text.split, text.column)
+        tokens, calib, info = sources.tokens_for_run(src, lm.tokenizer, int(lm.model.cfg.d_vocab), eval_seqs,
+                                                     ctx, calib_seqs)
+        calibrate(lm, repls, calib, batch_size)
+        return Session(lm, variants, repls, calib, info["calibration"], tokens if eval_seqs else None, info)
     calib, how = None, ""
     if repls:
         try:

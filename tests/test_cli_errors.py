@@ -29,7 +29,7 @@ def _run(args, out):
 
 def _ce(tiny_hf_dir, sae, tmp_path):
     out = tmp_path / "run"
-    code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--tokens", "64", "--ctx", "16"], out)
+    code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--tokens", "64", "--ctx", "16", "--dataset", "builtin"], out)
     assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert not out.exists() and not list(tmp_path.glob(".run*"))
@@ -164,7 +164,7 @@ def test_bad_law_file_is_refused_before_any_model_work(tiny_hf_dir, tmp_path, mo
         law = tmp_path / "law.json"
         law.write_text(text)
         out = tmp_path / "run"
-        code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", f"zero@{HOOK}", "--law", str(law),
+        code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", f"zero@{HOOK}", "--dataset", "builtin", "--law", str(law),
                             "--tokens", "64", "--ctx", "16"], out)
         assert code == 2 and len(lines) == 1 and why in lines[0], lines
         assert not out.exists()

@@ -95,12 +95,13 @@ def test_main_job_end_to_end(tmp_path):
     """`sae-harness run` (small): the run folder holds every promised file and field, and
     `sae-harness table` rebuilds the saved category table from the per-question results."""
     import numpy as np
+    import pandas as pd
     from typer.testing import CliRunner
 
     from harness.cli import app
 
     out = tmp_path / "main"
-    result = CliRunner().invoke(app, ["run", "--out", str(out), "--tokens", "512", "--mmlu-limit", "1"])
+    result = CliRunner().invoke(app, ["run", "--out", str(out), "--tokens", "512", "--limit", "1"])
     assert result.exit_code == 0, result.stderr
     for name in ("config.json", "metrics.json", "tokens.npy", "ce.md", "ce.csv", "compute.png", "report.html",
                  "per_question.csv", "mmlu_category.md", "mmlu_category.tex", "mmlu_subject.csv", "tasks.md",
@@ -131,5 +132,9 @@ def test_main_job_end_to_end(tmp_path):
     assert np.load(out / "tokens.npy").shape == (4, 128)
     config = json.loads((out / "config.json").read_text())
     assert config["versions"]["sae-lens"] and config["saes"][0]["files"]
+    assert config["data"]["source"] == "builtin" and config["data"]["tokens_sha256"] == config["tokens_sha256"]
+    per_q = pd.read_csv(out / "per_question.csv")  # MMLU 1 per subject, 1 of each other task
+    assert per_q[per_q.variant == "clean"].groupby("task").size().to_dict() == {
+        "mmlu": 57, "hellaswag_offline": 1, "arc_easy_offline": 1, "piqa_offline": 1, "winogrande_offline": 1}
     rebuilt = CliRunner().invoke(app, ["table", str(out), "--format", "md"])
     assert rebuilt.exit_code == 0 and rebuilt.stdout.strip() == (out / "mmlu_category.md").read_text().strip()

@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from scipy.optimize import brentq, minimize_scalar
 from typer.testing import CliRunner
 
@@ -204,7 +203,7 @@ def test_ce_command_writes_compute_equivalents(tiny_hf_dir, tmp_path):
     sae = tmp_path / "sae"
     make_topk_sae(32, 64, 4, HOOK, str(tiny_hf_dir)).save_model(sae)
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--tokens", "64",
+    res = CliRunner().invoke(app, ["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--dataset", "builtin", "--tokens", "64",
                                    "--ctx", "16", "--out", str(out)])
     assert res.exit_code == 0, res.stderr
     records = json.loads((out / "metrics.json").read_text())

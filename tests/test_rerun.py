@@ -18,8 +18,8 @@ HOOK = "blocks.1.hook_resid_post"
 def test_ce_rerun_is_bit_identical(tiny_hf_dir, tmp_path):
     sae = tmp_path / "sae"
     make_topk_sae(32, 64, 4, HOOK, str(tiny_hf_dir)).save_model(sae)
-    args = ["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--sae", "pca:4", "--tokens", "256",
-            "--ctx", "32", "--batch-size", "4"]
+    args = ["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--sae", "pca:4", "--dataset", "builtin", "--tokens", "256",
+            "--ctx", "32", "--batch-size", "4", "--dataset", "builtin"]
     first, second = tmp_path / "first", tmp_path / "second"
     result = CliRunner().invoke(app, [*args, "--out", str(first)])
     assert result.exit_code == 0, result.stderr

@@ -27,7 +27,7 @@ def sae(tiny_hf_dir, tmp_path_factory):
 
 def _cfg(tiny_hf_dir, sae, out, tokens=512):
     return RunConfig(model=str(tiny_hf_dir), saes=[str(sae), "pca:4"], tokens=tokens, ctx=32, batch_size=2,
-                     out=str(out))
+                     dataset="builtin", out=str(out))
 
 
 def _recording(seen: list, stop_at=None):
@@ -73,7 +73,7 @@ def test_resume_with_another_configuration_is_refused(tiny_hf_dir, sae, tmp_path
     with pytest.raises(UserError, match=r"cannot resume .*run: tokens differs \(saved run: 512; now: 256\)"):
         run_job(_cfg(tiny_hf_dir, sae, out, tokens=256), resume=True)
     assert (tmp_path / ".run.partial" / ".resume" / "ce.pt").is_file()  # still there to resume properly
-    result = CliRunner().invoke(app, ["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--sae", "pca:8",
+    result = CliRunner().invoke(app, ["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--sae", "pca:8", "--dataset", "builtin",
                                       "--tokens", "512", "--ctx", "32", "--batch-size", "2", "--out", str(out),
                                       "--resume"])
     lines = [l for l in result.stderr.splitlines() if l.strip()]
