@@ -31,7 +31,7 @@ from lm_eval.models.utils_hf import pad_and_concat
 
 from harness.models import LoadedModel, UserError
 from harness.session import prepare
-from harness.splice import Splicer, splice_hooks
+from harness.splice import Splicer
 from harness.variants import Variant
 
 
@@ -50,7 +50,7 @@ class SpliceEngine:
                 r.to(lm.device)
         self.max_length = max_length or int(getattr(lm.model.cfg, "n_ctx", 2048) or 2048)
         self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
-        self.generations: dict[tuple, str] = {}
+        self.generations: dict[tuple, list[str]] = {}  # (ctx, until, max) -> text per variant
         self.forward_stats = {"tokens": 0, "batches": 0, **self.splicer.block_cost(variants)}
         # Progress over the real work: (requests answered, requests seen) counted once per
         # variant, so a bar moves as batches are scored, whichever variant's view asked.
@@ -127,29 +127,29 @@ class SpliceEngine:
                 spliced[v.name] = lp
         return torch.stack([spliced[v.name] if v.parts else clean for v in self.variants])
 
-    @torch.no_grad()
     def generate(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
-        """Greedy decoding with the splice active (no KV cache: the splice mask stays exact)."""
-        tokens = torch.tensor([context[-self.max_length:]], device=self.lm.device)
-        new: list[int] = []
-        eos = self.tokenizer.eos_token_id
-        for _ in range(max_gen_toks):
-            mask = self.splicer.splice_mask(tokens, None)
-            pre = self.splicer.branch_points(tokens)[self.splicer.variant_layer(variant)]
-            last = torch.tensor([[tokens.shape[1] - 1]], device=tokens.device)
-            logits = self.splicer.tail(pre, splice_hooks(variant, mask) if variant.parts else [], positions=last)
-            nxt = int(logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            new.append(nxt)
-            text = self.tokenizer.decode(new)
-            if any(u in text for u in until):
-                break
-            tokens = torch.cat([tokens, torch.tensor([[nxt]], device=tokens.device)], dim=1)[:, -self.max_length:]
-        text = self.tokenizer.decode(new)
-        for u in until:
-            text = text.split(u)[0]
-        return text
+        """The variant's continuation of `context` up to a stop string, EOS or max_gen_toks.
+
+        Every variant of the engine generates in the same batch (`harness.generate`: HF
+        generate with a KV cache, greedy as lm-eval's default); the others are cached for
+        their own views. The context keeps its last max_length - max_gen_toks tokens, as HFLM."""
+        from harness.generate import generate
+
+        context = context[-max(self.max_length - max_gen_toks, 1):]
+        key = (tuple(context), tuple(until), max_gen_toks)
+        if key not in self.generations:
+            rows = generate(self.lm, self.variants, context, max_gen_toks, tokenizer=self.tokenizer,
+                            until=until, keep_first=self.splicer.keep_first)
+            eos = self.tokenizer.eos_token_id
+            texts = []
+            for ids in rows:
+                ids = ids[:-1] if ids and ids[-1] == eos else ids
+                text = self.tokenizer.decode(ids)
+                for u in until:
+                    text = text.split(u)[0]
+                texts.append(text)
+            self.generations[key] = texts
+        return self.generations[key][self.index(variant.name)]
 
 
 def _hf_tokenizer(lm: LoadedModel):
@@ -230,11 +230,7 @@ class SplicedLM(TemplateLM):
             until = gen_kwargs.get("until", [self.tok_decode([self.eot_token_id])])
             until = [until] if isinstance(until, str) else list(until)
             max_gen = int(gen_kwargs.get("max_gen_toks", 256))
-            key = (self.variant.name, context, tuple(until), max_gen)
-            if key not in self.engine.generations:
-                ctx = self.tok_encode(context)
-                self.engine.generations[key] = self.engine.generate(self.variant, ctx, until, max_gen)
-            out.append(self.engine.generations[key])
+            out.append(self.engine.generate(self.variant, self.tok_encode(context), until, max_gen))
             self.engine._advance(done=1)
         return out
 

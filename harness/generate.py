@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from harness.models import LoadedModel, to_hf_module_path
-from harness.splice import Splicer, Variant, splice_hooks
+from harness.splice import Splicer, splice_hooks
+from harness.variants import Variant
 
 
 @dataclass

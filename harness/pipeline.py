@@ -131,7 +131,7 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> JobResult:
             config["compute_equivalents"] = {"law": cfg.law, "E_band": band}
             if cfg.reference_models or cfg.reference_checkpoints:
                 config["references"] = add_reference_equivalents(res.records, lm, tokens, cfg)
-            write_ce(tmp, res.records, res.per_token_dce, tokens)
+            write_ce(tmp, res.records, res.per_token_dce, tokens, res.per_token_top3, lm.tokenizer)
             result.ce = res
         if "mmlu" in stages:
             with stage(progress_factory, f"MMLU: requests x {len(variants)} variants", None) as progress:
@@ -140,6 +140,12 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> JobResult:
                           mmlu_questions=int(res.per_question["doc_id"].count() // len(variants)))
             write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
             result.tasks = res
+        if "generations" in stages:  # the built-in prompts, every variant side by side
+            from harness.talk import write_generations
+
+            t0 = time.perf_counter()
+            write_generations(tmp, lm, variants)
+            config["generations_seconds"] = time.perf_counter() - t0
         write_json(tmp / "config.json", config)
         write_report(tmp, Path(cfg.out))
     return result

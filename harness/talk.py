@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness.generate import Sampling, first_divergence, generate, score_continuation
 from harness.models import LoadedModel, UserError
-from harness.splice import Variant
+from harness.variants import CLEAN, Variant
 
 # (kind, prompt, chat): one of each kind of text, short enough for a 135M model.
 BUILTIN_PROMPTS = [
@@ -33,7 +33,7 @@ BUILTIN_PROMPTS = [
 
 def with_clean(variants: list[Variant]) -> list[Variant]:
     """The clean model first (the reference every variant is compared with), once."""
-    return [Variant("clean", {})] + [v for v in variants if v.parts]
+    return [Variant(CLEAN, {})] + [v for v in variants if v.parts]
 
 
 def encode(tokenizer, prompt: str | list[dict], chat: bool) -> list[int]:
@@ -98,13 +98,14 @@ def panels(result: dict, tokenizer):
     out = []
     for name, r in result.items():
         before, token, rest = split_at_divergence(tokenizer, r["token_ids"], r["first_divergence"])
-        text = Text(before)
-        if token or r["first_divergence"] is not None:
+        where = "same as clean" if r["first_divergence"] is None else f"departs at token {r['first_divergence']}"
+        stats = f"logp/tok {r['clean_logprob']:.2f}" + ("" if name == "clean" else f", KL {r['kl']:.3f}\n{where}")
+        text = Text(stats + "\n", style="dim")
+        text.append(before)
+        if r["first_divergence"] is not None:
             text.append(token or "<end>", style="bold white on red")
             text.append(rest, style="yellow")
-        where = "same as clean" if r["first_divergence"] is None else f"departs at token {r['first_divergence']}"
-        sub = f"logp/tok {r['clean_logprob']:.2f}" + ("" if name == "clean" else f" | KL {r['kl']:.3f} | {where}")
-        out.append(Panel(text, title=name, subtitle=sub, width=48))
+        out.append(Panel(text, title=name, width=48))
     return out
 
 
@@ -151,4 +152,62 @@ def write_generations(folder: Path, lm: LoadedModel, variants: list[Variant], to
     (folder / "generations.json").write_text(json.dumps({"max_new_tokens": max_new_tokens, "sampling": "greedy",
                                                          "prompts": records}, indent=2))
     (folder / "generations.md").write_text(markdown(records, tokenizer))
+    return records
+
+
+# -- the `talk` command ---------------------------------------------------------------
+
+def check_options(prompts: list[str], prompt_file: str | None, max_new_tokens: int, temperature: float,
+                  top_p: float) -> list[str]:
+    """Validate before loading anything; returns the prompts to run (none = interactive)."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be positive (got {max_new_tokens})")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if prompts and prompt_file:
+        raise UserError("give --prompt or --prompts, not both")
+    if any(not p.strip() for p in prompts):
+        raise UserError("empty prompt")
+    return read_prompts(prompt_file) if prompt_file else list(prompts)
+
+
+def run_talk(model: str, saes: list[str], prompts: list[str], chat: bool, max_new_tokens: int,
+             sampling: Sampling, as_json: bool, joint: bool = False, device: str = "cpu",
+             dtype: str = "float32", ask=None, echo=print, console=None) -> list[dict]:
+    """Load the model and variants, then answer every prompt (or, with none, prompts read
+    from `ask()` until it returns None). Returns the per-prompt records."""
+    import time
+
+    from harness.backend import _hf_tokenizer
+    from harness.session import prepare
+
+    session = prepare(model, saes, joint=joint, device=device, dtype=dtype)
+    lm, variants = session.lm, session.variants
+    tokenizer = _hf_tokenizer(lm)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"--chat: the tokenizer of {model} has no chat template")
+    history: list[dict] = []
+    records = []
+    queue = iter(prompts) if prompts else iter(ask, None)
+    for prompt in queue:
+        if not prompt.strip():
+            continue  # interactive: an empty line asks again
+        messages = history + [{"role": "user", "content": prompt}]
+        ids = encode(tokenizer, messages if chat else prompt, chat)
+        t0 = time.perf_counter()
+        result = talk_one(lm, variants, ids, tokenizer, max_new_tokens, sampling)
+        seconds = time.perf_counter() - t0
+        record = {"prompt": prompt, "variants": result}
+        records.append(record)
+        if as_json:
+            echo(json.dumps(record))
+        else:
+            print_result(console, prompt, result, tokenizer)
+            n = sum(len(r["token_ids"]) for r in result.values())
+            console.print(f"[dim]{n} tokens from {len(result)} variants in {seconds:.1f} s "
+                          f"({n / seconds:.1f} tokens/s, scoring included)[/dim]")
+        if chat and not prompts:  # the conversation goes on with the clean model's answer
+            history = messages + [{"role": "assistant", "content": result["clean"]["text"]}]
     return records
