@@ -86,7 +86,12 @@ def _token_text(folder: Path, tokens: np.ndarray, top3: dict) -> dict[int, str]:
     try:  # an older run: decode with the run's own tokenizer
         from transformers import AutoTokenizer
 
-        source = json.loads((folder / "config.json").read_text())["model"]["source"]
+        from harness.models import EMBEDDED_DEFAULT, embedded_checkpoint
+
+        model = json.loads((folder / "config.json").read_text())["model"]
+        source = model.get("source") or model["spec"]
+        if model.get("spec") == EMBEDDED_DEFAULT and not Path(source).exists():
+            source = embedded_checkpoint()  # made on another machine: the same checkpoint, cached here
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:
         raise UserError(f"{folder} has no token_text.json and its tokenizer cannot be loaded: {e}") from None
@@ -176,7 +181,9 @@ def markdown(report: dict) -> str:
     variants = report["variants"]
     names = list(variants)
     lines = ["# Where the damage lives", "",
-             "Per-token dCE = -log p_spliced(next) + log p_clean(next) over the token set T of the CE run.", "",
+             "Per-token dCE = -log p_spliced(next) + log p_clean(next) over the token set T of the CE run. "
+             "`worst 1% carry` = the summed dCE of the ceil(1% |T|) most damaged tokens over the summed dCE of "
+             "all of T (above 100% when the other tokens are, on balance, made better).", "",
              "| variant | mean dCE | worst 1% carry | worst 10% carry | tokens made worse | made better |",
              "|---|---:|---:|---:|---:|---:|"]
     for n, s in variants.items():
@@ -201,9 +208,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"## {n}: the {len(s['worst'])} most damaged positions", "",
                   "| dCE | context | next | clean top-3 | spliced top-3 |", "|---:|---|---|---|---|"]
         for w in s["worst"]:
-            top = {k: ", ".join(f"{_cell(t)!s} {p:.2f}" for t, p in w.get(k, [])) or "-" for k in ("clean_top3", "spliced_top3")}
+            top = {k: ", ".join(f"{_cell(t)} {p:.3g}" for t, p in w.get(k, [])) or "-" for k in ("clean_top3", "spliced_top3")}
             lines.append(f"| {w['dce']:.2f} | {_cell(w['context'])} | {_cell(w['next_token'])} "
-                         f"(p {w['p_clean']:.2f} -> {w['p_spliced']:.2f}) | {top['clean_top3']} | {top['spliced_top3']} |")
+                         f"(p {w['p_clean']:.3g} -> {w['p_spliced']:.3g}) | {top['clean_top3']} | {top['spliced_top3']} |")
     return "\n".join(lines) + "\n"
 
 
