@@ -19,8 +19,7 @@ import torch
 
 from harness.backend import _hf_tokenizer
 from harness.generate import Sampling, StopTracker, _generate_no_cache, generate
-from harness.models import load_model
-from harness.runner import build_variants, check_compatible
+from harness.session import prepare
 from harness.splice import Splicer
 
 PROMPT = "The capital of France is"
@@ -28,9 +27,8 @@ PROMPT = "The capital of France is"
 
 def main(n_new: int = 64) -> None:
     torch.set_grad_enabled(False)
-    sae_variants, repls = build_variants(["l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32"], False, "cpu")
-    lm = load_model()
-    check_compatible(lm, repls)
+    session = prepare("smollm2-135m", ["l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32"])
+    lm, sae_variants = session.lm, session.variants
     tok = _hf_tokenizer(lm)
     ids = tok(PROMPT).input_ids
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "

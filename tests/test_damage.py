@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import make_topk_sae
 from harness import damage
 from harness.cli import app
-from harness.runner import RunConfig, run_job
+from harness.pipeline import RunConfig, run_job
 
 HOOK = "blocks.1.hook_resid_post"
 
