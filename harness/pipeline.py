@@ -141,10 +141,11 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None) -> JobResult:
             write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
             result.tasks = res
         if "generations" in stages:  # the built-in prompts, every variant side by side
-            from harness.talk import write_generations
+            from harness.talk import BUILTIN_PROMPTS, write_generations
 
             t0 = time.perf_counter()
-            write_generations(tmp, lm, variants)
+            with stage(progress_factory, "Generations: prompts", len(BUILTIN_PROMPTS)) as progress:
+                write_generations(tmp, lm, variants, progress=progress)
             config["generations_seconds"] = time.perf_counter() - t0
         write_json(tmp / "config.json", config)
         write_report(tmp, Path(cfg.out))

@@ -138,7 +138,8 @@ def markdown(records: list[dict], tokenizer) -> str:
 
 
 def write_generations(folder: Path, lm: LoadedModel, variants: list[Variant], tokenizer=None,
-                      prompts=BUILTIN_PROMPTS, max_new_tokens: int = 32, keep_first: bool = True) -> list[dict]:
+                      prompts=BUILTIN_PROMPTS, max_new_tokens: int = 32, keep_first: bool = True,
+                      progress=None) -> list[dict]:
     """The main job's generations.json / generations.md for the built-in prompts (greedy)."""
     from harness.backend import _hf_tokenizer
 
@@ -149,6 +150,8 @@ def write_generations(folder: Path, lm: LoadedModel, variants: list[Variant], to
         ids = encode(tokenizer, prompt, chat)
         result = talk_one(lm, variants, ids, tokenizer, max_new_tokens, keep_first=keep_first)
         records.append({"kind": kind, "prompt": prompt, "chat": chat, "variants": result})
+        if progress is not None:
+            progress(len(records))
     (folder / "generations.json").write_text(json.dumps({"max_new_tokens": max_new_tokens, "sampling": "greedy",
                                                          "prompts": records}, indent=2))
     (folder / "generations.md").write_text(markdown(records, tokenizer))

@@ -214,3 +214,24 @@ def test_talk_chat_without_template(tiny_hf_dir, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     code, out, err = _talk(["--model", str(folder), "--prompt", "hi", "--chat"])
     assert code == 2 and err == [f"error: --chat: the tokenizer of {folder} has no chat template"]
+
+
+def test_main_job_generations_stage(tiny_hf_dir, tmp_path, hf_plain):
+    """The pipeline's generations stage writes the built-in prompts for every variant; the clean
+    texts are plain Hugging Face greedy continuations of the same token ids."""
+    from harness.pipeline import RunConfig, run_job
+    from harness.talk import BUILTIN_PROMPTS, encode
+
+    hf, tok = hf_plain
+    out = tmp_path / "run"
+    run_job(RunConfig(model=str(tiny_hf_dir), saes=[f"zero@{SAE_HOOK}"], tokens=32, ctx=16, calib_seqs=2,
+                      out=str(out)), ("generations",))
+    gens = json.loads((out / "generations.json").read_text())["prompts"]
+    assert [g["prompt"] for g in gens] == [p for _, p, _ in BUILTIN_PROMPTS]
+    md = (out / "generations.md").read_text()
+    for g, (_, prompt, chat) in zip(gens, BUILTIN_PROMPTS):
+        assert list(g["variants"]) == ["clean", "zero@1.resid_post"] and g["chat"] == chat
+        assert f"`{prompt.splitlines()[0]}" in md
+    ids = encode(tok, gens[0]["prompt"], gens[0]["chat"])
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gens[0]["variants"]["clean"]["token_ids"] == want[0, len(ids):].tolist()
