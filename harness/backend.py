@@ -35,7 +35,7 @@ from lm_eval.models.utils_hf import pad_and_concat
 
 from harness.models import LoadedModel, UserError, hook_device
 from harness.session import prepare
-from harness.splice import Splicer, splice_hooks
+from harness.splice import Splicer
 from harness.variants import Variant
 
 
@@ -55,7 +55,7 @@ class SpliceEngine:
                 r.to(hook_device(lm, r.hook))
         self.max_length = max_length or int(getattr(lm.model.cfg, "n_ctx", 2048) or 2048)
         self.cache: dict[tuple, list[tuple[float, bool]]] = {}  # (ctx, cont) -> answer per variant
-        self.generations: dict[str, str] = {}
+        self.generations: dict[tuple, list[str]] = {}  # (ctx, until, max) -> text per variant
         self.forward_stats = {"tokens": 0, "batches": 0, **self.splicer.block_cost(variants)}
         # Progress over the real work: (requests answered, requests seen) counted once per
         # variant, so a bar moves as batches are scored, whichever variant's view asked.
@@ -159,40 +159,38 @@ class SpliceEngine:
         return torch.stack([spliced[v.name] if v.parts else clean for v in self.variants])
 
     def generation(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
-        """`generate`, remembered (and saved, with a store) per variant and request."""
-        key = json.dumps([variant.name, context, until, max_gen_toks])
-        if key not in self.generations:
-            text = self.store.get("gen:" + key) if self.store is not None else None
-            if text is None:
-                text = self.generate(variant, context, until, max_gen_toks)
-                if self.store is not None:
-                    self.store.put("gen:" + key, text)
-            self.generations[key] = text
-        return self.generations[key]
-
-    @torch.no_grad()
-    def generate(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
-        """Greedy decoding with the splice active (no KV cache: the splice mask stays exact)."""
-        tokens = torch.tensor([context[-self.max_length:]], device=self.lm.device)
-        new: list[int] = []
-        eos = self.tokenizer.eos_token_id
-        for _ in range(max_gen_toks):
-            mask = self.splicer.splice_mask(tokens, None)
-            pre = self.splicer.branch_points(tokens)[self.splicer.variant_layer(variant)]
-            last = torch.tensor([[tokens.shape[1] - 1]], device=tokens.device)
-            logits = self.splicer.tail(pre, splice_hooks(variant, mask) if variant.parts else [], positions=last)
-            nxt = int(logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            new.append(nxt)
-            text = self.tokenizer.decode(new)
-            if any(u in text for u in until):
-                break
-            tokens = torch.cat([tokens, torch.tensor([[nxt]], device=tokens.device)], dim=1)[:, -self.max_length:]
-        text = self.tokenizer.decode(new)
-        for u in until:
-            text = text.split(u)[0]
+        """`generate`, saved per variant and request when the engine has a store (resume)."""
+        key = "gen:" + json.dumps([variant.name, context, until, max_gen_toks])
+        text = self.store.get(key) if self.store is not None else None
+        if text is None:
+            text = self.generate(variant, context, until, max_gen_toks)
+            if self.store is not None:
+                self.store.put(key, text)
         return text
+
+    def generate(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
+        """The variant's continuation of `context` up to a stop string, EOS or max_gen_toks.
+
+        Every variant of the engine generates in the same batch (`harness.generate`: HF
+        generate with a KV cache, greedy as lm-eval's default); the others are cached for
+        their own views. The context keeps its last max_length - max_gen_toks tokens, as HFLM."""
+        from harness.generate import generate
+
+        context = context[-max(self.max_length - max_gen_toks, 1):]
+        key = (tuple(context), tuple(until), max_gen_toks)
+        if key not in self.generations:
+            rows = generate(self.lm, self.variants, context, max_gen_toks, tokenizer=self.tokenizer,
+                            until=until, keep_first=self.splicer.keep_first)
+            eos = self.tokenizer.eos_token_id
+            texts = []
+            for ids in rows:
+                ids = ids[:-1] if ids and ids[-1] == eos else ids
+                text = self.tokenizer.decode(ids)
+                for u in until:
+                    text = text.split(u)[0]
+                texts.append(text)
+            self.generations[key] = texts
+        return self.generations[key][self.index(variant.name)]
 
 
 class RequestStore:

@@ -46,6 +46,9 @@ class CEResult:
     start_layer: int  # first block where a variant branches off the shared clean pass
     block_cost: dict  # blocks run per batch, shared pass vs one forward per variant
     massive: dict | None = None  # outliers.summary: factor, excluded, per hook median / threshold / positions
+    # "NAME.ids" / "NAME.p": the 3 most likely next tokens and their probabilities at every
+    # position [n_seq, ctx-1, 3], clean and every variant (for the damage report)
+    per_token_top3: dict[str, np.ndarray] | None = None
 
     def by_variant(self) -> dict[str, dict]:
         return {r["variant"]: r for r in self.records}
@@ -91,6 +94,8 @@ class VariantSums:
     per_token: list = field(default_factory=list)  # [B, ctx-1] nll, NaN outside T
     massive: dict = field(default_factory=dict)  # hook -> HookStats over its massive positions only
     kl_massive: float = 0.0  # KL summed over positions massive at any of the variant's hooks
+    top_ids: list = field(default_factory=list)  # [B, ctx-1, 3] the 3 most likely next tokens
+    top_p: list = field(default_factory=list)  # [B, ctx-1, 3] their probabilities
 
 
 def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
@@ -193,9 +198,14 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
                                np.concatenate(sums[v.name].nll_seq), boot_idx, sums[v.name]))
         records[-1].update(_massive_fields(sums[v.name], per_token[v.name], in_t_all.numpy(),
                                            union[v.name][:, :-1].numpy(), massive_factor is not None))
+    top3 = {}
+    for name, s in [("clean", clean), *sums.items()]:
+        top3[f"{name}.ids"] = torch.cat(s.top_ids).numpy()
+        top3[f"{name}.p"] = torch.cat(s.top_p).numpy()
     return CEResult(records, per_token, seconds, int(counts.sum()), splicer.start_layer,
                     splicer.block_cost(all_variants),
-                    None if massive_factor is None else outliers.summary(massive, massive_factor, exclude_massive))
+                    None if massive_factor is None else outliers.summary(massive, massive_factor, exclude_massive),
+                    top3)
 
 
 def _find_massive(lm, hooks, tokens, splicer, factor, exclude, batch_size):
@@ -244,6 +254,9 @@ def _fold(acc: VariantSums, logp, clean_ref, targets, in_t, on_massive=None) -> 
     nll = torch.where(in_t, nll, torch.zeros_like(nll))
     acc.nll_seq.append(nll.sum(1).double().cpu().numpy())
     acc.per_token.append(torch.where(in_t, nll, torch.full_like(nll, float("nan"))).cpu())
+    top = logp.topk(3, dim=-1)  # for the damage report's most damaged positions
+    acc.top_ids.append(top.indices.to(torch.int32).cpu())
+    acc.top_p.append(top.values.exp().float().cpu())
     if clean_ref is not None:
         p_clean, neg_entropy = clean_ref
         kl = neg_entropy - (p_clean * logp).sum(-1)

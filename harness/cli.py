@@ -299,7 +299,7 @@ def run(
                    device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, batch_size=batch_size,
                    num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
                    massive_factor=massive_factor, exclude_massive=exclude_massive,
-                   **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks"), resume)
+                   **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks", "generations"), resume)
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -359,6 +359,56 @@ def _print_task_results(aggregate: dict) -> None:
             cells.append("-" if not isinstance(value, (int, float)) else f"{value:.4f}")
         table.add_row(f"{task} ({key.split(',')[0]})", *cells)
     Console(width=200).print(table)
+
+
+@app.command()
+@user_errors
+def talk(
+    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    sae: List[str] = typer.Option([], help="SAE or baseline spec, as for `ce` (repeat; A+B = joint)"),
+    joint: bool = typer.Option(False, help="also splice all given SAEs together (one per hook)"),
+    prompt: List[str] = typer.Option([], help="prompt text (repeat); with no prompt: interactive"),
+    prompts: Optional[str] = typer.Option(None, help="file with one prompt per line (\\n = newline)"),
+    chat: bool = typer.Option(False, "--chat", help="apply the tokenizer's chat template (history when interactive)"),
+    max_new_tokens: int = typer.Option(40),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass (with --temperature > 0)"),
+    seed: int = typer.Option(0, help="sampling seed: the same seed gives the same text"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+):
+    """The clean model and every variant continue the same prompts, side by side; the first
+    token where a variant departs from the clean continuation is marked."""
+    _quiet_libraries()
+    from rich.console import Console
+
+    from harness.generate import Sampling
+    from harness.talk import check_options, run_talk
+
+    todo = check_options(list(prompt), prompts, max_new_tokens, temperature, top_p)
+    console = Console()
+
+    def ask():
+        try:
+            return console.input("[bold]prompt>[/bold] ")
+        except (EOFError, KeyboardInterrupt):
+            return None
+    run_talk(model, list(sae), todo, chat, max_new_tokens, Sampling(temperature, top_p, seed), as_json, joint,
+             device, dtype, ask=ask, echo=typer.echo, console=console)
+
+
+@app.command()
+@user_errors
+def damage(run_dir: str = typer.Argument(..., help="a run folder written by `ce` or `run`")):
+    """Where the damage lives: rebuild damage.json / damage.md from a run's per-token data."""
+    from harness.damage import write_damage
+
+    report = write_damage(run_dir)
+    for name, s in report["variants"].items():
+        typer.echo(f"{name}: worst 1% of tokens carry {s['share_worst_1pct']:.1%} of dCE, worst 10% "
+                   f"{s['share_worst_10pct']:.1%}; {s['frac_worse']:.1%} of tokens worse, {s['frac_better']:.1%} better")
+    typer.echo(f"wrote {run_dir}/damage.json and damage.md", err=True)
 
 
 @app.command()

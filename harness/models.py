@@ -297,6 +297,24 @@ def hook_device(lm: LoadedModel, hook_name: str) -> torch.device:
     return params[0].device if params else lm.device
 
 
+def to_hf_module_path(hook_name: str, hf_model) -> str | None:
+    """The inverse of `to_tl_hook_name` on one Hugging Face model: the path of the module
+    whose output is the hook's activation (`blocks.15.hook_resid_post` -> `model.layers.15`),
+    or None where no module output equals it (an MLP's hidden activation, say).
+
+    Found by translating every module path of `hf_model` with `to_tl_hook_name` itself, so
+    the two directions cannot disagree. `blocks.L.hook_resid_pre` is decoder layer L-1's
+    output. Pass a plain Hugging Face model (not one whose modules a bridge has wrapped)."""
+    want = to_tl_hook_name(hook_name)
+    pre = re.match(r"^blocks\.(\d+)\.hook_resid_pre$", want)
+    if pre:
+        want = f"blocks.{int(pre.group(1)) - 1}.hook_resid_post"
+    for name, _ in hf_model.named_modules():
+        if name and to_tl_hook_name(name) == want:
+            return name
+    return None
+
+
 def hook_layer(hook_name: str) -> int:
     """Index of the block a TransformerLens hook name lives in (`blocks.L....` -> L)."""
     match = re.match(r"^blocks\.(\d+)\.", hook_name)

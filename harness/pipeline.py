@@ -175,7 +175,7 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
             config["compute_equivalents"] = {"law": cfg.law, "E_band": band}
             if cfg.reference_models or cfg.reference_checkpoints:
                 config["references"] = add_reference_equivalents(res.records, lm, tokens, cfg)
-            write_ce(tmp, res.records, res.per_token_dce, tokens)
+            write_ce(tmp, res.records, res.per_token_dce, tokens, res.per_token_top3, lm.tokenizer)
             result.ce = res
         if "tasks" in stages:
             res = run_limited_tasks(session, cfg.tasks, tm, cfg, progress_factory,
@@ -185,6 +185,13 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
                           .groupby("task").size().to_dict())
             write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
             result.tasks = res
+        if "generations" in stages:  # the built-in prompts, every variant side by side
+            from harness.talk import BUILTIN_PROMPTS, write_generations
+
+            t0 = time.perf_counter()
+            with stage(progress_factory, "Generations: prompts", len(BUILTIN_PROMPTS)) as progress:
+                write_generations(tmp, lm, variants, progress=progress)
+            config["generations_seconds"] = time.perf_counter() - t0
         config["resumed"] = folder.resumed
         write_json(tmp / "config.json", config)
         write_report(tmp, Path(cfg.out))

@@ -162,10 +162,18 @@ def ce_frame(records: list[dict]) -> pd.DataFrame:
     return df
 
 
-def write_ce(folder: Path, records: list[dict], per_token_dce: dict, tokens: torch.Tensor) -> None:
+def write_ce(folder: Path, records: list[dict], per_token_dce: dict, tokens: torch.Tensor,
+             per_token_top3: dict | None = None, tokenizer=None) -> None:
     write_text(folder / "metrics.json", json.dumps(records, indent=2))
     np.save(folder / "tokens.npy", tokens.numpy())
     np.savez_compressed(folder / "per_token_dce.npz", **per_token_dce)
+    if per_token_top3:
+        np.savez_compressed(folder / "per_token_top3.npz", **per_token_top3)
+    if tokenizer is not None:  # where the damage lives: damage.json / damage.md
+        from harness import damage
+
+        write_text(folder / "token_text.json", json.dumps(damage.token_text(tokenizer, tokens.numpy(), per_token_top3)))
+        damage.write_damage(folder)
     ce_frame(records).to_csv(folder / "ce.csv", index=False)
     tables.write_tables(folder, which=("ce",))  # ce.md, ce.tex: the paper-sized CE table
 

@@ -233,7 +233,7 @@ def test_backend_loglikelihoods_equal_hflm(arch):
 
 
 def test_greedy_generation_equals_hf_generate(arch):
-    """The backend's greedy decoding (clean and SAE-spliced, no KV cache) equals transformers'
+    """The backend's greedy decoding (clean and SAE-spliced, batched, KV cache) equals transformers'
     `generate` (KV cache; the splice hook leaves absolute position 0 alone)."""
     prompt = "The value of x is"
     req = [Instance(request_type="generate_until", doc={}, idx=0,

@@ -105,8 +105,11 @@ def test_main_job_end_to_end(tmp_path):
     assert result.exit_code == 0, result.stderr
     for name in ("config.json", "metrics.json", "tokens.npy", "ce.md", "ce.csv", "compute.png", "report.html",
                  "per_question.csv", "mmlu_category.md", "mmlu_category.tex", "mmlu_subject.csv", "tasks.md",
-                 "tasks.tex", "ce.tex", "compute_equivalents.json"):
+                 "tasks.tex", "ce.tex", "generations.md", "generations.json", "damage.json", "damage.md",
+                 "compute_equivalents.json"):
         assert (out / name).is_file(), name
+    gens = json.loads((out / "generations.json").read_text())["prompts"]
+    assert len(gens) == 8 and all(list(g["variants"])[0] == "clean" and len(g["variants"]) == 7 for g in gens)
     records = json.loads((out / "metrics.json").read_text())
     keys = ["variant", "saes", "hooks", "ce_clean", "ce_spliced", "ce_zero", "ce_mean", "dce", "dce_ci_low",
             "dce_ci_high", "loss_recovered_zero", "loss_recovered_mean", "kl", "explained_variance", "l0",
