@@ -22,7 +22,7 @@ def run_dir(tiny_hf_dir, tmp_path_factory):
     """A real CE run on the tiny model: one SAE and the neurons baseline, 24 x 16 tokens."""
     tmp = tmp_path_factory.mktemp("damage")
     make_topk_sae(32, 64, 4, HOOK, str(tiny_hf_dir)).save_model(tmp / "sae")
-    cfg = RunConfig(model=str(tiny_hf_dir), saes=[str(tmp / "sae"), "neurons:4"], tokens=24 * 16, ctx=16,
+    cfg = RunConfig(model=str(tiny_hf_dir), dataset="builtin", saes=[str(tmp / "sae"), "neurons:4"], tokens=24 * 16, ctx=16,
                     calib_seqs=2, n_boot=10, out=str(tmp / "run"))
     run_job(cfg, ("ce",))
     return tmp / "run"

@@ -224,7 +224,7 @@ def test_main_job_generations_stage(tiny_hf_dir, tmp_path, hf_plain):
 
     hf, tok = hf_plain
     out = tmp_path / "run"
-    run_job(RunConfig(model=str(tiny_hf_dir), saes=[f"zero@{SAE_HOOK}"], tokens=32, ctx=16, calib_seqs=2,
+    run_job(RunConfig(model=str(tiny_hf_dir), dataset="builtin", saes=[f"zero@{SAE_HOOK}"], tokens=32, ctx=16, calib_seqs=2,
                       out=str(out)), ("generations",))
     gens = json.loads((out / "generations.json").read_text())["prompts"]
     assert [g["prompt"] for g in gens] == [p for _, p, _ in BUILTIN_PROMPTS]
