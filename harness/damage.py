@@ -15,7 +15,11 @@ For every variant:
 - mean dCE (and its share of the total) grouped by the clean model's p(next token), by
   position in the context, by how often the next token occurs in the evaluated tokens, and by
   the next token's kind (word start, punctuation, digit, whitespace, other);
-- the 20 most damaged positions: context, true next token, clean and spliced top-3.
+- the 20 most damaged positions: context, true next token, clean and spliced top-3;
+- massive activations (config.json's `massive`, found by the CE run at the variant's hooks):
+  the predictions made at those positions are the first candidates for where damage lives, so
+  their count, mean dCE against the rest of T, their share of the total and each one's rank
+  among all tokens of T are reported.
 """
 
 from __future__ import annotations
@@ -76,7 +80,46 @@ def load_run(folder: str | Path) -> dict:
     if "clean" not in per_token or per_token["clean"].shape != (tokens.shape[0], tokens.shape[1] - 1):
         raise UserError(f"{npz} does not match tokens.npy (expected a `clean` array of shape "
                         f"{(tokens.shape[0], tokens.shape[1] - 1)})")
-    return {"per_token": per_token, "tokens": tokens, "top3": top3, "text": _token_text(folder, tokens, top3)}
+    return {"per_token": per_token, "tokens": tokens, "top3": top3, "text": _token_text(folder, tokens, top3),
+            **_massive_of_run(folder)}
+
+
+def _massive_of_run(folder: Path) -> dict:
+    """Massive positions per hook and the hooks of every variant, from config.json (empty when
+    the run did not detect them, or is older than the detection)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {"massive": {}, "variant_hooks": {}}
+    hooks = (config.get("massive") or {}).get("hooks") or {}
+    return {"massive": {h: [tuple(p) for p in v["positions"]] for h, v in hooks.items()},
+            "variant_hooks": config.get("variants") or {}}
+
+
+def _massive_stats(dce_map: np.ndarray, in_t: np.ndarray, positions: list[tuple[int, int]], name: str,
+                   run: dict) -> dict:
+    """dCE of the predictions made at massive positions against the rest of T."""
+    on = np.zeros_like(in_t)
+    for row, pos in positions:
+        if pos < on.shape[1]:  # the last position predicts nothing
+            on[row, pos] = True
+    in_m, rest = on & in_t, ~on & in_t
+    d_all = dce_map[in_t].astype(np.float64)
+    total = d_all.sum()
+    d_m = dce_map[in_m].astype(np.float64)
+    out = {"n": int(on.sum()), "n_in_t": int(in_m.sum()),
+           "mean_dce": float(d_m.mean()) if d_m.size else float("nan"),
+           "mean_dce_rest": float(dce_map[rest].astype(np.float64).mean()) if rest.any() else float("nan"),
+           "share_of_dce": float(d_m.sum() / total) if total != 0 and d_m.size else float("nan"),
+           "positions": []}
+    for row, pos in sorted(positions):
+        if pos >= on.shape[1] or not in_t[row, pos]:
+            continue
+        d = float(dce_map[row, pos])
+        entry = _position(row, pos, d, name, run)
+        entry["rank"] = int((d_all > d).sum()) + 1  # 1 = the most damaged token of T
+        out["positions"].append(entry)
+    return out
 
 
 def _token_text(folder: Path, tokens: np.ndarray, top3: dict) -> dict[int, str]:
@@ -157,6 +200,10 @@ def analyse(run: dict, n_worst: int = N_WORST) -> dict:
             stats[group] = _groups(dce, key, labels)
         worst = np.argsort(-dce, kind="stable")[:n_worst]
         stats["worst"] = [_position(int(seq_idx[j]), int(pos_idx[j]), float(dce[j]), name, run) for j in worst]
+        hooks = run.get("variant_hooks", {}).get(name, [])
+        if any(h in run.get("massive", {}) for h in hooks):
+            positions = sorted({p for h in hooks for p in run["massive"].get(h, [])})
+            stats["massive"] = _massive_stats(arr, in_t, positions, name, run)
         out[name] = stats
     return {"variants": out}
 
@@ -204,6 +251,19 @@ def markdown(report: dict) -> str:
                 cells.append("-" if g is None else f"{g['mean_dce']:.3f} ({g['share_of_dce']:.0%})")
             lines.append(f"| {label} | {counts.get(label, 0)} | " + " | ".join(cells) + " |")
     lines += ["", "(cells: mean dCE of the group, and in brackets its share of the variant's total dCE)"]
+    massive = {n: s["massive"] for n, s in variants.items() if "massive" in s}
+    if massive:
+        lines += ["", "## Massive activations", "",
+                  "Predictions made at positions whose clean residual norm at one of the variant's hooks is "
+                  "massive (config.json `massive`): their mean dCE against the rest of T, their share of the "
+                  "total, and each one's rank among all tokens of T (1 = most damaged).", "",
+                  "| variant | massive positions (in T) | mean dCE on them | mean dCE elsewhere | share of dCE "
+                  "| ranks |", "|---|---:|---:|---:|---:|---|"]
+        for n, m in massive.items():
+            ranks = ", ".join(str(p["rank"]) for p in m["positions"][:10]) or "-"
+            share = "-" if math.isnan(m["share_of_dce"]) else f"{m['share_of_dce']:.1%}"
+            mean = "-" if math.isnan(m["mean_dce"]) else f"{m['mean_dce']:.3f}"
+            lines.append(f"| {n} | {m['n']} ({m['n_in_t']}) | {mean} | {m['mean_dce_rest']:.3f} | {share} | {ranks} |")
     for n, s in variants.items():
         lines += ["", f"## {n}: the {len(s['worst'])} most damaged positions", "",
                   "| dCE | context | next | clean top-3 | spliced top-3 |", "|---:|---|---|---|---|"]

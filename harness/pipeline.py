@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from harness import ce, mmlu, samples, scaling, sources
+from harness.damage import write_damage
 from harness.backend import evaluate_tasks
 from harness.models import EMBEDDED_DEFAULT, UserError
 from harness.references import add_reference_equivalents
@@ -194,6 +195,8 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
             config["generations_seconds"] = time.perf_counter() - t0
         config["resumed"] = folder.resumed
         write_json(tmp / "config.json", config)
+        if "ce" in stages:  # where the damage lives; reads the massive positions from config.json
+            write_damage(tmp)
         write_report(tmp, Path(cfg.out))
     return result
 

@@ -169,11 +169,10 @@ def write_ce(folder: Path, records: list[dict], per_token_dce: dict, tokens: tor
     np.savez_compressed(folder / "per_token_dce.npz", **per_token_dce)
     if per_token_top3:
         np.savez_compressed(folder / "per_token_top3.npz", **per_token_top3)
-    if tokenizer is not None:  # where the damage lives: damage.json / damage.md
+    if tokenizer is not None:  # the token texts damage.json shows (written after config.json: see write_damage)
         from harness import damage
 
         write_text(folder / "token_text.json", json.dumps(damage.token_text(tokenizer, tokens.numpy(), per_token_top3)))
-        damage.write_damage(folder)
     ce_frame(records).to_csv(folder / "ce.csv", index=False)
     tables.write_tables(folder, which=("ce",))  # ce.md, ce.tex: the paper-sized CE table
 

@@ -132,3 +132,37 @@ def test_damage_without_per_token_data(tmp_path):
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert result.exit_code == 2 and lines == [f"error: {tmp_path} has no per-token data "
                                                "(per_token_dce.npz and tokens.npy come from a CE run)"]
+
+
+def test_massive_positions_in_damage_equal_numpy():
+    """Planted massive positions (as config.json lists them per hook): counts, mean dCE on them
+    and elsewhere, share and rank equal a direct numpy computation; a variant at another hook
+    gets no massive section."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 20, size=(6, 12))
+    clean = rng.uniform(0.1, 3.0, size=(6, 11))
+    clean[:, 0] = np.nan  # position 0 is not in T
+    clean[5, 4] = np.nan  # nor is a special token
+    dce = rng.normal(0.05, 0.2, size=(6, 11))
+    dce[2, 1] = 5.0  # the massive position is also the most damaged one
+    massive = [(2, 1), (4, 7), (5, 4), (3, 11)]  # (5, 4): not in T; (3, 11): the last position predicts nothing
+    run = {"per_token": {"clean": clean, "a": dce, "b": -dce}, "tokens": tokens, "top3": {},
+           "text": {i: f" t{i}" for i in range(20)},
+           "massive": {"blocks.1.hook_resid_post": massive}, "variant_hooks": {"a": ["blocks.1.hook_resid_post"],
+                                                                                 "b": ["blocks.0.hook_resid_post"]}}
+    report = damage.analyse(run)["variants"]
+    assert "massive" not in report["b"]
+    got = report["a"]["massive"]
+    in_t = ~np.isnan(clean)
+    on = np.zeros_like(in_t)
+    on[2, 1] = on[4, 7] = on[5, 4] = True
+    assert got["n"] == 3 and got["n_in_t"] == 2
+    assert got["mean_dce"] == pytest.approx(np.mean([dce[2, 1], dce[4, 7]]))
+    assert got["mean_dce_rest"] == pytest.approx(dce[in_t & ~on].mean())
+    assert got["share_of_dce"] == pytest.approx((dce[2, 1] + dce[4, 7]) / dce[in_t].sum())
+    all_t = dce[in_t]
+    assert [(p["seq"], p["pos"], p["rank"]) for p in got["positions"]] == [
+        (2, 1, 1), (4, 7, int((all_t > dce[4, 7]).sum()) + 1)]
+    assert got["positions"][0]["next_token"] == f" t{tokens[2, 2]}"
+    md = damage.markdown({"variants": report})
+    assert "## Massive activations" in md and "| a | 3 (2) |" in md
