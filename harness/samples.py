@@ -23,10 +23,10 @@ MMLU's 57 subject tasks (mmlu_offline_<subject> or lm-eval's mmlu_<subject>) bec
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
+from scipy.special import logsumexp
 
 COLUMNS = ["variant", "task", "subject", "category", "doc_id", "correct", "correct_norm", "logp_correct", "pred"]
 MMLU = "mmlu"
@@ -88,11 +88,6 @@ def _gold_from_task(task, doc):
     return gold
 
 
-def _logsumexp(xs) -> float:
-    top = max(xs)
-    return top + math.log(sum(math.exp(x - top) for x in xs))
-
-
 def _rows(name: str, docs: list[dict], variant: str, task) -> list[dict]:
     subject = mmlu_subject(name)
     if subject is not None:
@@ -124,7 +119,7 @@ def _rows(name: str, docs: list[dict], variant: str, task) -> list[dict]:
         rows.append({"variant": variant, "task": task_name, "subject": subject, "category": category,
                      "doc_id": int(smp["doc_id"]), "correct": correct,
                      "correct_norm": float(smp["acc_norm"]) if "acc_norm" in smp else float("nan"),
-                     "logp_correct": _logsumexp([lls[g] for g in golds]) - _logsumexp(lls), "pred": pred})
+                     "logp_correct": float(logsumexp([lls[g] for g in golds]) - logsumexp(lls)), "pred": pred})
     return rows
 
 
