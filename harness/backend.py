@@ -366,6 +366,28 @@ def quiet_lm_eval():
         logger.setLevel(level)
 
 
+class TasksLoadedOnce:
+    """A TaskManager that builds each set of tasks once.
+
+    simple_evaluate builds its Task objects (reading and processing every document: HellaSwag's
+    process_docs maps all 10,042) on every call, and the harness calls it once per variant.
+    Reusing them is safe: each call rebuilds the requests (`build_all_requests`) and resets the
+    few-shot seed, so every variant sees the same prompts as a fresh Task would give."""
+
+    def __init__(self, task_manager):
+        self._task_manager = task_manager
+        self._loaded: dict[str, dict] = {}
+
+    def load(self, tasks):
+        key = json.dumps(tasks, sort_keys=True, default=str)
+        if key not in self._loaded:
+            self._loaded[key] = self._task_manager.load(tasks)
+        return self._loaded[key]
+
+    def __getattr__(self, name):
+        return getattr(self._task_manager, name)
+
+
 def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], task_manager=None,
                    batch_size: int = 8, max_length: int | None = None, progress=None,
                    keep_first: bool = True, request_store: str | None = None, **lm_eval_kwargs) -> TaskResults:
@@ -376,7 +398,9 @@ def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], t
     progress(done, total), if given, is called as requests are scored, counting each request
     once per variant."""
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
+    task_manager = TasksLoadedOnce(task_manager if task_manager is not None else TaskManager())
     store = RequestStore(request_store) if request_store is not None else None
     views = variant_views(lm, variants, batch_size, max_length, keep_first, store)
     if views:
