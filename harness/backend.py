@@ -346,8 +346,9 @@ def quiet_lm_eval():
     """Silence lm-eval's own progress bars and info logs while it runs inside the harness.
 
     lm-eval draws one tqdm bar per task while building requests (57 for MMLU, again for every
-    variant) and one while tokenising; the harness shows one bar over the scored requests
-    instead. Warnings and errors still come through."""
+    variant) and one while tokenising, and `datasets` one per document map; the harness shows
+    one bar over the scored requests instead. Warnings and errors still come through."""
+    import datasets
     import lm_eval.api.model
     import lm_eval.api.task
 
@@ -355,15 +356,19 @@ def quiet_lm_eval():
     saved = [m.tqdm for m in modules]
     logger = logging.getLogger("lm_eval")
     level = logger.level
+    bars_were_off = datasets.is_progress_bar_enabled() is False
     for m, bar in zip(modules, saved):
         m.tqdm = _silenced(bar)
     logger.setLevel(logging.WARNING)
+    datasets.disable_progress_bars()  # the `Map` bars of a task's process_docs
     try:
         yield
     finally:
         for m, bar in zip(modules, saved):
             m.tqdm = bar
         logger.setLevel(level)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
 
 
 class TasksLoadedOnce:
