@@ -11,6 +11,12 @@ Request handling follows lm-eval's HFLM exactly (tokenisation without added spec
 left truncation to max_length, right padding, lm-eval's Collator with one forward per shared
 context for multiple choice), so with no SAE the log-likelihoods equal HFLM's (tested).
 Only the continuation positions go through the final norm and unembedding.
+
+Under torchrun each view answers lm-eval's multi-process protocol as HFLM does (`rank`,
+`world_size`, `all_gather`, `gather_object`, `barrier`, through harness/distributed.py):
+lm-eval gives each process every world_size-th document, pads the request counts, and
+gathers samples and metrics on rank 0, which alone gets the results; the samples are put
+back in document order there, so per-question rows come out as one process writes them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import pad_and_concat
 
+from harness import distributed
 from harness.models import LoadedModel, UserError, hook_device
 from harness.session import prepare
 from harness.splice import Splicer
@@ -255,6 +262,28 @@ class SplicedLM(TemplateLM):
     def variant(self) -> Variant:
         return self.engine.variants[self.variant_index]
 
+    # lm-eval's multi-process protocol (lm_eval/api/model.py; HFLM implements it with accelerate)
+    @property
+    def device(self):
+        return self.engine.lm.device
+
+    @property
+    def rank(self) -> int:
+        return distributed.rank()
+
+    @property
+    def world_size(self) -> int:
+        return distributed.world_size()
+
+    def all_gather(self, tensor):
+        return distributed.all_gather_tensor(tensor)
+
+    def gather_object(self, obj, dst=0):
+        return distributed.gather_object(obj, dst)
+
+    def barrier(self) -> None:
+        distributed.barrier()
+
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
@@ -401,7 +430,8 @@ def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], t
     `request_store`: a sqlite file that keeps scored requests across an interruption. Extra
     keyword arguments (limit, num_fewshot, log_samples, ...) go to simple_evaluate unchanged.
     progress(done, total), if given, is called as requests are scored, counting each request
-    once per variant."""
+    once per variant. Under torchrun every process calls this; rank 0 gets the results
+    (samples in document order), the others None for every variant."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -421,4 +451,20 @@ def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], t
                                                                  task_manager=task_manager, **kwargs)
             except KeyError as e:  # lm-eval raises KeyError for task names it cannot find
                 raise UserError(f"unknown task {e}; list tasks with `lm-eval ls tasks`") from None
-    return TaskResults(out, views[0].engine.forward_stats if views else {})
+            if out[view.variant.name] is not None and distributed.world_size() > 1:
+                _in_document_order(out[view.variant.name])
+    return TaskResults(out, _all_processes(views[0].engine.forward_stats) if views else {})
+
+
+def _in_document_order(results: dict) -> None:
+    """lm-eval chains the gathered samples rank by rank (documents 0, 2, 4, ..., 1, 3, ...);
+    sort each task's back to one process's order: filter by filter, document by document."""
+    for docs in results.get("samples", {}).values():
+        filters = list(dict.fromkeys(d.get("filter") for d in docs))
+        docs.sort(key=lambda d: (filters.index(d.get("filter")), d["doc_id"]))
+
+
+def _all_processes(stats: dict) -> dict:
+    """The engine's counts summed over processes (the block costs are the same everywhere)."""
+    parts = distributed.all_gather_objects(stats)
+    return {**stats, **{k: sum(p[k] for p in parts) for k in ("tokens", "batches")}}

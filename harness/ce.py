@@ -19,6 +19,13 @@ spliced and not in T (the same positions for every variant: massive at any hook 
 
 Everything streams: per batch we keep one clean log-softmax, then fold each variant into
 running sums, so memory does not grow with the number of tokens.
+
+Several processes (torchrun, harness/distributed.py): each takes a contiguous run of whole
+batches (the one-process batch boundaries, so every batch is computed as one process would).
+Afterwards every process gathers all processes' sums; float64 running sums are added in rank
+order, per-sequence and per-token arrays are concatenated in rank order (= the original
+order). Every process then computes the records from the same gathered data, so the
+bootstrap with the same seed gives the same intervals as one process.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from harness import outliers
+from harness import distributed, outliers
 from harness.models import LoadedModel, UserError
 from harness.splice import Splicer, calibrate
 from harness.variants import Variant, baseline_name, baseline_variants
@@ -71,7 +78,7 @@ class HookStats:
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor | None) -> None:
         x, x_hat = x.double(), x_hat.double()
         self.sq_err += float(((x - x_hat) ** 2).sum())
-        s = x.sum(0)
+        s = x.sum(0).cpu()
         self.sum_x = s if self.sum_x is None else self.sum_x + s
         self.sum_sq += float((x ** 2).sum())
         self.n += x.shape[0]
@@ -80,6 +87,17 @@ class HookStats:
             self.l0_sum += float(active.sum())
             any_active = active.any(0).cpu()
             self.ever_active = any_active if self.ever_active is None else self.ever_active | any_active
+
+    def merge(self, other: "HookStats") -> None:
+        """Fold in another process's sums for the same hook."""
+        self.sq_err += other.sq_err
+        self.sum_sq += other.sum_sq
+        self.n += other.n
+        self.l0_sum += other.l0_sum
+        if other.sum_x is not None:
+            self.sum_x = other.sum_x if self.sum_x is None else self.sum_x + other.sum_x
+        if other.ever_active is not None:
+            self.ever_active = other.ever_active if self.ever_active is None else self.ever_active | other.ever_active
 
     def total_variance(self) -> float:
         # sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2 (float64 keeps the cancellation safe)
@@ -96,6 +114,16 @@ class VariantSums:
     kl_massive: float = 0.0  # KL summed over positions massive at any of the variant's hooks
     top_ids: list = field(default_factory=list)  # [B, ctx-1, 3] the 3 most likely next tokens
     top_p: list = field(default_factory=list)  # [B, ctx-1, 3] their probabilities
+
+    def merge(self, other: "VariantSums") -> None:
+        """Append another process's rows (they come after ours) and add its sums."""
+        for name in ("nll_seq", "per_token", "top_ids", "top_p"):
+            getattr(self, name).extend(getattr(other, name))
+        self.kl_sum += other.kl_sum
+        self.kl_massive += other.kl_massive
+        for mine, theirs in ((self.hooks, other.hooks), (self.massive, other.massive)):
+            for hook, stats in theirs.items():
+                mine.setdefault(hook, HookStats()).merge(stats)
 
 
 def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
@@ -124,23 +152,26 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     splicer = Splicer(lm, hooks, keep_first)
 
     calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
-    massive, dropped = _find_massive(lm, hooks, tokens, splicer, massive_factor, exclude_massive, batch_size)
+    lo, hi = distributed.share(len(tokens), batch_size)  # this process's sequences (all of them alone)
+    massive, dropped = _find_massive(lm, hooks, tokens, splicer, massive_factor, exclude_massive, batch_size,
+                                     (lo, hi))
     union = {v.name: _union(massive, v.hooks, tokens) for v in all_variants}
 
     sums = {v.name: VariantSums() for v in all_variants}
     clean = VariantSums()
-    start = 0
+    start = lo
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         if sorted(saved["sums"]) != sorted(sums) or saved["batch_size"] != batch_size:
             raise UserError("the CE checkpoint was written for other variants or another batch size")
         start, clean, sums = saved["next"], saved["clean"], saved["sums"]
-        if progress is not None:
-            progress(min(start, len(tokens)))
+    report = _progress_reporter(progress, lo, hi, len(tokens))
+    if saved is not None:
+        report(min(start, hi))
     t0 = time.perf_counter()
-    for i in range(start, len(tokens), batch_size):
-        batch = tokens[i:i + batch_size].to(lm.device)
-        drop = dropped[i:i + batch_size].to(lm.device)
+    for i in range(start, hi, batch_size):
+        batch = tokens[i:min(i + batch_size, hi)].to(lm.device)
+        drop = dropped[i:i + len(batch)].to(lm.device)
         in_t = token_set(batch, splicer) & ~drop[:, :-1]
         # Reconstruction statistics over T, where the splice applies (never position 0).
         stat_mask = torch.zeros_like(batch, dtype=torch.bool)
@@ -167,12 +198,13 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
             else:
                 on_massive = union[v.name][i:i + batch_size, :-1].to(in_t.device) & in_t
                 _fold(sums[v.name], logp, clean_ref, targets, in_t, on_massive)
-        done = i // batch_size + 1
-        if checkpoint is not None and (done % checkpoint_every == 0 or i + batch_size >= len(tokens)):
+        done = (i - lo) // batch_size + 1
+        if checkpoint is not None and (done % checkpoint_every == 0 or i + batch_size >= hi):
             checkpoint.save({"next": i + batch_size, "batch_size": batch_size, "clean": clean, "sums": sums})
-        if progress is not None:
-            progress(min(i + batch_size, len(tokens)))
+        report(min(i + batch_size, hi))
     seconds = time.perf_counter() - t0
+    if distributed.world_size() > 1:
+        clean, sums = _gather_sums(clean, sums)
 
     in_t_all = token_set(tokens, splicer) & ~dropped[:, :-1]
     counts = in_t_all.sum(1).numpy().astype(np.int64)
@@ -208,9 +240,32 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
                     top3)
 
 
-def _find_massive(lm, hooks, tokens, splicer, factor, exclude, batch_size):
+def _progress_reporter(progress, lo: int, hi: int, n: int):
+    """progress(done) over all sequences for one process; with several, progress(done, total)
+    over this process's share (the bar of rank 0 stands for every process)."""
+    if progress is None:
+        return lambda done: None
+    if (lo, hi) == (0, n):
+        return progress
+    return lambda done: progress(done - lo, hi - lo)
+
+
+def _gather_sums(clean: VariantSums, sums: dict[str, VariantSums]):
+    """Every process's sums, combined in rank order, on every process (see module doc)."""
+    parts = distributed.all_gather_objects((clean, sums))
+    clean, sums = VariantSums(), {name: VariantSums() for name in sums}
+    for part_clean, part_sums in parts:
+        clean.merge(part_clean)
+        for name, s in part_sums.items():
+            sums[name].merge(s)
+    return clean, sums
+
+
+def _find_massive(lm, hooks, tokens, splicer, factor, exclude, batch_size, rows=None):
     """Massive positions per hook (clean pass, over T where the splice applies), and the
-    positions to drop from T and from every splice: their union over hooks, if excluded."""
+    positions to drop from T and from every splice: their union over hooks, if excluded.
+    `rows` (lo, hi): the sequences this process's clean pass covers; the norms of all of
+    them are gathered before the median is taken."""
     none = torch.zeros_like(tokens, dtype=torch.bool)
     if factor is None or not hooks:
         if exclude:
@@ -219,8 +274,14 @@ def _find_massive(lm, hooks, tokens, splicer, factor, exclude, batch_size):
     in_set = torch.zeros_like(none)
     in_set[:, :-1] = token_set(tokens, splicer)
     in_set &= splicer.splice_mask(tokens, None)
+    norms = None
+    if rows is not None and rows != (0, len(tokens)):
+        lo, hi = rows
+        mine = outliers.hook_norms(lm, hooks, tokens[lo:hi], batch_size) if hi > lo else \
+            {h: torch.zeros(0, tokens.shape[1]) for h in hooks}
+        norms = {h: distributed.gather_rows(mine[h]) for h in hooks}
     try:
-        found = outliers.find_massive(lm, hooks, tokens, in_set, factor, batch_size)
+        found = outliers.find_massive(lm, hooks, tokens, in_set, factor, batch_size, norms=norms)
     except ValueError as e:
         raise UserError(str(e)) from None
     return found, (_union(found, hooks, tokens) if exclude else none)

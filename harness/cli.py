@@ -19,16 +19,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _one_line_errors(value_errors: bool):
-    """Turn UserError (and, for the pure-library commands, ValueError) into one line + exit 2."""
+    """Turn UserError (and, for the pure-library commands, ValueError) into one line + exit 2.
+    Under torchrun every process meets the same bad input; rank 0 alone prints the line."""
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            from harness import distributed
             from harness.models import UserError
 
             try:
                 return fn(*args, **kwargs)
             except (UserError, ValueError) if value_errors else UserError as e:
-                typer.echo(f"error: {e}", err=True)
+                if distributed.is_main():
+                    typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(2)
             except KeyboardInterrupt:
                 if "resume" in kwargs:
@@ -150,8 +153,14 @@ def _run(cfg, stages, resume: bool = False) -> None:
 
     from harness.pipeline import run_job
 
+    from harness import distributed
+
     t0 = time.perf_counter()
     result = run_job(cfg, stages, _progress_factory(), resume)
+    if distributed.world_size() > 1:
+        typer.echo(f"rank {distributed.rank()} of {distributed.world_size()} done", err=True)
+    if not distributed.is_main():  # the tables and files are rank 0's
+        return
     if result.ce is not None:
         excluded = " (massive positions excluded from T)" if cfg.exclude_massive else ""
         print_ce_table(result.ce.records,
@@ -334,6 +343,8 @@ def lm_eval_command(
                     dataset=dataset)
     res = run_lm_eval(cfg, opts.tasks, opts.limit, opts.include_path, opts.evaluate_kwargs, StageBar,
                       resume=resume, options=opts)
+    if res is None:  # under torchrun, a process other than rank 0: rank 0 prints and writes
+        return
     _print_task_results(res.aggregate)
     typer.echo(f"wrote {out}" + (f" and lm-eval's results under {opts.output_path}" if opts.output_path else ""),
                err=True)

@@ -66,13 +66,17 @@ def hook_norms(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor, batch_si
 
 
 def find_massive(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor, in_set: torch.Tensor,
-                 factor: float = DEFAULT_FACTOR, batch_size: int = 8) -> dict[str, dict]:
-    """Per hook: the massive mask [n_seq, ctx] over `in_set` and what it was decided on."""
+                 factor: float = DEFAULT_FACTOR, batch_size: int = 8,
+                 norms: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """Per hook: the massive mask [n_seq, ctx] over `in_set` and what it was decided on.
+    `norms`: the clean norms when already measured (several processes gather theirs)."""
     found = {}
-    for hook, norms in hook_norms(lm, hooks, tokens, batch_size).items():
-        mask, median = detect(norms, in_set, factor)
+    if norms is None:
+        norms = hook_norms(lm, hooks, tokens, batch_size)
+    for hook, norm in norms.items():
+        mask, median = detect(norm, in_set, factor)
         found[hook] = {"mask": mask, "median_norm": median, "threshold": factor * median,
-                       "max_norm": float(norms[in_set].max()) if in_set.any() else float("nan")}
+                       "max_norm": float(norm[in_set].max()) if in_set.any() else float("nan")}
     return found
 
 

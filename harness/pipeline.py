@@ -5,6 +5,9 @@
     records / TaskRun --runfolder--> metrics.json, tables, report.html and its figures
 
 The CLI calls `run_job` (commands `run` and `ce`) and `run_lm_eval` (command `lm-eval`).
+Under torchrun every process runs the same job on its share of the work (ce.py, backend.py);
+only rank 0 writes the run folder, its resume state and progress bars, and config.json
+records `world_size`.
 The CE suite reads `--dataset` (harness/sources.py; default: the built-in prose for the
 embedded model, else the first SAE's own training data); the task stage runs any lm-eval
 tasks, by default the main job's offline set with per-task limits (MAIN_TASKS).
@@ -21,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness import ce, mmlu, samples, scaling, sources
+from harness import ce, distributed, mmlu, samples, scaling, sources
 from harness.damage import write_damage
 from harness.backend import evaluate_tasks
 from harness.models import EMBEDDED_DEFAULT, UserError
@@ -156,36 +159,41 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
         "saes": [describe(r) for r in session.replacements], "variants": {v.name: v.hooks for v in variants},
         "hooks": sorted({r.hook for r in session.replacements}), "versions": versions(), "machine": machine(),
         "calibration": session.calibration,
-        "command": command_line(),
+        "command": command_line(), "world_size": distributed.world_size(),
     }
     who = identity(session, {k: v for k, v in asdict(cfg).items() if k != "out"}, hashes,
-                   stages=list(stages), tokens_sha256=tokens_sha, law_params=law.to_json() if law else None)
+                   stages=list(stages), tokens_sha256=tokens_sha, law_params=law.to_json() if law else None,
+                   world_size=distributed.world_size())
     result = JobResult(config)
     folder = staging(Path(cfg.out), who, resume)
-    with folder as tmp:
+    with folder as tmp:  # None on every process but rank 0: they compute their share, write nothing
         if "ce" in stages:
             with stage(progress_factory, "CE suite: sequences", len(tokens)) as progress:
                 res = ce.evaluate(lm, variants, tokens, cfg.batch_size, session.calib_tokens, cfg.n_boot, cfg.seed,
                                   progress, massive_factor=cfg.massive_factor, exclude_massive=cfg.exclude_massive,
-                                  checkpoint=Checkpoint(folder.state / "ce.pt"))
+                                  checkpoint=Checkpoint(folder.state / "ce.pt") if tmp else None)
             config.update(tokens_sha256=tokens_sha, massive=res.massive,
                           data=session.data_info, ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
                           ce_block_cost=res.block_cost)
             details, band = compute_equivalents(res.records, law, cfg.law)
-            write_compute_equivalents(tmp, details)
             config["compute_equivalents"] = {"law": cfg.law, "E_band": band}
-            if cfg.reference_models or cfg.reference_checkpoints:
-                config["references"] = add_reference_equivalents(res.records, lm, tokens, cfg)
-            write_ce(tmp, res.records, res.per_token_dce, tokens, res.per_token_top3, lm.tokenizer)
             result.ce = res
+            if tmp is not None:
+                write_compute_equivalents(tmp, details)
+                if cfg.reference_models or cfg.reference_checkpoints:
+                    config["references"] = add_reference_equivalents(res.records, lm, tokens, cfg)
+                write_ce(tmp, res.records, res.per_token_dce, tokens, res.per_token_top3, lm.tokenizer)
         if "tasks" in stages:
             res = run_limited_tasks(session, cfg.tasks, tm, cfg, progress_factory,
-                                    request_store=str(folder.state / "requests.sqlite"))
-            config.update(tasks_seconds=res.seconds, tasks_engine=res.engine_stats,
-                          task_questions=res.per_question[res.per_question["variant"] == variants[0].name]
-                          .groupby("task").size().to_dict())
-            write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
+                                    request_store=str(folder.state / "requests.sqlite") if tmp else None)
             result.tasks = res
+            if tmp is not None:
+                config.update(tasks_seconds=res.seconds, tasks_engine=res.engine_stats,
+                              task_questions=res.per_question[res.per_question["variant"] == variants[0].name]
+                              .groupby("task").size().to_dict())
+                write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
+        if tmp is None:  # generations (not split over processes) and the files: rank 0 alone
+            return result
         if "generations" in stages:  # the built-in prompts, every variant side by side
             from harness.talk import BUILTIN_PROMPTS, write_generations
 
@@ -204,8 +212,9 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
 @contextlib.contextmanager
 def stage(progress_factory, label: str, total: int | None):
     """A stage's progress callback (None without a factory), closed when the stage ends;
-    a display that can be closed is told whether the stage failed."""
-    bar = progress_factory(label, total) if progress_factory else None
+    a display that can be closed is told whether the stage failed. Under torchrun only rank 0
+    shows one (its bar counts its own share of the work)."""
+    bar = progress_factory(label, total) if progress_factory and distributed.is_main() else None
     close = getattr(bar, "close", None)
     try:
         yield bar
@@ -254,12 +263,15 @@ def compute_equivalents(records: list[dict], law, law_spec: str):
 
 def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, limit=None, progress=None,
               request_store: str | None = None, **lm_eval_kwargs) -> TaskRun:
-    """lm-eval tasks for every variant of the session in one pass."""
+    """lm-eval tasks for every variant of the session in one pass. Under torchrun lm-eval
+    shards the requests; rank 0 gets every result, the other processes get None."""
     t0 = time.perf_counter()
     seeds = {k: cfg.seed for k in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
     results = evaluate_tasks(session.lm, session.variants, tasks, task_manager, batch_size=cfg.batch_size,
                              progress=progress, limit=limit, num_fewshot=cfg.num_fewshot, log_samples=True,
                              request_store=request_store, **{**seeds, **lm_eval_kwargs})
+    if not distributed.is_main():
+        return None
     # tasks whose logged target is text (Winogrande) need their lm-eval Task to find the gold choice
     first = next(iter(results.by_variant.values()))["samples"] if results.by_variant else {}
     task_objs = samples.task_objects(samples.needs_task_objects(first), task_manager)
@@ -297,7 +309,7 @@ def run_limited_tasks(session: Session, limits: dict, task_manager, cfg: RunConf
         label = f"tasks {', '.join(tasks)}: requests x {len(session.variants)} variants"
         with stage(progress_factory, label, None) as progress:
             runs.append(run_tasks(session, tasks, task_manager, cfg, limit, progress, **lm_eval_kwargs))
-    if len(runs) == 1:
+    if len(runs) == 1 or runs[0] is None:
         return runs[0]
     aggregate = {v: {k: r for run in runs for k, r in run.aggregate[v].items()} for v in runs[0].aggregate}
     stats = dict(runs[0].engine_stats)  # blocks per batch: the same variants in every run
@@ -319,19 +331,22 @@ def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None,
     given = getattr(options, "given", None)
     who = dict(model=cfg.model, saes=cfg.saes, tasks=tasks, limit=limit, num_fewshot=cfg.num_fewshot,
                batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, sae_dtype=cfg.sae_dtype,
-               seed=cfg.seed, include_path=include_path, extra=extra, dataset=cfg.dataset, lm_eval_options=given)
+               seed=cfg.seed, include_path=include_path, extra=extra, dataset=cfg.dataset, lm_eval_options=given,
+               world_size=distributed.world_size())
     folder = staging(Path(cfg.out), identity(session, who, hashes), resume)
-    with folder as tmp:
+    with folder as tmp:  # None on every process but rank 0
         with stage(progress_factory, f"tasks: requests x {len(session.variants)} variants", None) as progress:
             res = run_tasks(session, tasks, tm, cfg, limit, progress,
-                            request_store=str(folder.state / "requests.sqlite"), **extra)
+                            request_store=str(folder.state / "requests.sqlite") if tmp else None, **extra)
+        if tmp is None:
+            return None
         write_tasks(tmp, res.per_question, res.aggregate, cfg.n_boot, cfg.seed)
         write_json(tmp / "config.json", {
             "model": session.lm.load_info | {"hashes": hashes}, "tasks": ",".join(tasks), "limit": limit,
             "num_fewshot": cfg.num_fewshot, "variants": [v.name for v in session.variants],
             "engine": res.engine_stats, "extra": extra, "calibration": session.calibration,
             "lm_eval_options": getattr(options, "given", None), "versions": versions(), "machine": machine(),
-            "command": command_line(), "resumed": folder.resumed})
+            "command": command_line(), "resumed": folder.resumed, "world_size": distributed.world_size()})
         write_report(tmp, Path(cfg.out))
     if options is not None and options.output_path:
         from harness.lm_eval_cli import save_lm_eval_outputs

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness import tables
+from harness import distributed, tables
 from harness.models import LoadedModel, UserError
 from harness.saes import sha256
 from harness.variants import short_hook
@@ -38,17 +38,23 @@ class staging:
     `identity` is what a run's results depend on (model, SAE files, tokens, options). If the
     run is interrupted or crashes, the partial folder stays, with its checkpoints under
     `.resume/`; `resume=True` continues it when the identity is the same and refuses, naming
-    what differs, when it is not. Bad input (UserError) removes the partial folder."""
+    what differs, when it is not. Bad input (UserError) removes the partial folder.
+
+    Under torchrun only rank 0 builds the folder: on the other processes the context gives
+    None (and `state` is None) and nothing is created, checked or renamed."""
 
     def __init__(self, out: Path, identity: dict | None = None, resume: bool = False):
         self.out = Path(out)
         self.tmp = self.out.with_name(f".{self.out.name}.partial")
-        self.state = self.tmp / RESUME_DIR
+        self.active = distributed.is_main()
+        self.state = self.tmp / RESUME_DIR if self.active else None
         self.identity = json.loads(json.dumps(identity or {}, default=str))  # as it reads back from disk
         self.resume = resume
         self.resumed = False
 
-    def __enter__(self) -> Path:
+    def __enter__(self) -> Path | None:
+        if not self.active:
+            return None
         saved = self.state / "identity.json"
         if self.resume and saved.is_file():
             _check_same(json.loads(saved.read_text()), self.identity, self.out)
@@ -60,6 +66,8 @@ class staging:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
+        if not self.active:
+            return False
         if exc_type is not None:
             if issubclass(exc_type, UserError):
                 shutil.rmtree(self.tmp, ignore_errors=True)

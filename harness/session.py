@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from harness import data, sources
+from harness import data, distributed, sources
 from harness.models import LoadedModel, UserError, check_device, load_model
 from harness.saes import Replacement, same_model
 from harness.splice import activation_widths, calibrate, check_hooks
@@ -44,7 +44,12 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
     `make_replacements(lm)` adds replacements built in memory for the loaded model (the
     bench's random SAEs); each becomes a variant of its own and is checked like the rest.
     `text` names where tokens come from: `eval_seqs` evaluated rows of `ctx` tokens
-    (Session.tokens) and the calibration batch, both from that source."""
+    (Session.tokens) and the calibration batch, both from that source.
+
+    Under torchrun (harness/distributed.py) this joins the process group first, and `cuda`
+    means this process's GPU; every process then loads and calibrates the same way, on the
+    same tokens, so the baselines are identical everywhere."""
+    device = distributed.setup(device, device_map)
     check_device(device)
     variants, repls = build_variants(list(saes), joint, device, sae_dtype) if saes else ([Variant(CLEAN, {})], [])
     kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
