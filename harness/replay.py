@@ -17,6 +17,9 @@ re-implements any of it. Both call the model's own forward, rerouted:
 A bypassed pass still embeds the tokens and builds the masks and rotary tables: a gather and a
 few small tensors, not a layer's worth of work.
 
+Layer `n_layers` (one past the last block) is the final norm's input, the residual leaving the
+last block: a tail starting there runs the final norm and the head only (`starts_at_head`).
+
 What this cannot replay is state handed from one layer to a later one outside the residual
 (layers sharing keys and values, a block run several times per forward). `check_supported`
 refuses such models by name, and otherwise compares the replay with the model's own forward
@@ -67,6 +70,13 @@ def _bypass(*args, **kwargs):
     return _hidden(args, kwargs)
 
 
+def _entry(bridge, layer: int) -> torch.nn.Module:
+    """The module whose input is the residual entering `layer`: block `layer`, or after the last
+    block the final norm."""
+    blocks = bridge.blocks
+    return blocks[layer] if layer < len(blocks) else bridge.ln_final
+
+
 @torch.no_grad()
 def _run(bridge, tokens, attention_mask, start: int = 0, resid=None, stop: int | None = None,
          positions=None):
@@ -91,9 +101,9 @@ def _run(bridge, tokens, attention_mask, start: int = 0, resid=None, stop: int |
             # object.__setattr__: a bridge component forwards attribute writes to the HF module.
             object.__setattr__(block, "forward", _bypass)
         if resid is not None:
-            handles.append(blocks[start].register_forward_pre_hook(inject, with_kwargs=True))
+            handles.append(_entry(bridge, start).register_forward_pre_hook(inject, with_kwargs=True))
         if stop is not None:
-            handles.append(blocks[stop].register_forward_pre_hook(grab, with_kwargs=True))
+            handles.append(_entry(bridge, stop).register_forward_pre_hook(grab, with_kwargs=True))
         elif positions is not None and isinstance(getattr(bridge, "unembed", None), torch.nn.Module):
             # The head acts per position: keep only the positions asked for before it (the
             # final norm runs on all of them, since e.g. GPT-2 reshapes its output).
@@ -116,12 +126,14 @@ def _run(bridge, tokens, attention_mask, start: int = 0, resid=None, stop: int |
 
 
 def run_to(bridge, tokens, attention_mask, stop: int, start: int = 0, resid=None) -> torch.Tensor:
-    """The residual entering block `stop`, from the tokens (or from `resid` entering `start`)."""
+    """The residual entering block `stop` (`n_layers`: leaving the last block), from the tokens
+    (or from `resid` entering `start`)."""
     return _run(bridge, tokens, attention_mask, start, resid, stop=stop)
 
 
 def run_from(bridge, tokens, attention_mask, start: int, resid, positions=None) -> torch.Tensor:
-    """Logits of the model's own forward with `resid` entering block `start` (blocks below skipped)."""
+    """Logits of the model's own forward with `resid` entering block `start` (blocks below skipped;
+    `start` = n_layers: `resid` is the last block's output, only the final norm and head run)."""
     return _run(bridge, tokens, attention_mask, start, resid, positions=positions)
 
 
@@ -166,3 +178,21 @@ def check_supported(bridge, layers: list[int], n_probe: int = 24) -> None:
             raise UserError(f"{kind} is not supported: replaying it from block {layer} differs from its own "
                             f"forward by {err:.3g} (it passes state between layers outside the residual stream)")
         done.add(layer)
+
+
+_head_ok: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def starts_at_head(bridge) -> bool:
+    """Whether a tail can start after the last block (final norm and head only). It can when the
+    model has a final norm (`ln_final`) that its forward calls once on the last block's output,
+    checked like any branch layer; otherwise a splice of the last block's output replays that block."""
+    if bridge not in _head_ok:
+        ok = isinstance(getattr(bridge, "ln_final", None), torch.nn.Module)
+        if ok:
+            try:
+                check_supported(bridge, [len(bridge.blocks)])
+            except UserError:
+                ok = False
+        _head_ok[bridge] = ok
+    return _head_ok[bridge]

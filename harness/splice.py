@@ -35,6 +35,11 @@ from harness.replay import take_positions as _take
 from harness.saes import Replacement
 from harness.variants import Variant
 
+# Budget of one batched tail (several variants in one forward): token positions through the
+# blocks, and bytes of logits (for the CE suite the logits dominate: vocab x tokens).
+TAIL_TOKENS = 16384
+TAIL_LOGITS_BYTES = 2**30
+
 # Sites whose second axis is not the position: a per-position splice cannot apply there.
 _NOT_PER_POSITION = ("hook_pattern", "hook_attn_scores")
 
@@ -60,9 +65,33 @@ def describe_valid_hooks(names: list[str]) -> str:
     return ", ".join(shown)
 
 
+def entering_hook(lm: LoadedModel, layer: int):
+    """The hook point whose activation IS the residual entering `layer` (block layer-1's
+    `hook_resid_post`, under any of its names), or None for layer 0."""
+    return lm.model.hook_dict.get(f"blocks.{layer - 1}.hook_resid_post") if layer > 0 else None
+
+
+def branch_layer(lm: LoadedModel, hook: str) -> int:
+    """The layer where a splice at `hook` branches off the clean pass.
+
+    A splice of the residual leaving block L (`blocks.L.hook_resid_post`) is a splice of the
+    residual entering block L+1: its tail starts there, the splice applied to the shared clean
+    residual (`Splicer.tail`), so block L is not replayed per variant. After the last block that
+    is the final norm's input: a HookedTransformer starts there, a bridge model when its final
+    norm can be replayed (`replay.starts_at_head`), else the last block is replayed. Any other
+    hook branches at its own block."""
+    layer = hook_layer(hook)
+    point = lm.model.hook_dict.get(hook)
+    if point is not None and point is entering_hook(lm, layer + 1):
+        if layer + 1 < lm.n_layers or lm.kind == "hooked" or replay.starts_at_head(lm.model):
+            return layer + 1
+    return min(layer, lm.n_layers - 1)
+
+
 def branch_layers(lm: LoadedModel, hooks: list[str]) -> list[int]:
-    """Blocks where some variant branches off the clean pass (a bridge tail needs >= 1 block)."""
-    return sorted({min(hook_layer(h), lm.n_layers - 1) for h in hooks}) or [lm.n_layers - 1]
+    """Layers where some variant branches off the clean pass (a bridge tail needs >= 1 block
+    unless it starts at the final norm)."""
+    return sorted({branch_layer(lm, h) for h in hooks}) or [lm.n_layers - 1]
 
 
 def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
@@ -82,9 +111,11 @@ def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
 class Splicer:
     """Runs one model with any number of variants, sharing the prefix below the first splice."""
 
-    def __init__(self, lm: LoadedModel, hooks: list[str], keep_first: bool = True):
+    def __init__(self, lm: LoadedModel, hooks: list[str], keep_first: bool = True,
+                 tail_tokens: int = TAIL_TOKENS, tail_logits_bytes: int = TAIL_LOGITS_BYTES):
         self.lm = lm
         self.keep_first = keep_first
+        self.tail_tokens, self.tail_logits_bytes = tail_tokens, tail_logits_bytes
         check_hooks(lm, hooks)
         self.layers = branch_layers(lm, hooks)
         self.start_layer = self.layers[0]
@@ -113,10 +144,10 @@ class Splicer:
 
     # -- prefix / tail -----------------------------------------------------------------
     def variant_layer(self, variant: Variant | None) -> int:
-        """The layer a variant's tail starts at: the block of its first hook."""
+        """The layer a variant's tail starts at: the branch layer of its first hook."""
         if variant is None or not variant.parts:
             return self.layers[-1]
-        return min(min(hook_layer(h), self.lm.n_layers - 1) for h in variant.hooks)
+        return min(branch_layer(self.lm, h) for h in variant.hooks)
 
     @torch.no_grad()
     def branch_points(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[int, Prefix]:
@@ -155,10 +186,32 @@ class Splicer:
              positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, pos, vocab] of the rest of the model, with the given hooks active.
 
+        A hook on the residual entering `pre.layer` (block pre.layer-1's `hook_resid_post`) is
+        applied to a copy of `pre.resid` before the first block runs (`enter`).
         `positions` [batch, P] keeps only those positions' logits; on a bridge model the
         unembedding then runs on those positions alone (for multiple choice, one position in
         hundreds: the unembedding is a large share of a small model's FLOPs).
         A bridge tail is the model's own forward from `pre.layer` on (see `harness.replay`)."""
+        resid, rest = self.enter(pre, fwd_hooks)
+        return self._run_tail(Prefix(pre.layer, resid, pre.tokens, pre.attention_mask), rest, positions)
+
+    def enter(self, pre: Prefix, fwd_hooks) -> tuple[torch.Tensor, list[tuple[str, Callable]]]:
+        """(the residual entering pre.layer with the hooks on it applied, the other hooks).
+
+        The hooks get a copy, so the shared clean residual is never changed in place."""
+        point = entering_hook(self.lm, pre.layer)
+        resid, rest = pre.resid, []
+        for name, fn in fwd_hooks:
+            if point is not None and self.lm.model.hook_dict.get(name) is point:
+                if resid is pre.resid:
+                    resid = resid.clone()
+                out = fn(resid, hook=point)
+                resid = resid if out is None else out
+            else:
+                rest.append((name, fn))
+        return resid, rest
+
+    def _run_tail(self, pre: Prefix, fwd_hooks, positions) -> torch.Tensor:
         model = self.lm.model
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             if self.lm.kind == "hooked":
@@ -166,6 +219,38 @@ class Splicer:
                                attention_mask=pre.attention_mask)
                 return logits if positions is None else _take(logits, positions)
             return replay.run_from(model, pre.tokens, pre.attention_mask, pre.layer, pre.resid, positions)
+
+    @torch.no_grad()
+    def batched_tail(self, pre: Prefix, hook_sets: list[list[tuple[str, Callable]]],
+                     positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One tail per hook set, run as ONE forward over the batch repeated len(hook_sets) times
+        (one larger matmul per weight instead of k small ones). Slice i of every activation
+        goes through hook set i only; logits come back split per set."""
+        if len(hook_sets) == 1:
+            return [self.tail(pre, hook_sets[0], positions)]
+        k, rows = len(hook_sets), pre.resid.shape[0]
+        starts, by_name = [], {}
+        for i, hooks in enumerate(hook_sets):
+            resid, rest = self.enter(pre, hooks)
+            starts.append(resid)
+            for name, fn in rest:
+                by_name.setdefault(name, []).append((i, fn))
+
+        def per_slice(fns):
+            def hook(act, hook=None):
+                parts = list(act.split(rows))
+                for i, fn in fns:
+                    out = fn(parts[i], hook=hook)
+                    parts[i] = parts[i] if out is None else out
+                return torch.cat(parts)
+            return hook
+
+        def rep(x):
+            return None if x is None else x.repeat(k, *([1] * (x.dim() - 1)))
+
+        big = Prefix(pre.layer, torch.cat(starts), rep(pre.tokens), rep(pre.attention_mask))
+        logits = self._run_tail(big, [(n, per_slice(f)) for n, f in by_name.items()], rep(positions))
+        return list(logits.split(rows))
 
     @torch.no_grad()
     def logits(self, tokens, attention_mask=None, variant: Variant | None = None, on_act=None):
@@ -181,19 +266,36 @@ class Splicer:
         naive = n * (1 + sum(1 for v in variants if v.parts))
         return {"blocks_shared": shared, "blocks_naive": naive, "saving": naive / shared}
 
+    def tails_per_forward(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> int:
+        """How many variants' tails one forward runs: as many as fit the token budget
+        (`tail_tokens` token positions through the blocks) and the logits budget
+        (`tail_logits_bytes` of logits), at least one."""
+        n_tok = tokens.numel()
+        n_logits = (positions.numel() if positions is not None else n_tok) * self.lm.model.cfg.d_vocab
+        return max(1, min(self.tail_tokens // n_tok, self.tail_logits_bytes // (n_logits * self.lm.dtype.itemsize)))
+
     def run_variants(self, tokens, variants: list[Variant], attention_mask=None, positions=None, on_act=None,
                      exclude: torch.Tensor | None = None):
-        """Yield (variant, logits) for every variant of one batch, clean first, sharing the
-        clean pass up to each variant's first hook. `on_act(variant, ...)` gets activations.
+        """Yield (variant, logits) for every variant of one batch, clean (None) first, sharing the
+        clean pass up to each variant's first hook. Variants branching at the same layer run
+        their tails together, `tails_per_forward` at a time (`batched_tail`); the others come in
+        the order of those groups. `on_act(variant, ...)` gets activations.
         `exclude` [batch, pos] marks further positions to leave unspliced (massive activations)."""
         points = self.branch_points(tokens, attention_mask)
         mask = self.splice_mask(tokens, attention_mask)
         if exclude is not None:
             mask &= ~exclude
-        yield None, self.tail(points[self.layers[-1]], positions=positions)
+        groups: dict[int, list] = {self.layers[-1]: [(None, [])]}  # the clean tail leads
         for v in variants:
             act = (lambda *a, _v=v: on_act(_v, *a)) if on_act else None
-            yield v, self.tail(points[self.variant_layer(v)], splice_hooks(v, mask, act), positions)
+            groups.setdefault(self.variant_layer(v), []).append((v, splice_hooks(v, mask, act)))
+        step = self.tails_per_forward(tokens, positions)
+        for layer, members in groups.items():
+            for i in range(0, len(members), step):
+                chunk = members[i:i + step]
+                outs = self.batched_tail(points[layer], [hooks for _, hooks in chunk], positions)
+                for (v, _), logits in zip(chunk, outs):
+                    yield v, logits
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Splices that branch above the first splice layer, against a plain transformers forward.
 
-With SAEs at blocks 1 and 3 of a tiny 4-layer Llama, the block-1 variants replay blocks 1-3 from
-the shared prefix, while the block-3 variant (the "l22 SAE when l15 is also spliced" of the main
-job) starts from `Splicer.advance`'s residual at block 3, and the joint splice carries the block-1
+With SAEs at the outputs of blocks 1 and 3 of a tiny 4-layer Llama, the block-1 variants splice
+the shared residual entering block 2 and replay blocks 2-3, while the block-3 variant (the "l22
+SAE when l15 is also spliced" of the main job) splices `Splicer.advance`'s residual after the last
+block and runs only the final norm and head, and the joint splice carries the block-1
 replacement into block 3. Every number is recomputed with an ordinary LlamaForCausalLM loaded
 from the same folder, forward hooks on its decoder layers, and the TopK SAE written out by hand
 (tests/plain_hf.py): logits, CE, KL, explained variance (pooled over hooks for the joint
@@ -80,29 +81,36 @@ def _reference(hf, saes, tokens, special):
 
 def test_branch_points_equal_plain_hidden_states(tiny_hf, hf):
     """The residual entering each branch layer, after `advance`, is the plain model's hidden state
-    there (hidden_states[L] is the input of decoder layer L), with left padding on one row."""
+    there (hidden_states[L] is the input of decoder layer L; after the last block, the final
+    norm's input), with left padding on one row."""
     tokens = torch.randint(3, 2000, (3, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(tokens)
     mask[2, :3] = 0
     splicer = Splicer(tiny_hf, [HOOKS[LOW], "blocks.2.hook_resid_post", HOOKS[HIGH]])
     points = splicer.branch_points(tokens, mask)
-    assert sorted(points) == [LOW, 2, HIGH]
+    assert sorted(points) == [LOW + 1, 3, HIGH + 1]  # resid_post at L: the residual entering L+1
+    seen = []
+    handle = hf.model.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
         hidden = hf(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
+    handle.remove()
+    hidden = list(hidden[:HIGH + 1]) + seen
     for layer, pre in points.items():
         assert pre.layer == layer
         torch.testing.assert_close(pre.resid[mask.bool()], hidden[layer][mask.bool()], rtol=0, atol=1e-5)
 
 
 def test_hooked_branch_points_equal_resid_pre(tiny_hooked):
-    """Same on a HookedTransformer: `advance` uses start_at_layer/stop_at_layer."""
+    """Same on a HookedTransformer: `advance` uses start_at_layer/stop_at_layer (block 2 is the
+    last: its output is the residual before the final norm)."""
     model = tiny_hooked.model
     tokens = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(2))
     splicer = Splicer(tiny_hooked, ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"])
     points = splicer.branch_points(tokens)
     _, cache = model.run_with_cache(tokens)
+    assert sorted(points) == [1, 3]
     for layer in (0, 2):
-        torch.testing.assert_close(points[layer].resid, cache[f"blocks.{layer}.hook_resid_pre"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(points[layer + 1].resid, cache[f"blocks.{layer}.hook_resid_post"], rtol=0, atol=1e-5)
 
 
 def test_every_variant_logits_equal_plain_hooks(tiny_hf, hf, saes, variants):
@@ -110,11 +118,11 @@ def test_every_variant_logits_equal_plain_hooks(tiny_hf, hf, saes, variants):
     special = tiny_hf.special_ids()
     ref = _reference(hf, saes, tokens, special)
     splicer = Splicer(tiny_hf, sorted(HOOKS.values()))
-    assert splicer.layers == [LOW, HIGH]
+    assert splicer.layers == [LOW + 1, HIGH + 1]
     seen = {}
     for v, logits in splicer.run_variants(tokens, variants[1:]):
         seen[v.name if v else "clean"] = logits
-    assert splicer.variant_layer(variants[2]) == HIGH  # the block-3 variant does branch at block 3
+    assert splicer.variant_layer(variants[2]) == HIGH + 1  # the block-3 variant branches after block 3
     for name, (want, _) in ref.items():
         torch.testing.assert_close(seen[name], want, rtol=0, atol=1e-5, msg=name)
     # the splices do change the output, so the comparison has teeth

@@ -20,12 +20,13 @@ def test_hook_name_translation():
 
 @pytest.mark.parametrize("layer", [0, 2, 3])
 def test_bridge_tail_of_prefix_equals_full_forward(tiny_hf, layer):
+    """A resid_post splice at block L branches at L+1 (after the last block: at the final norm)."""
     torch.manual_seed(1)
     tokens = torch.randint(3, 1000, (3, 12))
     mask = torch.ones_like(tokens)
     mask[1, :4] = 0  # left padding on one row: the captured 4-D mask must carry it
     splicer = Splicer(tiny_hf, [f"blocks.{layer}.hook_resid_post"])
-    assert splicer.start_layer == layer
+    assert splicer.start_layer == layer + 1
     full = tiny_hf.model.original_model(input_ids=tokens, attention_mask=mask).logits
     got = splicer.tail(splicer.prefix(tokens, mask))
     torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
