@@ -134,7 +134,8 @@ def token_set(tokens: torch.Tensor, splicer: Splicer) -> torch.Tensor:
 def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, batch_size: int = 8,
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
              progress=None, keep_first: bool = True, massive_factor: float | None = outliers.DEFAULT_FACTOR,
-             exclude_massive: bool = False, checkpoint=None, checkpoint_every: int = 4) -> CEResult:
+             exclude_massive: bool = False, checkpoint=None, checkpoint_every: int = 4,
+             tail_tokens: int | None = None) -> CEResult:
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass.
 
     The zero / mean references are fitted on `calib_tokens` (through the model's activation
@@ -143,13 +144,15 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     detected positions unspliced and out of T. With a `checkpoint` (an object with save(state) /
     load(), see runfolder.Checkpoint) the running sums are saved every `checkpoint_every`
     batches and at the end, and a saved state is continued from: the sums are folded in the
-    same order either way, so a resumed run ends bit-identical."""
+    same order either way, so a resumed run ends bit-identical. Variants branching at the same
+    layer share one forward per batch, as many as `tail_tokens` token positions allow (None:
+    `splice.TAIL_TOKENS`; see `Splicer.tails_per_forward`)."""
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
     refs = {v.name: (baseline_name("zero", v.hooks), baseline_name("mean", v.hooks)) for v in all_variants}
     hooks = sorted({h for v in all_variants for h in v.hooks})
-    splicer = Splicer(lm, hooks, keep_first)
+    splicer = Splicer(lm, hooks, keep_first, tail_tokens)
 
     calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
     lo, hi = distributed.share(len(tokens), batch_size)  # this process's sequences (all of them alone)

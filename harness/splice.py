@@ -112,10 +112,11 @@ class Splicer:
     """Runs one model with any number of variants, sharing the prefix below the first splice."""
 
     def __init__(self, lm: LoadedModel, hooks: list[str], keep_first: bool = True,
-                 tail_tokens: int = TAIL_TOKENS, tail_logits_bytes: int = TAIL_LOGITS_BYTES):
+                 tail_tokens: int | None = None, tail_logits_bytes: int = TAIL_LOGITS_BYTES):
         self.lm = lm
         self.keep_first = keep_first
-        self.tail_tokens, self.tail_logits_bytes = tail_tokens, tail_logits_bytes
+        self.tail_tokens = tail_tokens or TAIL_TOKENS  # budget of one batched tail (tails_per_forward)
+        self.tail_logits_bytes = tail_logits_bytes
         check_hooks(lm, hooks)
         self.layers = branch_layers(lm, hooks)
         self.start_layer = self.layers[0]

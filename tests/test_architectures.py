@@ -24,7 +24,8 @@ from harness import ce
 from harness.backend import variant_views
 from harness.models import UserError, load_model
 from harness.session import Session, prepare
-from harness.splice import Splicer
+from harness.splice import Splicer, splice_hooks
+from harness.variants import Variant
 
 WIDTH, WINDOW, CTX, HOOK = 64, 16, 40, "blocks.1.hook_resid_post"
 
@@ -215,6 +216,30 @@ def test_logit_processing_bites(arch):
         assert gap < 1e-5
 
 
+def test_last_block_splice_runs_only_the_head(arch):
+    """A splice of the last block's output starts after it: the shared residual is spliced and
+    only the final norm and the head run (soft-caps and scalings included), equal to a plain
+    forward hook on the last decoder layer; with no splice, to the model's own forward."""
+    last = "blocks.3.hook_resid_post"
+    splicer = Splicer(arch.lm, [last])
+    assert splicer.start_layer == 4 and splicer.block_cost([Variant("v", {})])["blocks_shared"] == 4
+    tokens = _tokens(2, 7)
+    pre = splicer.prefix(tokens)
+    sae = arch.sae_variant.parts[HOOK]  # width 64 fits every block's output
+    got = splicer.tail(pre, splice_hooks(Variant("s", {last: sae}), splicer.splice_mask(tokens, None)))
+    handle = decoder_layers(arch.hf)[3].register_forward_hook(_replace_output(reconstruct(arch.sae)))
+    try:
+        with torch.no_grad():
+            want = arch.hf(input_ids=tokens).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        clean = arch.hf(input_ids=tokens).logits
+    torch.testing.assert_close(splicer.tail(pre), clean, rtol=0, atol=1e-4)
+    assert (got - clean).abs().max() > 1e-2
+
+
 def _loglikelihood(lm_obj, pairs):
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
     return [ll for ll, _ in lm_obj.loglikelihood(reqs)]
@@ -279,6 +304,9 @@ def test_cohere_is_refused_not_mis_scored(tokenizer, tmp_path):
 
 
 # -- refusals ------------------------------------------------------------------------------
+BLOCK_1_SITE = "blocks.1.hook_mlp_out"  # branches at block 1 (HOOK, block 1's output, at block 2)
+
+
 @pytest.fixture(scope="module")
 def llama_folder(tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama3-sites")
@@ -294,7 +322,7 @@ def test_state_passed_between_layers_is_refused(llama_folder):
     layers[0].register_forward_hook(lambda m, a, out: stash.update(x=out[0] if isinstance(out, tuple) else out))
     layers[2].register_forward_pre_hook(lambda m, a: (a[0] + stash.pop("x", 0),) + tuple(a[1:]) if a else None)
     with pytest.raises(UserError, match=r"replaying it from block 1 differs from its own forward"):
-        Splicer(lm, [HOOK])
+        Splicer(lm, [BLOCK_1_SITE])
 
 
 def test_shared_key_values_are_refused(llama_folder):
@@ -313,7 +341,7 @@ def test_looped_block_is_refused(llama_folder):
         blocks[1](*args, **kwargs)  # output unused: only the second call matters
     blocks[2].register_forward_hook(run_block_1_again, with_kwargs=True)
     with pytest.raises(UserError, match=r"runs block 1 2 times per forward \(looped layers\)"):
-        Splicer(lm, [HOOK])
+        Splicer(lm, [BLOCK_1_SITE])
 
 
 def test_attention_pattern_is_not_a_splice_site(llama_folder):
