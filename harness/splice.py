@@ -3,6 +3,12 @@
 A *variant* is a set of replacements, at most one per hook: {} is the clean model, {h: sae}
 one SAE, {h1: sae1, h2: sae2} a joint splice. All variants of a batch share the layers below
 the first splice point: `prefix` runs them once, `tail` replays the rest once per variant.
+A splice of a block's output (`blocks.L.hook_resid_post`) is a splice of the residual entering
+block L+1: it is applied to the shared residual there and its tail starts at L+1 (after the
+last block: the final norm and head only), so block L is not replayed per variant. Variants
+starting at the same layer run their tails as one forward over the batch repeated once per
+variant, each slice with its own splices (`batched_tail`), as many as a token and logits
+budget allow (`tails_per_forward`): one larger matmul per weight instead of k small ones.
 
 How the tail is replayed depends on the model:
 - TransformerBridge (any Hugging Face model): TransformerBridge cannot start at a layer (it
