@@ -44,6 +44,16 @@ def test_rows_and_ratios(result):
     assert flat["tokens"] == [128, 256] and len(flat["peak_bytes"]) == 2
 
 
+def test_flop_minimum_starts_the_tails_after_the_hooked_block(result):
+    """The hook is blocks.1.hook_resid_post, the last block of random:2x64: each variant's tail
+    is the final norm and head alone, so the minimum is one forward + K (head + SAE)."""
+    fl = bench.flops_per_token(load_model("random:2x64"), 32, bench.SAE_EXPANSION * 64)
+    want = (fl["model"] + 2 * (fl["head"] + fl["sae"])) / fl["model"]
+    rows = {r["key"]: r for r in result["rows"]}
+    assert rows["equiv"]["flop_model_equiv"] == pytest.approx(want, rel=1e-12)
+    assert "vs FLOP minimum" in bench.format_report(result)
+
+
 def test_report_formats(result):
     text = bench.format_report(result)
     assert "random:2x64" in text and "float32" in text and "2 layers x width 64" in text
