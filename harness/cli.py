@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -168,8 +169,17 @@ def _run(cfg, stages, resume: bool = False) -> None:
     if result.tasks is not None:
         if (result.tasks.per_question["task"] == "mmlu").any():
             print_mmlu_table(result.tasks.per_question, cfg)
-        _print_task_results(result.tasks.aggregate)
+        print_saved_table(Path(cfg.out) / "tasks.md")
     typer.echo(f"wrote {cfg.out} in {time.perf_counter() - t0:.0f} s", err=True)
+
+
+def print_saved_table(path: Path) -> None:
+    """A table the run folder holds in Markdown (the task table: accuracy, deltas, intervals)."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    if path.is_file():
+        Console(width=220).print(Markdown(path.read_text()))
 
 
 def print_mmlu_table(per_question, cfg) -> None:
@@ -350,19 +360,26 @@ def lm_eval_command(
                err=True)
 
 
-def _print_task_results(aggregate: dict) -> None:
+MMLU_CATEGORY_SUFFIXES = ("_stem", "_humanities", "_social_sciences", "_other")
+
+
+def _print_task_results(aggregate: dict, categories: bool = True) -> None:
+    """One row per task or group; a group's member tasks (MMLU's 57 subjects) are left out, as
+    are MMLU's categories when `categories` is False (the run prints its own category table).
+    Every row is in the run folder's tables."""
     from rich.console import Console
     from rich.table import Table
 
     variants = list(aggregate)
-    table = Table(title="lm-eval results (primary metric per task/group)")
+    table = Table(title="lm-eval results (primary metric per task/group; members of a group: see the run's tables)")
     table.add_column("task")
     for v in variants:
         table.add_column(v, justify="right")
     first = aggregate[variants[0]]
     for task, metrics in first.items():
         key = next((k for k in metrics if k.endswith(",none") and "stderr" not in k), None)
-        if key is None:
+        in_group = any(task.startswith(g + "_") for g in first if g != task)
+        if key is None or (in_group and not (categories and task.endswith(MMLU_CATEGORY_SUFFIXES))):
             continue
         cells = []
         for v in variants:
