@@ -77,9 +77,10 @@ def assert_fits(tex: str, folder: Path) -> float:
 
 
 def main_job_tasks(tmp_path) -> Path:
-    """Per-question results shaped like the main job's: its seven variants on MMLU (285
-    questions) and five more multiple-choice tasks (acc and acc_norm)."""
+    """Per-question results shaped like a main job with one more task: its seven variants on
+    its MMLU questions and five more multiple-choice tasks (acc and acc_norm), 200 each."""
     mmlu = tables.load_run_results(MAIN)
+    mmlu = mmlu[mmlu.task == "mmlu"]
     variants = list(dict.fromkeys(mmlu.variant))
     rng = np.random.default_rng(0)
     rows = []
