@@ -103,10 +103,14 @@ def _save_checkpoint(model, tok, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    try:
+        if out.exists():  # another process finished first
+            raise FileExistsError(out)
         tmp.replace(out)
+    except OSError:  # (or finished between the check and the rename)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():
+            raise
 
 
 _RANDOM_SPEC = re.compile(r"^random:(\d+)x(\d+)$")
