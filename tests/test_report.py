@@ -230,7 +230,8 @@ def test_profile_table_one_row_per_variant(main_page):
     rows = _table_rows(page, "profile")
     names = [row[0] for row in rows]
     assert names == list(dict.fromkeys(main_mmlu_questions()["variant"]))
-    assert len(rows[0]) == 1 + 5  # stem, humanities, social sciences, other, MMLU pooled
+    others = pd.read_csv(MAIN / "per_question.csv").task.nunique() - 1 if (MAIN / "per_question.csv").is_file() else 0
+    assert len(rows[0]) == 1 + 5 + others  # stem, humanities, social sciences, other, MMLU pooled; other tasks
 
 
 def test_page_is_self_contained_and_figures_saved(main_page, main_copy):
@@ -243,15 +244,21 @@ def test_page_is_self_contained_and_figures_saved(main_page, main_copy):
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         assert (main_copy / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
     assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', page) and "url(" not in page
-    assert "Side-by-side generations" not in page  # the main job has none yet
-    assert "not recorded" in page  # its config predates command recording
+    assert ("Side-by-side generations" in page) == (main_copy / "generations.json").is_file()
+    recorded = "command" in json.loads((main_copy / "config.json").read_text())
+    assert ("not recorded" in page) != recorded  # a config older than command recording says so
 
 
 def test_runner_records_the_command_line():
     from harness.runfolder import command_line
 
-    got = command_line()
-    assert set(got) == {"line", "cwd"} and "pytest" in got["line"]
+    import os
+    import shlex
+    import sys
+
+    got = command_line()  # under pytest-xdist a worker's argv is ["-c"]
+    assert set(got) == {"line", "cwd"} and got["cwd"] == os.getcwd()
+    assert shlex.split(got["line"])[-1] == sys.argv[-1]
 
 
 # ---------------------------------------------------------------- several runs, optional files, errors
