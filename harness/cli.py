@@ -363,10 +363,9 @@ def lm_eval_command(
 MMLU_CATEGORY_SUFFIXES = ("_stem", "_humanities", "_social_sciences", "_other")
 
 
-def _print_task_results(aggregate: dict, categories: bool = True) -> None:
-    """One row per task or group; a group's member tasks (MMLU's 57 subjects) are left out, as
-    are MMLU's categories when `categories` is False (the run prints its own category table).
-    Every row is in the run folder's tables."""
+def _print_task_results(aggregate: dict) -> None:
+    """One row per task or group (MMLU's categories kept); a group's member tasks (MMLU's 57
+    subjects) are left out. Every row is in the run folder's tables."""
     from rich.console import Console
     from rich.table import Table
 
@@ -379,7 +378,7 @@ def _print_task_results(aggregate: dict, categories: bool = True) -> None:
     for task, metrics in first.items():
         key = next((k for k in metrics if k.endswith(",none") and "stderr" not in k), None)
         in_group = any(task.startswith(g + "_") for g in first if g != task)
-        if key is None or (in_group and not (categories and task.endswith(MMLU_CATEGORY_SUFFIXES))):
+        if key is None or (in_group and not task.endswith(MMLU_CATEGORY_SUFFIXES)):
             continue
         cells = []
         for v in variants:
