@@ -106,7 +106,7 @@ def train_tokenizer(docs: list[str]):
     # One special token serves as BOS, EOS and pad, as in GPT-2 and Pythia. No BOS is added
     # when encoding: rows are cut from one stream, as the harness packs its evaluation rows.
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOT, eos_token=EOT, pad_token=EOT,
-                                   unk_token=None, model_max_length=CONTEXT)
+                                   unk_token=None)
 
 
 def token_rows(tokenizer, docs: list[str]) -> torch.Tensor:
