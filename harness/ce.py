@@ -39,7 +39,7 @@ import torch
 from harness import distributed, outliers
 from harness.models import LoadedModel, UserError
 from harness.splice import Splicer, calibrate
-from harness.variants import Variant, baseline_name, baseline_variants
+from harness.variants import Variant, baseline_name, baseline_variants, label
 
 
 @dataclass
@@ -108,6 +108,7 @@ class HookStats:
 class VariantSums:
     nll_seq: list = field(default_factory=list)  # per-sequence sum of -log p over T
     kl_sum: float = 0.0
+    kl_seq: list = field(default_factory=list)  # per-sequence sum of KL over T
     hooks: dict = field(default_factory=dict)  # hook -> HookStats
     per_token: list = field(default_factory=list)  # [B, ctx-1] nll, NaN outside T
     massive: dict = field(default_factory=dict)  # hook -> HookStats over its massive positions only
@@ -117,7 +118,7 @@ class VariantSums:
 
     def merge(self, other: "VariantSums") -> None:
         """Append another process's rows (they come after ours) and add its sums."""
-        for name in ("nll_seq", "per_token", "top_ids", "top_p"):
+        for name in ("nll_seq", "kl_seq", "per_token", "top_ids", "top_p"):
             getattr(self, name).extend(getattr(other, name))
         self.kl_sum += other.kl_sum
         self.kl_massive += other.kl_massive
@@ -155,6 +156,7 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     splicer = Splicer(lm, hooks, keep_first, tail_tokens)
 
     calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
+    noisy = list({id(r): r for v in all_variants for r in v.parts.values() if r.kind in NOISE_KINDS}.values())
     lo, hi = distributed.share(len(tokens), batch_size)  # this process's sequences (all of them alone)
     massive, dropped = _find_massive(lm, hooks, tokens, splicer, massive_factor, exclude_massive, batch_size,
                                      (lo, hi))
@@ -190,6 +192,8 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
                 sums[v.name].massive.setdefault(hook, HookStats()).add(x[on_massive], x_hat[on_massive], None)
 
         clean_ref = None
+        for r in noisy:  # the noise of these rows depends on the rows, not on what ran before
+            r.reseed(i)
         for v, logits in splicer.run_variants(batch, all_variants, on_act=on_act, exclude=drop):
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             del logits
@@ -233,6 +237,7 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
                                np.concatenate(sums[v.name].nll_seq), boot_idx, sums[v.name]))
         records[-1].update(_massive_fields(sums[v.name], per_token[v.name], in_t_all.numpy(),
                                            union[v.name][:, :-1].numpy(), massive_factor is not None))
+    _add_noise_ratios(records, all_variants, counts, nll_clean, sums, boot_idx)
     top3 = {}
     for name, s in [("clean", clean), *sums.items()]:
         top3[f"{name}.ids"] = torch.cat(s.top_ids).numpy()
@@ -241,6 +246,43 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
                     splicer.block_cost(all_variants),
                     None if massive_factor is None else outliers.summary(massive, massive_factor, exclude_massive),
                     top3)
+
+
+NOISE_KINDS = ("noise", "noise-dir")
+# record key prefix of each noise twin's ratios: dce_over_noise, kl_over_noise_dir_low, ...
+RATIO_KEYS = {"noise": "over_noise", "noise-dir": "over_noise_dir"}
+
+
+def noise_twin(v: Variant, kind: str) -> str:
+    """The name of `kind`@ each part of v: `noise@A`, `noise@A+noise@B` for a joint A+B."""
+    return "+".join(f"{kind}@{label(r)}" for r in v.parts.values())
+
+
+def _add_noise_ratios(records, variants, counts, nll_clean, sums, boot_idx) -> None:
+    """dCE(S) / dCE(noise@S) and KL(S) / KL(noise@S) for every S whose noise twin ran (and the
+    same for noise-dir@S), each with a paired bootstrap interval: the same resampled sequences
+    in numerator and denominator, each replicate a ratio of resampled sums."""
+    by_name = {r["variant"]: r for r in records}
+    names = {v.name for v in variants}
+    for v in variants:
+        if any(r.inner is not None for r in v.parts.values()):
+            continue
+        for kind, key in RATIO_KEYS.items():
+            twin = noise_twin(v, kind)
+            if twin not in names:
+                continue
+            rec = by_name[v.name]
+            d_s = np.concatenate(sums[v.name].nll_seq) - nll_clean
+            d_n = np.concatenate(sums[twin].nll_seq) - nll_clean
+            k_s, k_n = np.concatenate(sums[v.name].kl_seq), np.concatenate(sums[twin].kl_seq)
+            for metric, num, den in (("dce", d_s, d_n), ("kl", k_s, k_n)):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    boot = num[boot_idx].sum(1) / den[boot_idx].sum(1)
+                    value = num.sum() / den.sum()
+                rec[f"{metric}_{key}"] = float(value)
+                rec[f"{metric}_{key}_low"] = float(np.nanpercentile(boot, 2.5))
+                rec[f"{metric}_{key}_high"] = float(np.nanpercentile(boot, 97.5))
+            rec[f"{key}_variant"] = twin
 
 
 def _progress_reporter(progress, lo: int, hi: int, n: int):
@@ -325,6 +367,7 @@ def _fold(acc: VariantSums, logp, clean_ref, targets, in_t, on_massive=None) -> 
         p_clean, neg_entropy = clean_ref
         kl = neg_entropy - (p_clean * logp).sum(-1)
         acc.kl_sum += float(kl[in_t].double().sum())
+        acc.kl_seq.append(torch.where(in_t, kl, torch.zeros_like(kl)).double().sum(1).cpu().numpy())
         if on_massive is not None and on_massive.any():
             acc.kl_massive += float(kl[on_massive].double().sum())
 

@@ -112,6 +112,9 @@ def print_ce_table(records: list[dict], title: str) -> None:
     extra = [(k, label) for k, label in (("n_eff_frac", "N_eff/N (family)"), ("d_eff_frac", "D_eff/D (ckpts)"))
              if f"{k}_low" in records[0]]
     cols += [label for _, label in extra]
+    ratios = [(k, label) for k, label in (("dce_over_noise", "dCE÷noise"), ("kl_over_noise", "KL÷noise"))
+              if any(k in r for r in records)]
+    cols += [label for _, label in ratios]
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
 
@@ -126,6 +129,8 @@ def print_ce_table(records: list[dict], title: str) -> None:
             row.append(f"{r['compute_fraction']:.3g} [{r['compute_fraction_low']:.3g}, {r['compute_fraction_high']:.3g}]")
         for k, _ in extra:
             row.append(f"{r[k]:.3g} [{r[k + '_low']:.3g}, {r[k + '_high']:.3g}]")
+        for k, _ in ratios:
+            row.append(f"{f(r[k], 2)} [{f(r[k + '_low'], 2)}, {f(r[k + '_high'], 2)}]" if k in r else "-")
         table.add_row(*row)
     Console(width=220).print(table)
 
@@ -221,7 +226,9 @@ EXCLUDE_MASSIVE_HELP = ("treat massive activations like position 0 in the CE sui
 def ce(
     model: str = typer.Option("smollm2-135m", help="smollm2-135m, a local HF folder, a HF id, or tl:NAME"),
     sae: List[str] = typer.Option(..., help="SAE folder, demo name, release/sae_id, or baseline "
-                                  "(identity|zero|mean|pca:K|neurons:K)[@HOOK]; A+B splices A and B jointly"),
+                                  "(identity|zero|mean|pca:K|neurons:K)[@HOOK]; A+B splices A and B jointly; noise@S, "
+                                  "noise-dir@S, S+error: S with its error replaced by random noise of its size, "
+                                  "rotated away from its direction, or added back"),
     joint: bool = typer.Option(False, help="also splice all given SAEs together (one per hook)"),
     tokens: int = typer.Option(8192, help="tokens to evaluate"),
     ctx: int = typer.Option(128, help="sequence length"),
@@ -279,6 +286,8 @@ def run(
     model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
     sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec, as for `ce` (repeat); default: the "
                                             "embedded model's demo SAEs and baselines"),
+    ce_sae: Optional[List[str]] = typer.Option(None, help="spec for the CE suite only, not the tasks (repeat); "
+                                               "default with no --sae: noise@ each demo SAE"),
     dataset: Optional[str] = typer.Option(None, help=_DATASET_HELP),
     dataset_config: Optional[str] = typer.Option(None, help="the dataset's configuration (Hugging Face name)"),
     dataset_split: str = typer.Option("train", help="split to read"),
@@ -309,12 +318,19 @@ def run(
     With no options: the main job (embedded default, its demo SAEs and two baselines)."""
     _quiet_libraries()
     from harness.models import EMBEDDED_DEFAULT, UserError
-    from harness.pipeline import DEFAULT_SAES, RunConfig, task_limits
+    from harness.pipeline import DEFAULT_CE_SAES, DEFAULT_SAES, RunConfig, task_limits
+
+    from harness.lm_eval_cli import check_limit, check_task_list
 
     if not sae and model != EMBEDDED_DEFAULT:
         raise UserError(f"--sae is needed for {model!r} (the default SAEs belong to {EMBEDDED_DEFAULT})")
-    names = [t for t in (tasks or "").split(",") if t] or None
-    _run(RunConfig(model=model, saes=list(sae) if sae else list(DEFAULT_SAES), out=out, tokens=tokens, ctx=ctx,
+    names = check_task_list(tasks, "--tasks") if tasks is not None else None
+    for value, option in ((limit, "--limit"), (mmlu_limit, "--mmlu-limit")):
+        if value is not None:
+            check_limit(value, option)
+    ce_saes = list(ce_sae) if ce_sae is not None else ([] if sae else list(DEFAULT_CE_SAES))
+    _run(RunConfig(model=model, saes=list(sae) if sae else list(DEFAULT_SAES), ce_saes=ce_saes, out=out,
+                   tokens=tokens, ctx=ctx,
                    device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, batch_size=batch_size,
                    num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
                    massive_factor=massive_factor, exclude_massive=exclude_massive,

@@ -205,7 +205,7 @@ def profile_figure(rows, colour: dict | None = None):
         for edge in np.arange(len(groups) - 1) + 0.5:
             ax.axvline(edge, color="0.88", lw=0.8)
         ax.set_xlim(-0.5, len(groups) - 0.5)
-        ax.set_xticks(np.arange(len(groups)), [g.replace("_", "\n") for g in groups],
+        ax.set_xticks(np.arange(len(groups)), [g.replace(" (", "\n(") for g in groups],
                       rotation=30 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center",
                       fontsize=8)
         ax.set_ylabel(ylabel)

@@ -48,6 +48,7 @@ class Grid:
     label: str
     sub: list[list[str]] | None = None   # small header lines under each value column (plain)
     breaks: list[int] = field(default_factory=list)  # a rule before these rows (LaTeX)
+    long: bool = False  # LaTeX: a longtable (rows run over pages) instead of a table float
 
 
 # ---------------------------------------------------------------- number formatting
@@ -77,10 +78,21 @@ def marks(p: float, lo: float, hi: float) -> str:
 
 # ---------------------------------------------------------------- MMLU / task layouts
 
+def primary_metric(have) -> str:
+    """The one metric a task is shown by everywhere (README, report, tasks.md): acc_norm where
+    the task reports it (its length normalisation is what the task's authors score by), else acc."""
+    return "acc_norm" if "acc_norm" in set(have) else "acc"
+
+
+def task_label(task: str) -> str:
+    """`hellaswag_offline` -> `HellaSwag`."""
+    base = task.removesuffix("_offline")
+    return TASK_LABEL.get(base, base)
+
+
 def _label(key: str, level: str) -> str:
     if level == "task":
-        base = key.removesuffix("_offline")
-        return TASK_LABEL.get(base, base)
+        return task_label(key)
     return CATEGORY_LABEL.get(key, key)
 
 
@@ -96,14 +108,14 @@ def _paper_columns(table: pd.DataFrame, level: str, metric: str) -> tuple[pd.Dat
         cols = []
         for task in dict.fromkeys(table["task"]):
             have = list(dict.fromkeys(table.loc[table["task"] == task, "metric"]))
-            m = ("acc_norm" if "acc_norm" in have else "acc") if metric == "auto" else metric
+            m = primary_metric(have) if metric == "auto" else metric
             if m not in have:
                 raise ValueError(f"task {task!r} has no {m}; choose --metric acc")
             cols.append((task, _label(task, level), m, (table["task"] == task) & (table["metric"] == m)))
         return table, cols
     if "weighting" in table:
         table = table[table["weighting"] == "question"]
-    return table, [(g, _label(g, level), "", table["group"] == g) for g in dict.fromkeys(table["group"])]
+    return table, [(g, _label(g, level), "acc", table["group"] == g) for g in dict.fromkeys(table["group"])]
 
 
 def paper_grid(table: pd.DataFrame, level: str, n_boot: int, metric: str = "auto") -> Grid:
@@ -137,6 +149,32 @@ def paper_grid(table: pd.DataFrame, level: str, n_boot: int, metric: str = "auto
     label = {"category": "tab:mmlu-category", "subject": "tab:mmlu-subject", "task": "tab:tasks"}[level]
     return Grid(["Variant"], [(h, _tex_text(h)) for _, h, _, _ in cols], rows, caption, label, sub,
                 breaks=[1] if len(rows) > 1 else [])
+
+
+def subject_grid(table: pd.DataFrame, n_boot: int) -> Grid:
+    """MMLU by subject for papers: rows = the 57 subjects (then all questions pooled), columns =
+    variants; the baseline's column is its accuracy in %, the others the change in points with
+    its interval (as in the paper layout, transposed: 57 columns fit no page, 57 rows do)."""
+    if "weighting" in table:
+        table = table[table["weighting"] == "question"]
+    variants = list(dict.fromkeys(table["variant"]))
+    baseline = variants[0]
+    by = {(r["group"], r["variant"]): r for r in table.to_dict("records")}
+    subjects = [g for g in dict.fromkeys(table["group"]) if g != "all"] + ["all"]
+    rows = []
+    for g in subjects:
+        n = by[(g, baseline)]["n"]
+        name = "all subjects" if g == "all" else g.replace("_", " ")
+        cells = [Cell(pct(by[(g, v)]["acc"])) if v == baseline else
+                 (_comparison(by[(g, v)]) if (g, v) in by else Cell()) for v in variants]
+        rows.append(([name, str(int(n))], cells))
+    plain, tex = _significance_caption(baseline, n_boot)
+    plain = plain.replace("First row", "First column").replace("Other rows", "Other columns")
+    tex = tex.replace("First row", "First column").replace("Other rows", "Other columns")
+    caption = (f"MMLU accuracy by subject. {plain} Last row: all questions pooled.",
+               f"MMLU accuracy by subject. {tex} Last row: all questions pooled.")
+    return Grid(["Subject", "n"], [(f"{v} (%)" if v == baseline else v, _tex_name(v)) for v in variants], rows,
+                caption, "tab:mmlu-subject", None, breaks=[len(rows) - 1], long=True)
 
 
 def _significance_caption(baseline: str, n_boot: int, first_row: bool = True) -> tuple[str, str]:
@@ -221,6 +259,10 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
                                        ("d_eff_frac", "D_eff/D [95% CI]", r"$D_{\mathrm{eff}}/D$ [95\% CI]"))
              if any(f"{k}_low" in r for r in records)]
     columns += [(h, t) for _, h, t in extra]
+    ratios = [(k, h, t) for k, h, t in (("dce_over_noise", "dCE ÷ noise [95% CI]", r"$\Delta$CE $\div$ noise [95\% CI]"),
+                                        ("kl_over_noise", "KL ÷ noise [95% CI]", r"KL $\div$ noise [95\% CI]"))
+              if any(k in r for r in records)]
+    columns += [(h, t) for _, h, t in ratios]
     robust = any("explained_variance_robust" in r for r in records)
     columns += [("EV", "EV")] + ([("EV w/o massive (n)", r"EV w/o massive ($n$)")] if robust else [])
     rows = []
@@ -238,6 +280,8 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
                  Cell(_frac(r.get("compute_fraction")), _frac(r.get("compute_fraction_low")),
                       _frac(r.get("compute_fraction_high")))]
         cells += [Cell(_frac(r.get(k)), _frac(r.get(f"{k}_low")), _frac(r.get(f"{k}_high"))) for k, _, _ in extra]
+        cells += [Cell(num(r.get(k), ".2f"), num(r.get(f"{k}_low"), ".2f"), num(r.get(f"{k}_high"), ".2f"))
+                  for k, _, _ in ratios]
         rows.append(([r["variant"]], cells + ev))
     law = law_text(clean["law"]) if clean.get("law") else ("no scaling law", "no scaling law")
     n_tokens = clean.get("n_tokens")
@@ -261,6 +305,15 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
         sentences.append(("N_eff/N, D_eff/D: the same reading on the reference family / checkpoint curve "
                           "fitted on these tokens.", r"$N_{\mathrm{eff}}/N$, $D_{\mathrm{eff}}/D$: the same "
                           "reading on the reference family / checkpoint curve fitted on these tokens."))
+    if ratios:
+        sentences.append(("dCE ÷ noise, KL ÷ noise: the SAE's dCE and KL divided by those of noise@SAE (the "
+                          "activation plus a random vector with the norm of the SAE's error, at the same "
+                          "positions), with a 95% paired bootstrap interval over sequences; above 1, the SAE's "
+                          "error does more damage than its size alone explains.",
+                          r"$\Delta$CE $\div$ noise, KL $\div$ noise: the SAE's $\Delta$CE and KL divided by "
+                          r"those of noise@SAE (the activation plus a random vector with the norm of the SAE's "
+                          r"error, at the same positions), with a 95\% paired bootstrap interval over sequences; "
+                          r"above 1, the SAE's error does more damage than its size alone explains."))
     sentences.append(("EV: explained variance of the activations over the token set.", None))
     if robust:
         sentences.append(("EV w/o massive: the same without the massive activations (positions whose clean "
@@ -376,8 +429,37 @@ def _tex_tabular(g: Grid, cols: list[int]) -> list[str]:
     return lines + [r"\bottomrule", r"\end{tabular}"]
 
 
+SUBJECT_WIDTH = "3.3cm"  # the subject column of a longtable wraps at this width
+MAX_LONG_COLUMNS = 5  # value columns per longtable; more continue in another longtable
+
+
+def _tex_longtable(g: Grid, cols: list[int], first: bool) -> list[str]:
+    spec = "@{}" + f"p{{{SUBJECT_WIDTH}}}" + "r" * (len(g.lead) - 1) + "r" * len(cols) + "@{}"
+    head = " & ".join([_tex_text(h) for h in g.lead] + [g.columns[j][1] for j in cols]) + r" \\"
+    lines = [r"\begin{longtable}{" + spec + "}"]
+    if first:
+        lines.append(r"\caption{" + g.caption[1] + r"}\label{" + g.label + r"}\\")
+    else:
+        lines.append(r"\caption[]{(continued) " + _tex_text(g.caption[0].split(".")[0]) + r".}\\")
+    lines += [r"\toprule", head, r"\midrule", r"\endfirsthead", r"\toprule", head, r"\midrule", r"\endhead",
+              r"\bottomrule", r"\endfoot"]
+    for i, (lead, cells) in enumerate(g.rows):
+        if i in g.breaks:
+            lines.append(r"\midrule")
+        lines.append(" & ".join([_tex_text(x) for x in lead] + [_tex_cell(cells[j]) for j in cols]) + r" \\")
+    return lines + [r"\end{longtable}"]
+
+
 def to_latex(g: Grid) -> str:
-    """A booktabs table float with caption and label (needs \\usepackage{booktabs})."""
+    """A booktabs table float with caption and label (needs \\usepackage{booktabs}); a long grid
+    is a longtable instead (also needs \\usepackage{longtable})."""
+    if g.long:
+        lines = [f"% sae-harness table ({g.label}); needs \\usepackage{{booktabs}} and \\usepackage{{longtable}}",
+                 r"{\small\setlength{\tabcolsep}{4pt}"]
+        n = len(g.columns)
+        for start in range(0, n, MAX_LONG_COLUMNS):
+            lines += _tex_longtable(g, list(range(start, min(n, start + MAX_LONG_COLUMNS))), start == 0)
+        return "\n".join(lines + ["}"]) + "\n"
     lines = [f"% sae-harness table ({g.label}); needs \\usepackage{{booktabs}} in the preamble",
              r"\begin{table}[tbp]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}",
              r"\caption{" + g.caption[1] + "}", r"\label{" + g.label + "}"]

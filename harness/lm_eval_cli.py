@@ -45,6 +45,27 @@ class LmEvalOptions:
     given: dict = field(default_factory=dict)  # what was on the command line, for config.json
 
 
+def check_task_list(text: str, option: str) -> list[str]:
+    """`a,b` -> [a, b]; an empty list or an empty item (`a,,b`, `,`) is a user error, not the
+    default tasks in disguise."""
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise UserError(f"{option} names no task (got {text!r})")
+    if not all(items):
+        raise UserError(f"{option} has an empty task name in {text!r}")
+    return items
+
+
+def check_limit(value, option: str) -> None:
+    """A limit counts documents (or a fraction of them): it must be positive."""
+    try:
+        ok = float(value) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"{option} must be positive (documents per task, or a fraction in (0, 1)), got {value}")
+
+
 def _raise(message: str):
     raise UserError(f"lm-eval option: {message}")
 
@@ -81,6 +102,10 @@ def parse(args: list[str]) -> LmEvalOptions:
     for key, why in REFUSED.items():
         if given.get(key):
             raise UserError(f"--{key} is not supported by sae-harness lm-eval: {why}")
+    if given.get("tasks") is not None:
+        check_task_list(given["tasks"] if isinstance(given["tasks"], str) else ",".join(given["tasks"]), "--tasks")
+    if given.get("limit") is not None:
+        check_limit(given["limit"], "--limit")
     if not getattr(ns, "tasks", None):
         ns.tasks = list(DEFAULT_TASKS)
     try:

@@ -36,6 +36,9 @@ from harness.session import Session, prepare
 
 DEFAULT_SAES = ["l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32",
                 "l15-w2304-k32+l22-w1152-k32", "pca:32", "neurons:32"]
+# The main job's CE-only variants: each demo SAE against a random error of its own size (the
+# dCE / KL ratios of the CE table). Not run on tasks or generations, to keep 10 minutes.
+DEFAULT_CE_SAES = ["noise@l15-w2304-k32", "noise@l15-w1152-k16", "noise@l22-w1152-k32"]
 # The main job's tasks -> documents per task (MMLU: per subject), chosen by timing on 2 CPU
 # cores so that `make run` stays under 10 minutes (README: CE suite ~2.4 min for 4,096 tokens
 # and 13 variants, MMLU ~1.4 s and HellaSwag ~2.5 s per question for 7 variants); None = all.
@@ -47,6 +50,7 @@ MAIN_TASKS = {"mmlu_offline": 1, "hellaswag_offline": 20, "arc_easy_offline": 30
 class RunConfig:
     model: str = EMBEDDED_DEFAULT
     saes: list[str] = field(default_factory=lambda: list(DEFAULT_SAES))
+    ce_saes: list[str] = field(default_factory=list)  # further specs for the CE suite only (not tasks)
     joint: bool = False  # also splice all given SAEs together (one per hook)
     tokens: int = 8192
     ctx: int = 128
@@ -129,10 +133,24 @@ class JobResult:
 def session_for(cfg: RunConfig, eval_seqs: int = 0) -> Session:
     """The session; with eval_seqs > 0 it also holds that many evaluated rows of the CE text."""
     text = sources.TextRequest(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
-    return prepare(cfg.model, cfg.saes, joint=cfg.joint, device=cfg.device, dtype=cfg.dtype,
+    return prepare(cfg.model, cfg.saes + [s for s in cfg.ce_saes if s not in cfg.saes], joint=cfg.joint, device=cfg.device, dtype=cfg.dtype,
                    sae_dtype=cfg.sae_dtype, device_map=cfg.device_map,
                    calib_seqs=cfg.calib_seqs, ctx=cfg.ctx, batch_size=cfg.batch_size, text=text,
-                   eval_seqs=eval_seqs)
+                   eval_seqs=eval_seqs, seed=cfg.seed)
+
+
+def task_variants(session: Session, cfg: RunConfig) -> Session:
+    """The session with only the variants tasks and generations run: those built from
+    `cfg.saes` alone (the `ce_saes` ones are for the CE suite)."""
+    from dataclasses import replace
+
+    from harness.variants import split_group
+
+    if not cfg.ce_saes:
+        return session
+    wanted = {p for spec in cfg.saes for p in split_group(spec)}
+    keep = [v for v in session.variants if all(r.spec in wanted for r in v.parts.values())]
+    return replace(session, variants=keep)
 
 
 def load_law(spec: str):
@@ -185,7 +203,7 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
                     config["references"] = add_reference_equivalents(res.records, lm, tokens, cfg)
                 write_ce(tmp, res.records, res.per_token_dce, tokens, res.per_token_top3, lm.tokenizer)
         if "tasks" in stages:
-            res = run_limited_tasks(session, cfg.tasks, tm, cfg, progress_factory,
+            res = run_limited_tasks(task_variants(session, cfg), cfg.tasks, tm, cfg, progress_factory,
                                     request_store=str(folder.state / "requests.sqlite") if tmp else None)
             result.tasks = res
             if tmp is not None:
@@ -200,7 +218,7 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
 
             t0 = time.perf_counter()
             with stage(progress_factory, "Generations: prompts", len(BUILTIN_PROMPTS)) as progress:
-                write_generations(tmp, lm, variants, progress=progress)
+                write_generations(tmp, lm, task_variants(session, cfg).variants, progress=progress)
             config["generations_seconds"] = time.perf_counter() - t0
         config["resumed"] = folder.resumed
         write_json(tmp / "config.json", config)

@@ -63,7 +63,10 @@ def _f(x, p: int = 3, signed: bool = False) -> str:
     x = _fin(x)
     if math.isnan(x):
         return "&ndash;"
-    return f"{x:+.{p}f}" if signed else f"{x:.{p}f}"
+    if not signed:
+        return f"{x:.{p}f}"
+    text = f"{x:+.{p}f}"
+    return text[1:] if float(text) == 0 else text  # a rounded zero carries no sign
 
 
 def _robust_ev(rec: dict) -> str:
@@ -84,11 +87,17 @@ def _pct(x, p: int = 1) -> str:
 
 
 def _ci(x, lo, hi, fmt) -> str:
+    """A value with its interval on the line below (keeps columns narrow)."""
     if math.isnan(_fin(x)):
         return "&ndash;"
     if math.isnan(_fin(lo)) or math.isnan(_fin(hi)):
         return fmt(x)
-    return f"{fmt(x)} <span class=ci>[{fmt(lo)}, {fmt(hi)}]</span>"
+    return f"{fmt(x)}<br><span class=ci>[{fmt(lo)}, {fmt(hi)}]</span>"
+
+
+def _name(variant: str) -> str:
+    """A variant name that may break after each + of a joint splice."""
+    return "+<wbr>".join(_esc(p) for p in variant.split("+"))
 
 
 def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
@@ -105,29 +114,38 @@ def _esc(x) -> str:
 
 # ---------------------------------------------------------------- sections
 
+NOISE_RATIOS = (("dce_over_noise", "dCE &divide; noise@"), ("kl_over_noise", "KL &divide; noise@"),
+                ("dce_over_noise_dir", "dCE &divide; noise-dir@"), ("kl_over_noise_dir", "KL &divide; noise-dir@"))
+
+
 def headline_section(runs: list[Run], label: Labels) -> str:
-    """Per variant: dCE [CI], C_eff/C [CI] with its law, loss recovered (zero and mean) side by
-    side, then KL and the reconstruction figures. Ablation references go to their own table."""
+    """Two tables: what each splice costs (dCE [CI], C_eff/C [CI] with its law, loss recovered
+    against zero and mean side by side, KL), then how it reconstructs (EV, L0, dead latents) and
+    whether its damage exceeds a random error of the same size (the noise@ ratios). Ablation
+    references go to a third."""
     runs = [r for r in runs if r.metrics]
     if not runs:
         return "<p class=note>No CE suite in these runs (no metrics.json).</p>"
     laws = list(dict.fromkeys(r.law for r in runs if r.law))
     law_head = (f"C_eff/C [95% CI]<br><span class=n>{_esc(', '.join(laws))} frontier</span>" if laws else "C_eff/C")
-    extra = [(k, h) for k, h in (("n_eff_frac", "N_eff/N (family fit) [CI]"),
-                                 ("d_eff_frac", "D_eff/D (checkpoints) [CI]"))
-             if any(f"{k}_low" in rec for r in runs for rec in r.metrics)]
+    recs = [rec for r in runs for rec in r.metrics]
+    extra = [(k, h) for k, h in (("n_eff_frac", "N_eff/N<br><span class=n>family fit [CI]</span>"),
+                                 ("d_eff_frac", "D_eff/D<br><span class=n>checkpoints [CI]</span>"))
+             if any(f"{k}_low" in rec for rec in recs)]
+    ratios = [(k, h) for k, h in NOISE_RATIOS if any(k in rec for rec in recs)]
     headers = ["variant<br><span class=n>hooks</span>", "CE<br><span class=n>nats/token</span>",
-               "dCE [95% CI]<br><span class=n>nats/token</span>", law_head, "loss recovered<br>vs zero",
-               "loss recovered<br>vs mean", "KL<br><span class=n>nats/token</span>", "explained<br>variance",
-               "EV without<br>massive (n)", "L0", "dead<br>latents"] + [h for _, h in extra]
-    rows, ablations, seen = [], [], set()
+               "dCE [95% CI]<br><span class=n>nats/token</span>", law_head] + [h for _, h in extra] + [
+               "loss recovered<br>vs zero", "loss recovered<br>vs mean", "KL<br><span class=n>nats/token</span>"]
+    recon_headers = (["variant", "explained<br>variance", "EV without<br>massive (n)", "L0", "dead<br>latents"]
+                     + [f"{h}<br><span class=n>[95% CI]</span>" for _, h in ratios])
+    rows, recon, ablations, seen = [], [], [], set()
     for run in runs:
         for rec in run.metrics:
             key = (run.config.get("tokens_sha256") or run.label, rec["variant"], rec.get("ce_spliced"))
             if key in seen:  # the same variant on the same tokens in two runs: one row
                 continue
             seen.add(key)
-            name = _esc(label(run, rec["variant"]))
+            name = _name(label(run, rec["variant"]))
             dce = _ci(rec.get("dce"), rec.get("dce_ci_low"), rec.get("dce_ci_high"), _f)
             if is_ablation(rec["variant"]):
                 ablations.append([name, _f(rec.get("ce_spliced")), dce, _f(rec.get("kl")),
@@ -138,11 +156,15 @@ def headline_section(runs: list[Run], label: Labels) -> str:
                 name += f"<br><span class=n>{_esc(hooks)}</span>"
             frac = _ci(rec.get("compute_fraction"), rec.get("compute_fraction_low"),
                        rec.get("compute_fraction_high"), _g)
-            row = [name, _f(rec.get("ce_spliced")), dce, frac,
-                   _pct(rec.get("loss_recovered_zero")), _pct(rec.get("loss_recovered_mean")), _f(rec.get("kl")),
-                   _f(rec.get("explained_variance")), _robust_ev(rec), _f(rec.get("l0"), 1), _pct(rec.get("dead_frac"))]
-            row += [_ci(rec.get(k), rec.get(f"{k}_low"), rec.get(f"{k}_high"), _g) for k, _ in extra]
-            rows.append(row)
+            rows.append([name, _f(rec.get("ce_spliced")), dce, frac]
+                        + [_ci(rec.get(k), rec.get(f"{k}_low"), rec.get(f"{k}_high"), _g) for k, _ in extra]
+                        + [_pct(rec.get("loss_recovered_zero")), _pct(rec.get("loss_recovered_mean")),
+                           _f(rec.get("kl"))])
+            if rec["variant"] != "clean":
+                recon.append([name, _f(rec.get("explained_variance")), _robust_ev(rec), _f(rec.get("l0"), 1),
+                              _pct(rec.get("dead_frac"))]
+                             + [_ci(rec.get(k), rec.get(f"{k}_low"), rec.get(f"{k}_high"), lambda x: _f(x, 2))
+                                for k, _ in ratios])
     tokens = "; ".join(f"{_esc(r.label) + ': ' if label.multi else ''}{r.metrics[0].get('n_tokens', '?')} tokens"
                        for r in runs)
     out = ["<h2>Headline: how much each splice costs</h2>",
@@ -150,15 +172,23 @@ def headline_section(runs: list[Run], label: Labels) -> str:
            "95% paired bootstrap over sequences. C_eff/C: the fraction of training compute at which the "
            "law's compute-optimal frontier reaches the spliced loss, relative to the clean model (the "
            "interval carries the dCE interval). Loss recovered is shown against both the zero and the "
-           "mean ablation: a linear score that flatters every SAE, read it beside C_eff/C. EV without "
-           "massive leaves out the massive activations (positions whose clean norm exceeds the run's factor, "
-           "10 by default, times the median; their count in brackets): where it parts from the explained "
-           "variance, a few positions carry the EV.</p>",
-           _table(headers, rows, "headline")]
+           "mean ablation: a linear score that flatters every SAE, read it beside C_eff/C.</p>",
+           _table(headers, rows, "headline"),
+           "<h3>Reconstruction, and is the damage the error's size or its direction?</h3>",
+           "<p class=note>EV without massive leaves out the massive activations (positions whose clean norm "
+           "exceeds the run's factor, 10 by default, times the median; their count in brackets): where it parts "
+           "from the explained variance, a few positions carry the EV."
+           + (" dCE &divide; noise@ and KL &divide; noise@: the SAE's damage divided by that of noise@SAE, the "
+              "activation plus a random vector with the norm of the SAE's error at each spliced position (95% "
+              "paired bootstrap over sequences). Above 1, the SAE's error hurts more than an error of its size "
+              "pointing anywhere: its direction matters (Gurnee 2024). noise-dir@ keeps the error's component "
+              "along the activation and turns only the rest to a random direction." if ratios else "")
+           + "</p>", _table(recon_headers, recon, "recon")]
     if ablations:
         out += ["<h3>Reference ablations (the denominators of loss recovered)</h3>",
-                _table(["ablation", "CE (nats/token)", "dCE (nats/token) [95% CI]", "KL (nats/token)",
-                        "explained variance", "EV without massive (n)"], ablations, "small")]
+                _table(["ablation", "CE<br><span class=n>nats/token</span>",
+                        "dCE [95% CI]<br><span class=n>nats/token</span>", "KL<br><span class=n>nats/token</span>",
+                        "explained<br>variance", "EV without<br>massive (n)"], ablations, "small")]
     return "\n".join(out)
 
 
@@ -194,8 +224,11 @@ def profile_section(profiles: list[tuple[Run, pd.DataFrame]], label: Labels) -> 
     for _, t in profiles:
         for g, n in zip(t["group"], t["n"]):
             ns.setdefault(g, set()).add(int(n))
-    headers = ["variant"] + [f"{_esc(g.replace('_', ' '))} <span class=n>(n={'/'.join(map(str, sorted(ns[g])))})</span>"
-                             for g in groups]
+    def head(g):  # "MMLU STEM (acc)" -> MMLU STEM<br>acc, n=19
+        name, _, metric = g.rpartition(" (")
+        return f"{_esc(name)}<br><span class=n>{_esc(metric.rstrip(')'))}, n={'/'.join(map(str, sorted(ns[g])))}</span>"
+
+    headers = ["variant"] + [head(g) for g in groups]
     rows = []
     for run, t in profiles:
         for v in dict.fromkeys(t["variant"]):
@@ -207,50 +240,41 @@ def profile_section(profiles: list[tuple[Run, pd.DataFrame]], label: Labels) -> 
                     continue
                 r = sub.loc[g]
                 if v == "clean":
-                    cells.append(f"acc {_pct(r['acc'])}<br><span class=ci>log p {_f(r['logp'], 2)}</span>")
+                    cells.append(f"{_pct(r['acc'])}<br><span class=ci>log p {_f(r['logp'], 2)}</span>")
                 else:
-                    cells.append(f"{_f(100 * r['delta'], 1, True)} <span class=ci>[{_f(100 * r['delta_lo'], 1, True)}, "
-                                 f"{_f(100 * r['delta_hi'], 1, True)}]</span><br>"
-                                 f"<span class=ci>p={r['p_mcnemar']:.2g}, "
+                    cells.append(f"{_f(100 * r['delta'], 1, True)}<br><span class=ci>[{_f(100 * r['delta_lo'], 1, True)}, "
+                                 f"{_f(100 * r['delta_hi'], 1, True)}]<br>p={r['p_mcnemar']:.2g}<br>"
                                  f"&Delta;log p {_f(r['delta_logp'], 2, True)}</span>")
-            rows.append((v == "clean", _esc(label(run, v)), cells))
+            rows.append((v == "clean", _name(label(run, v)), cells))
     cleans = [cells for is_clean, _, cells in rows if is_clean]
     if len(cleans) > 1 and all(c == cleans[0] for c in cleans):  # every run's clean model scored alike: once
         first = next(i for i, r in enumerate(rows) if r[0])
         rows = [(True, "clean", cleans[0]) if i == first else r for i, r in enumerate(rows) if i == first or not r[0]]
     rows = [[name] + cells for _, name, cells in rows]
     return ("<h2>Degradation profile by category / task</h2>"
-            "<p class=note>Clean row: accuracy and mean log-probability of the gold answer. Other rows: change "
+            "<p class=note>Each task by one metric, named under it (acc_norm where the task has it, as in "
+            "tasks.md). Clean row: accuracy and mean log-probability of the gold answer. Other rows: change "
             "in accuracy against the same run's clean model on the same questions, in percentage points "
             "[95% paired bootstrap], exact McNemar p, and the change in the gold answer's log-probability "
             "(nats; it moves even where accuracy sits at chance).</p>" + _table(headers, rows, "profile"))
 
 
 def damage_section(runs: list[Run], label: Labels) -> str:
-    """Concentration numbers from the per-token arrays; damage.json's scalars beside them."""
-    rows, extra_keys = [], []
+    """Concentration numbers from the per-token arrays (damage.md / damage.json hold the rest)."""
+    rows = []
     for run in runs:
         for v, arr in (run.per_token or {}).items():
             if v == "clean" or is_ablation(v):
                 continue
             a = np.asarray(arr, float)
-            a = a[np.isfinite(a)]
-            d = ((run.damage or {}).get("variants") or {}).get(v, {})
-            scal = {k: x for k, x in d.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
-            extra_keys += [k for k in scal if k not in extra_keys
-                           and k not in ("share_worst_1pct", "share_worst_10pct")]
-            rows.append((label(run, v), a, scal))
+            rows.append((label(run, v), a[np.isfinite(a)]))
     if not rows:
         return ""
     nats = "<br><span class=n>nats</span>"
-    headers = ["variant", "tokens", f"mean dCE{nats}", f"median dCE{nats}", "made worse", "made better",
-               "share of dCE on worst 1%", "share on worst 10%"] + [_esc(k.replace("_", " ")) for k in extra_keys[:8]]
-    body = []
-    for name, a, scal in rows:
-        body.append([_esc(name), str(len(a)), _f(a.mean()), _f(np.median(a)),
-                     _pct((a > 0).mean()), _pct((a < 0).mean()),
-                     _pct(figures.worst_share(a, 0.01)), _pct(figures.worst_share(a, 0.10))]
-                    + [_g(scal.get(k)) for k in extra_keys[:8]])
+    headers = ["variant", "tokens", f"mean dCE{nats}", f"median dCE{nats}", "made<br>worse", "made<br>better",
+               "share of dCE<br>on worst 1%", "share of dCE<br>on worst 10%"]
+    body = [[_esc(name), str(len(a)), _f(a.mean()), _f(np.median(a)), _pct((a > 0).mean()), _pct((a < 0).mean()),
+             _pct(figures.worst_share(a, 0.01)), _pct(figures.worst_share(a, 0.10))] for name, a in rows]
     more = (" More breakdowns (by confidence, position, token kind; the most damaged positions) are in "
             "damage.md / damage.json." if any(r.damage for r in runs) else "")
     return ("<h3>Where the damage lives, in numbers</h3><p class=note>Per-token dCE over the token set: shares "
@@ -266,30 +290,44 @@ def _divergence(clean: str, text: str) -> str:
     return _esc(text[:n]) + "<mark>" + _esc(text[n:]) + "</mark>"
 
 
+GEN_CLIP_CHARS, GEN_CLIP_LINES = 240, 4  # longer texts show clipped, the full text one click away
+
+
+def _generation_cell(text_html: str, raw: str) -> str:
+    if not raw.strip():  # e.g. a baseline that only emits newlines: say so instead of a blank cell
+        return f"<span class=n>(whitespace only: {raw.count(chr(10))} newlines, {len(raw)} characters)</span>"
+    if len(raw) <= GEN_CLIP_CHARS and raw.count("\n") < GEN_CLIP_LINES:
+        return f"<div class=gen>{text_html}</div>"
+    return (f"<div class='gen clip'>{text_html}</div><details><summary>full text ({len(raw)} characters, "
+            f"{raw.count(chr(10)) + 1} lines)</summary><div class=gen>{text_html}</div></details>")
+
+
 def generations_section(runs: list[Run], label: Labels) -> str:
+    """One table per prompt, one row per variant: its text (the part after it departs from the
+    clean text marked) and how it sees the clean continuation."""
     parts = []
     for run in runs:
         for g in run.generations or []:
             variants = g["variants"]
             clean = (variants.get("clean") or {}).get("text", "")
-            names = list(variants)
-            cells = []
-            for v in names:
-                d = variants[v] or {}
-                text = _esc(d.get("text", "")) if v == "clean" else _divergence(clean, d.get("text", ""))
-                stats = []
-                if d.get("clean_logprob") is not None and v != "clean":
-                    stats.append(f"log p(clean text) {_f(d['clean_logprob'], 2)}")
-                if d.get("kl") is not None and v != "clean":
-                    stats.append(f"KL {_f(d['kl'], 3)}")
-                cells.append(f'<div class=gen>{text}</div><div class=ci>{" &middot; ".join(stats)}</div>')
+            rows = []
+            for v, d in variants.items():
+                d = d or {}
+                raw = d.get("text", "")
+                text = _esc(raw) if v == "clean" else _divergence(clean, raw)
+                logp = _f(d.get("clean_logprob"), 2) if v != "clean" else "&ndash;"
+                kl = _f(d.get("kl"), 3) if v != "clean" else "&ndash;"
+                rows.append([_name(v), _generation_cell(text, raw), logp, kl])
             prompt = _esc(g.get("prompt", ""))
             parts.append(f"<h4>{_esc(run.label) + ': ' if label.multi else ''}<code>{prompt}</code></h4>"
-                         + _table([_esc(v) for v in names], [cells], "gens"))
+                         + _table(["variant", "continuation", "log p(clean text)<br><span class=n>per token</span>",
+                                   "KL along<br>clean text"], rows, "gens"))
     if not parts:
         return ""
     return ("<h2>Side-by-side generations</h2><p class=note>Greedy continuations of the same prompt; the part "
-            "of each variant's text after it departs from the clean model's is highlighted.</p>" + "\n".join(parts))
+            "of each variant's text after it departs from the clean model's is highlighted. Long texts are "
+            "clipped; open \u201cfull text\u201d under them. log p(clean text): the variant's mean log-probability "
+            "per token of the clean continuation; KL: its mean KL(clean || variant) along it.</p>" + "\n".join(parts))
 
 
 def provenance_section(runs: list[Run]) -> str:
@@ -439,8 +477,11 @@ th:first-child{background:var(--band)}
 tbody tr:hover td{background:#fafbfc}
 table.prov td{white-space:normal;text-align:left}table.prov td:first-child{width:210px;color:var(--muted)}
 table.prov thead{display:none}
-table.gens td,table.gens th{white-space:normal;text-align:left;min-width:220px;max-width:320px}
-.gen{white-space:pre-wrap;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px}
+table.headline td,table.small td,table.recon td,table.profile td{white-space:normal}
+table.gens td:nth-child(2),table.gens th:nth-child(2){white-space:normal;text-align:left;width:900px;max-width:900px}
+.gen{white-space:pre-wrap;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px;overflow-wrap:anywhere}
+.gen.clip{max-height:5.2em;overflow:hidden}
+details summary{cursor:pointer;color:var(--muted);font-size:12px}
 mark{background:#ffe2a8}
 figure{margin:10px 0 22px}
 figure img{width:100%;height:auto;display:block;border:1px solid var(--line);border-radius:4px}

@@ -10,6 +10,25 @@ A `Replacement` maps an activation x [..., d] to (x_hat, latents | None). It is 
     neurons:K@HOOK     keep the K largest-|x| coordinates per token ("just use the neurons",
                        at the same L0 as a K-sparse SAE)
 
+and three wrappers around another replacement S (an SAE or a baseline), which ask whether S's
+damage comes from the size of its error e = x - S(x) or from where it points:
+
+    noise@S            x + ||e|| u, u uniform on the unit sphere per position (a random error of
+                       S's size: Gurnee 2024, "SAE reconstruction errors are (empirically)
+                       pathological")
+    noise-dir@S        x - e', e' = S's error with its component along x kept and its part
+                       orthogonal to x turned to a random direction orthogonal to x, its norm
+                       kept: a rotation of e that fixes x, so ||e'|| = ||e|| and the shrinkage
+                       along x (SAEs under-reconstruct norms) stays; only the direction in
+                       which S's error leaves x's line is randomised
+    S+error            x_hat + (x - x_hat): S with its exact error added back, which must leave
+                       the model unchanged (a check of the splice machinery; where error-term
+                       circuits start)
+
+The noise is drawn on the CPU in float32 from a generator seeded by (seed, key, call)
+(`noise_seed`): the CE suite sets the key to each batch's first row, so a run, a resumed run and
+a run split over processes draw the same noise for the same rows.
+
 `@HOOK` may be left out when another SAE of the run names a hook: the baseline then sits at
 the first SAE's hook. Hooks may be TransformerLens names or Hugging Face module paths.
 
@@ -35,6 +54,24 @@ from harness.models import UserError, to_dtype, to_tl_hook_name
 DEMO_DIR = Path(__file__).parent / "demo_saes"
 BASELINES = ("identity", "zero", "mean", "pca", "neurons")
 _BASELINE_SPEC = re.compile(rf"^({'|'.join(BASELINES)})(?::(\d+))?(?:@(.+))?$")
+WRAPPERS = ("noise", "noise-dir", "error")  # around another replacement (`inner`)
+_NOISE_SPEC = re.compile(r"^(noise|noise-dir)@(.+)$")
+ERROR_SUFFIX = "+error"
+
+
+def noise_seed(seed: int, key: int, call: int) -> int:
+    """The generator seed of one noise draw: run seed, key (the CE batch's first row), call."""
+    return ((seed * 1_000_003 + key) * 1_000_033 + call) % (2**63 - 1)
+
+
+def wrapper_of(spec: str) -> tuple[str, str] | None:
+    """(`noise` | `noise-dir` | `error`, the wrapped spec) for a wrapper spec, else None."""
+    match = _NOISE_SPEC.match(spec)
+    if match:
+        return match.group(1), match.group(2)
+    if spec.endswith(ERROR_SUFFIX) and len(spec) > len(ERROR_SUFFIX):
+        return "error", spec[: -len(ERROR_SUFFIX)]
+    return None
 
 
 @dataclass
@@ -51,17 +88,38 @@ class Replacement:
     sae_dtype: torch.dtype = torch.float32  # the SAE computes in this dtype, whatever the model's
     mean: torch.Tensor | None = None
     components: torch.Tensor | None = None  # [K, d] for pca
+    inner: "Replacement | None" = None  # the replacement a wrapper (noise, noise-dir, error) wraps
+    seed: int = 0  # noise wrappers: the run's seed
+    noise_key: int = 0  # set per CE batch (`reseed`)
+    noise_calls: int = 0
 
     @property
     def d_in(self) -> int | None:
+        if self.inner is not None:
+            return self.inner.d_in
         return int(self.sae.cfg.d_in) if self.sae is not None else None
 
     @property
+    def base(self) -> "Replacement":
+        """The innermost replacement (the SAE or baseline a wrapper is built on)."""
+        return self if self.inner is None else self.inner.base
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.kind in ("mean", "pca")
+        return self.base.kind in ("mean", "pca")
+
+    @property
+    def fitted(self) -> bool:
+        return self.base.mean is not None
+
+    def reseed(self, key: int) -> None:
+        """Noise from here on is drawn for `key` (the CE suite: the batch's first row)."""
+        self.noise_key, self.noise_calls = key, 0
 
     def fit(self, acts: torch.Tensor) -> None:
         """Fit mean / PCA on calibration activations [n, d] (float64 for a stable covariance)."""
+        if self.inner is not None:
+            return self.inner.fit(acts)
         acts = acts.double()
         self.mean = acts.mean(0)
         if self.kind == "pca":
@@ -75,6 +133,8 @@ class Replacement:
     def to(self, device, dtype=torch.float32) -> "Replacement":
         """Place on `device` (the one holding the hooked layer). SAE weights take `sae_dtype`;
         baseline statistics `dtype`, and are cast to the activation's dtype when applied."""
+        if self.inner is not None:
+            self.inner.to(device, dtype)
         if self.sae is not None:
             self.sae = self.sae.to(device=device, dtype=self.sae_dtype)
         if self.mean is not None:
@@ -83,8 +143,34 @@ class Replacement:
             self.components = self.components.to(device, dtype)
         return self
 
+    def _unit_gaussian(self, shape) -> torch.Tensor:
+        g = torch.Generator().manual_seed(noise_seed(self.seed, self.noise_key, self.noise_calls))
+        self.noise_calls += 1
+        return torch.randn(shape, generator=g, dtype=torch.float32)
+
+    @torch.no_grad()
+    def _wrapped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_hat, latents = self.inner(x)
+        if self.kind == "error":
+            return x_hat + (x - x_hat), latents
+        xf = x.float()
+        err = xf - x_hat.float()
+        g = self._unit_gaussian(x.shape).to(x.device)
+        if self.kind == "noise":
+            u = g / g.norm(dim=-1, keepdim=True)
+            return (xf + err.norm(dim=-1, keepdim=True) * u).to(x.dtype), None
+        # noise-dir: keep e's component along x; turn the rest to a random direction orthogonal to x
+        unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        along = (err * unit).sum(-1, keepdim=True) * unit
+        v = g - (g * unit).sum(-1, keepdim=True) * unit
+        v = v / v.norm(dim=-1, keepdim=True)
+        rotated = along + (err - along).norm(dim=-1, keepdim=True) * v
+        return (xf - rotated).to(x.dtype), None
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.inner is not None:
+            return self._wrapped(x)
         if self.kind == "identity":
             return x, None
         if self.kind == "zero":
@@ -128,6 +214,16 @@ def load_replacement(spec: str, device: str = "cpu", sae_dtype: str = "float32")
         r.sae_dtype = to_dtype(sae_dtype)
         r.sae = r.sae.to(dtype=r.sae_dtype)
     return r
+
+
+def wrap(kind: str, inner: Replacement, seed: int = 0) -> Replacement:
+    """A noise / noise-dir / error wrapper around `inner` (see the module docstring)."""
+    if inner.inner is not None and inner.kind != "error":
+        raise UserError(f"{kind} wraps an SAE or a baseline, not another noise wrapper ({inner.spec})")
+    spec = f"{inner.spec}{ERROR_SUFFIX}" if kind == "error" else f"{kind}@{inner.spec}"
+    return Replacement(name=spec, spec=spec, kind=kind, hook=inner.hook, k=inner.k, model_name=inner.model_name,
+                       model_kwargs=inner.model_kwargs, files=inner.files, sae_dtype=inner.sae_dtype,
+                       inner=inner, seed=seed)
 
 
 def _parse_spec(spec: str, device: str) -> Replacement:
@@ -350,6 +446,9 @@ def resolve_hooks(replacements: list[Replacement]) -> None:
     """Give hook-less baselines the first SAE's hook; error if there is none to borrow."""
     default = next((r.hook for r in replacements if r.hook), None)
     for r in replacements:
+        if r.hook is None and r.inner is not None:
+            resolve_hooks([r.inner] + [x for x in replacements if x.hook])
+            r.hook = r.inner.hook
         if r.hook is None:
             if default is None:
                 raise UserError(f"baseline {r.spec!r} needs a hook: write {r.spec}@blocks.L.hook_resid_post")
@@ -369,6 +468,8 @@ def same_model(sae_model: str | None, model_spec: str) -> bool:
 
 def describe(r: Replacement) -> dict:
     d = {"name": r.name, "spec": r.spec, "kind": r.kind, "hook": r.hook, "k": r.k, "files": r.files}
+    if r.inner is not None:
+        d.update(wraps=r.inner.spec, seed=r.seed)
     if r.sae is not None:
         d.update(d_in=r.d_in, d_sae=int(r.sae.cfg.d_sae), architecture=r.sae.cfg.architecture(),
                  dtype=str(r.sae_dtype).removeprefix("torch."),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import scaling, tables
+from harness import layouts, scaling, tables
 from harness.models import UserError
 from harness.samples import MMLU
 
@@ -139,7 +139,9 @@ def is_ablation(name: str) -> bool:
 
 def profile_table(run: Run) -> pd.DataFrame | None:
     """Accuracy rows of tables' task table against the run's clean model (paired bootstrap,
-    McNemar), one column group per MMLU category, then MMLU pooled, then every other task."""
+    McNemar), one column group per MMLU category, then MMLU pooled, then every other task, each
+    task by its primary metric (acc_norm where it has one, as in tasks.md); the group's label
+    names the metric."""
     df = run.per_question
     if df is None or "clean" not in set(df["variant"]):
         return None
@@ -149,11 +151,16 @@ def profile_table(run: Run) -> pd.DataFrame | None:
         t = tables.task_table(df, "clean", n_boot, seed)
     except ValueError as e:
         raise UserError(f"{run.path}: {e}") from None
-    t = t[t["metric"] == "acc"].copy()
+    primary = {task: layouts.primary_metric(t.loc[t["task"] == task, "metric"]) for task in dict.fromkeys(t["task"])}
+    t = t[t["metric"] == t["task"].map(primary)].copy()
     is_mmlu = t["task"] == MMLU
-    t["group"] = np.where(~is_mmlu, t["task"], np.where(t["group"] == "all", "MMLU, all", t["group"]))
+    named = [f"{layouts.task_label(task)} ({m})" for task, m in zip(t["task"], t["metric"])]
+    mmlu = [f"MMLU {'all' if g == 'all' else layouts.CATEGORY_LABEL.get(g, g)} ({m})"
+            for g, m in zip(t["group"], t["metric"])]
+    t["group"] = np.where(is_mmlu, mmlu, named)
     order = {g: i for i, g in enumerate(dict.fromkeys(
-        [g for g in t["group"][is_mmlu] if g != "MMLU, all"] + ["MMLU, all"] + list(t["group"][~is_mmlu])))}
+        [g for g in t["group"][is_mmlu] if not g.startswith("MMLU all")]
+        + [g for g in t["group"][is_mmlu] if g.startswith("MMLU all")] + list(t["group"][~is_mmlu])))}
     t["order"] = t["group"].map(order)
     return t.sort_values(["order"], kind="stable").drop(columns="order").reset_index(drop=True)
 

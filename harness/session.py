@@ -38,7 +38,7 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
             dtype: str = "float32", sae_dtype: str = "float32", device_map: str | None = None,
             calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
             make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None,
-            text: sources.TextRequest | None = None, eval_seqs: int = 0) -> Session:
+            text: sources.TextRequest | None = None, eval_seqs: int = 0, seed: int = 0) -> Session:
     """Load `model` and the `saes` specs, check they fit together, calibrate baselines.
 
     `make_replacements(lm)` adds replacements built in memory for the loaded model (the
@@ -48,10 +48,11 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
 
     Under torchrun (harness/distributed.py) this joins the process group first, and `cuda`
     means this process's GPU; every process then loads and calibrates the same way, on the
-    same tokens, so the baselines are identical everywhere."""
+    same tokens, so the baselines are identical everywhere. `seed` seeds the noise baselines
+    (`noise@S`, `noise-dir@S`)."""
     device = distributed.setup(device, device_map)
     check_device(device)
-    variants, repls = build_variants(list(saes), joint, device, sae_dtype) if saes else ([Variant(CLEAN, {})], [])
+    variants, repls = build_variants(list(saes), joint, device, sae_dtype, seed) if saes else ([Variant(CLEAN, {})], [])
     kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
     lm = load_model(model, device, dtype, kwargs, device_map=device_map)
     if make_replacements is not None:
@@ -79,10 +80,10 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
 def check_compatible(lm: LoadedModel, repls: list[Replacement]) -> None:
     """Every SAE was trained on this model, at an existing hook of the width it expects."""
     for r in repls:
-        if r.kind == "sae" and not same_model(r.model_name, lm.spec):
+        if r.base.kind == "sae" and not same_model(r.model_name, lm.spec):
             raise UserError(f"SAE {r.spec!r} was trained on {r.model_name!r}, not on {lm.spec!r}")
     check_hooks(lm, sorted({r.hook for r in repls}))
-    widths = activation_widths(lm, sorted({r.hook for r in repls if r.kind == "sae"}))
+    widths = activation_widths(lm, sorted({r.hook for r in repls if r.base.kind == "sae"}))
     for r in repls:
-        if r.kind == "sae" and widths.get(r.hook) != r.d_in:
+        if r.base.kind == "sae" and widths.get(r.hook) != r.d_in:
             raise UserError(f"SAE {r.spec!r} has width {r.d_in} but {r.hook} has width {widths.get(r.hook)}")

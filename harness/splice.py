@@ -372,7 +372,7 @@ def calibrate(lm: LoadedModel, replacements: list[Replacement], calib_tokens: to
               batch_size: int = 8) -> None:
     """Fit mean / PCA replacements on clean calibration activations (never the evaluated tokens),
     and move every replacement to the model's device. Already fitted ones are left alone."""
-    to_fit = [r for r in replacements if r.needs_calibration and r.mean is None]
+    to_fit = [r for r in replacements if r.needs_calibration and not r.fitted]
     if to_fit:
         if calib_tokens is None:
             raise UserError("mean/pca baselines need calibration tokens")

@@ -515,11 +515,11 @@ LAYOUTS = ("paper", "wide", "long")
 
 
 def default_layout(level: str, fmt: str) -> str:
-    """paper for Markdown and LaTeX (subjects: wide, 57 columns fit no page), long (tidy, all
-    numbers) for CSV and JSON."""
+    """paper for Markdown and LaTeX (subjects: transposed, one row per subject), long (tidy,
+    all numbers) for CSV and JSON."""
     if fmt in ("csv", "json"):
         return "long"
-    return "wide" if level == "subject" else "paper"
+    return "paper"
 
 
 def build_table(run_dirs, level: str = "category", fmt: str = "md", baseline: str = "clean",
@@ -565,6 +565,8 @@ def render_table(table, level: str, fmt: str, layout: str, n_boot: int, metric: 
         return FORMATS[fmt](wide_table(table))
     if layout == "long" and fmt in ("csv", "json"):
         return FORMATS[fmt](table)
+    if layout == "paper" and level == "subject":
+        return layouts.render(layouts.subject_grid(table, n_boot), fmt)
     grid = (layouts.long_grid(table, level, n_boot) if layout == "long"
             else layouts.paper_grid(table, level, n_boot, metric))
     return layouts.render(grid, fmt)

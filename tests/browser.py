@@ -4,7 +4,8 @@ Talks to Chromium over its DevTools protocol on a pipe (--remote-debugging-pipe:
 in on fd 3, replies out on fd 4, one NUL-terminated JSON message each), so it needs only
 the standard library. Records console errors, uncaught exceptions, log errors (failed
 loads) and every network request that is not a file: or data: URL; returns each image's
-natural width, the page's scroll width and a full-page PNG screenshot.
+natural width, the page's scroll width, every table's width against its container's (a table
+wider than its box hides columns behind a scrollbar) and a full-page PNG screenshot.
 
 Also a script: `python tests/browser.py PAGE.html OUT.png [WIDTH]` writes the screenshot.
 """
@@ -125,6 +126,10 @@ def inspect_page(page: Path, width: int = 1400, height: int = 900, chromium: str
                 overflowing: [...document.querySelectorAll('body *')].filter(e => {
                     const r = e.getBoundingClientRect(); return r.right > document.documentElement.clientWidth + 1
                         && !e.closest('.scroll');}).map(e => e.tagName + '.' + e.className).slice(0, 10),
+                tables: [...document.querySelectorAll('table')].map(t => {
+                    const box = t.closest('.scroll') || t.parentElement;
+                    return {cls: t.className, width: t.scrollWidth, container: box.clientWidth,
+                            scrolls: box.scrollWidth > box.clientWidth + 1};}),
                 headings: [...document.querySelectorAll('h1,h2,h3')].map(h => h.textContent)})"""})
             info = json.loads(probe["result"]["value"])
             full = min(int(info["scrollHeight"]), 16000)

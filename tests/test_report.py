@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import browser  # tests/browser.py
-from harness import figures, report, saved_runs
+from harness import figures, layouts, report, saved_runs
 from harness.cli import app
 
 MAIN = Path(__file__).resolve().parent.parent / "results" / "main"
@@ -103,10 +103,11 @@ def test_profile_deltas_against_pandas(main_copy):
         d_logp = (var["logp_correct"] - clean["logp_correct"]).groupby(clean["category"]).mean()
         rows = run.profile[run.profile.variant == v].set_index("group")
         for cat in d_acc.index:
-            assert rows.loc[cat, "delta"] == pytest.approx(d_acc[cat])
-            assert rows.loc[cat, "delta_logp"] == pytest.approx(d_logp[cat])
-            assert rows.loc[cat, "delta_lo"] <= rows.loc[cat, "delta"] <= rows.loc[cat, "delta_hi"]
-        assert rows.loc["MMLU, all", "delta"] == pytest.approx((var["correct"] - clean["correct"]).mean())
+            group = f"MMLU {layouts.CATEGORY_LABEL[cat]} (acc)"
+            assert rows.loc[group, "delta"] == pytest.approx(d_acc[cat])
+            assert rows.loc[group, "delta_logp"] == pytest.approx(d_logp[cat])
+            assert rows.loc[group, "delta_lo"] <= rows.loc[group, "delta"] <= rows.loc[group, "delta_hi"]
+        assert rows.loc["MMLU all (acc)", "delta"] == pytest.approx((var["correct"] - clean["correct"]).mean())
 
 
 # ---------------------------------------------------------------- run folders
@@ -199,7 +200,8 @@ def _table_rows(page: str, cls: str) -> list[list[str]]:
     """Cell texts (tags stripped) of the table with this class."""
     table = re.search(rf'<table class="{cls}">(.*?)</table>', page, re.S).group(1)
     body = table.split("<tbody>")[1]
-    return [[" ".join(re.sub(r"<[^>]+>", " ", c).split()) for c in re.findall(r"<td>(.*?)</td>", row, re.S)]
+    return [[" ".join(re.sub(r"<[^>]+>", " ", c.replace("<wbr>", "")).split())
+             for c in re.findall(r"<td>(.*?)</td>", row, re.S)]
             for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
 
 
@@ -274,11 +276,13 @@ def test_comparison_page_has_every_variant_of_every_run(comparison_page, synthet
         assert (path.parent / f"{name}.png").is_file()
     # the synthetic run's tasks: MMLU's categories, MMLU pooled, and hellaswag in the profile
     header = re.search(r'<table class="profile"><thead>(.*?)</thead>', page, re.S).group(1)
-    assert "hellaswag offline" in header and "stem" in header and "MMLU, all" in header
+    assert "HellaSwag<br><span class=n>acc_norm" in header and "MMLU STEM" in header and "MMLU all" in header
     # generations: the part after the clean text's prefix is marked
     assert "Paris. It <mark>was</mark>" in page and "<mark>a city</mark>" in page
-    # damage.json scalars beside the numbers computed from the arrays
-    assert "frac worse" in page
+    # the damage numbers come once each (no raw damage.json columns beside them)
+    head = re.search(r"Where the damage lives, in numbers.*?<thead>(.*?)</thead>", page, re.S).group(1)
+    cols = [" ".join(re.sub(r"<[^>]+>", " ", c).split()).lower() for c in re.findall(r"<th>(.*?)</th>", head)]
+    assert len(cols) == len(set(cols)) and not any("total" in c or "_" in c for c in cols)
 
 
 def test_optional_parts_absent(tmp_path, synthetic):
@@ -346,6 +350,8 @@ def test_report_renders_in_chromium(which, request):
     assert seen["console_errors"] == []
     assert all(url.startswith(("file:", "data:")) for url in seen["requests"])
     assert seen["scrollWidth"] <= seen["clientWidth"] and seen["overflowing"] == []  # no sideways scroll
+    wide = [t for t in seen["tables"] if t["scrolls"] or t["width"] > t["container"] + 1]
+    assert seen["tables"] and wide == []  # every table fits its box: no column hidden behind a scrollbar
     assert "Headline: how much each splice costs" in seen["headings"]
     assert _pixel_std(seen["screenshot"]) > 0.05  # not a blank page
 
@@ -356,10 +362,13 @@ def test_browser_check_catches_a_broken_page(tmp_path):
     page = tmp_path / "broken.html"
     page.write_text("<!doctype html><body><img alt=gone src='missing.png'>"
                     "<script>console.error('boom'); undefinedFunction();</script>"
-                    "<div style='width:3000px'>wide</div></body>")
+                    "<div style='width:3000px'>wide</div>"
+                    "<div class=scroll style='overflow-x:auto;max-width:100%'><table><tr>"
+                    + "<td style='white-space:nowrap'>a wide table cell</td>" * 80 + "</tr></table></div></body>")
     seen = browser.inspect_page(page, width=1400)
     assert seen["images"][0]["naturalWidth"] == 0
     assert any("boom" in e for e in seen["console_errors"])
     assert any("undefinedFunction is not defined" in e for e in seen["console_errors"])
     assert any("missing.png" in url for url in seen["requests"])
     assert seen["scrollWidth"] > seen["clientWidth"] and seen["overflowing"]
+    assert seen["tables"][0]["scrolls"] and seen["tables"][0]["width"] > seen["tables"][0]["container"]

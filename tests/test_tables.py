@@ -199,7 +199,9 @@ def test_build_table_round_trip(tmp_path):
     js = json.loads(tables.build_table([run1, run2], level="subject", fmt="json", n_boot=50))
     assert {r["variant"] for r in js} == {"clean", SAE_NAME, "other_sae"}
     md = tables.build_table([run1, run2], level="subject", fmt="md", n_boot=50)
-    assert f"{SAE_NAME}/delta" in md and "other_sae/acc" in md
+    assert md.startswith(f"| Subject | n | clean (%) | {SAE_NAME} | other_sae |")  # subjects as rows
+    wide = tables.build_table([run1, run2], level="subject", fmt="md", n_boot=50, layout="wide")
+    assert f"{SAE_NAME}/delta" in wide and "other_sae/acc" in wide
     tex = tables.build_table(str(run1), level="category", fmt="latex", n_boot=50)
     assert r"\toprule" in tex and r"social\_sciences" not in tex  # only stem in the fixture
 
@@ -383,7 +385,7 @@ def test_write_tables_rebuilds_a_run_folder(tmp_path):
     assert written == {"ce.md", "ce.tex", *(f"{s}.{e}" for s in ("tasks", "mmlu_category", "mmlu_subject")
                                             for e in ("md", "tex", "csv", "json"))}
     assert (run / "mmlu_category.md").read_text() == tables.build_table(run, "category", "md", n_boot=100)
-    assert "| Variant | STEM (n=19) | Humanities (n=13) | Social sci. (n=12) | Other (n=13) | All (n=57) |" in \
+    assert "| Variant | STEM (acc, n=19) | Humanities (acc, n=13) | Social sci. (acc, n=12) | Other (acc, n=13) | All (acc, n=57) |" in \
         (run / "mmlu_category.md").read_text()
     assert set(tables.load_run_results(run).task) == {"mmlu"}
     with pytest.raises(ValueError, match="nothing to tabulate"):
