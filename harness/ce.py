@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from harness import distributed, outliers
+from harness import distributed, logits, outliers
 from harness.models import LoadedModel, UserError
 from harness.splice import Splicer, calibrate
 from harness.variants import Variant, baseline_name, baseline_variants, label
@@ -136,7 +136,7 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
              progress=None, keep_first: bool = True, massive_factor: float | None = outliers.DEFAULT_FACTOR,
              exclude_massive: bool = False, checkpoint=None, checkpoint_every: int = 4,
-             tail_tokens: int | None = None) -> CEResult:
+             tail_tokens: int | None = None, logits_budget: int = logits.DEFAULT_BUDGET) -> CEResult:
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass.
 
     The zero / mean references are fitted on `calib_tokens` (through the model's activation
@@ -147,7 +147,9 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     batches and at the end, and a saved state is continued from: the sums are folded in the
     same order either way, so a resumed run ends bit-identical. Variants branching at the same
     layer share one forward per batch, as many as `tail_tokens` token positions allow (None:
-    `splice.TAIL_TOKENS`; see `Splicer.tails_per_forward`)."""
+    `splice.TAIL_TOKENS`; see `Splicer.tails_per_forward`). The tails stop at the head and the
+    logits are made and read a chunk of positions at a time within `logits_budget` bytes
+    (harness/logits.py), so memory does not grow with batch x context x vocabulary."""
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
@@ -171,6 +173,10 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
             raise UserError("the CE checkpoint was written for other variants or another batch size")
         start, clean, sums = saved["next"], saved["clean"], saved["sums"]
     report = _progress_reporter(progress, lo, hi, len(tokens))
+    split = splicer.splits_head  # tails stop at the head; logits.chunked_stats runs it in chunks
+    head = splicer.head if split else (lambda z: z)
+    vocab = int(lm.model.cfg.d_vocab)
+    logits.positions_per_chunk(vocab, logits_budget)  # a budget below one position: refused up front
     if saved is not None:
         report(min(start, hi))
     t0 = time.perf_counter()
@@ -191,20 +197,17 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
             if on_massive.any():
                 sums[v.name].massive.setdefault(hook, HookStats()).add(x[on_massive], x_hat[on_massive], None)
 
-        clean_ref = None
         for r in noisy:  # the noise of these rows depends on the rows, not on what ran before
             r.reseed(i)
-        for v, logits in splicer.run_variants(batch, all_variants, on_act=on_act, exclude=drop):
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            del logits
-            if v is None:  # the clean pass comes first
-                # KL(p || q) = sum p log p - sum p log q: the first term once per batch.
-                p_clean = logp.exp()
-                clean_ref = (p_clean, (p_clean * logp).sum(-1))
-                _fold(clean, logp, None, targets, in_t)
-            else:
-                on_massive = union[v.name][i:i + batch_size, :-1].to(in_t.device) & in_t
-                _fold(sums[v.name], logp, clean_ref, targets, in_t, on_massive)
+        outs = list(splicer.run_variants(batch, all_variants, on_act=on_act, exclude=drop, hidden=split))
+        clean_stats, variant_stats = logits.chunked_stats(head, outs[0][1], [h for _, h in outs[1:]], targets,
+                                                          logits_budget, vocab)
+        order = [v for v, _ in outs[1:]]  # run_variants' order: clean first, then by branch layer
+        del outs
+        _fold(clean, clean_stats, in_t)
+        for v, st in zip(order, variant_stats):
+            on_massive = union[v.name][i:i + batch_size, :-1].to(in_t.device) & in_t
+            _fold(sums[v.name], st, in_t, on_massive)
         done = (i - lo) // batch_size + 1
         if checkpoint is not None and (done % checkpoint_every == 0 or i + batch_size >= hi):
             checkpoint.save({"next": i + batch_size, "batch_size": batch_size, "clean": clean, "sums": sums})
@@ -355,21 +358,18 @@ def _massive_fields(sums: VariantSums, dce_tok: np.ndarray, in_t: np.ndarray, on
             "kl_rest": (sums.kl_sum - sums.kl_massive) / n_rest if n_rest else nan}
 
 
-def _fold(acc: VariantSums, logp, clean_ref, targets, in_t, on_massive=None) -> None:
-    nll = -logp.gather(-1, targets[..., None])[..., 0]
-    nll = torch.where(in_t, nll, torch.zeros_like(nll))
-    acc.nll_seq.append(nll.sum(1).double().cpu().numpy())
-    acc.per_token.append(torch.where(in_t, nll, torch.full_like(nll, float("nan"))).cpu())
-    top = logp.topk(3, dim=-1)  # for the damage report's most damaged positions
-    acc.top_ids.append(top.indices.to(torch.int32).cpu())
-    acc.top_p.append(top.values.exp().float().cpu())
-    if clean_ref is not None:
-        p_clean, neg_entropy = clean_ref
-        kl = neg_entropy - (p_clean * logp).sum(-1)
-        acc.kl_sum += float(kl[in_t].double().sum())
-        acc.kl_seq.append(torch.where(in_t, kl, torch.zeros_like(kl)).double().sum(1).cpu().numpy())
+def _fold(acc: VariantSums, st: logits.Stats, in_t, on_massive=None) -> None:
+    """Fold one batch's per-position stats (logits.Stats) into the running sums over T."""
+    nll = torch.where(in_t, st.nll, torch.zeros_like(st.nll))
+    acc.nll_seq.append(nll.double().sum(1).cpu().numpy())
+    acc.per_token.append(torch.where(in_t, st.nll, torch.full_like(st.nll, float("nan"))).cpu())
+    acc.top_ids.append(st.top_ids.cpu())  # for the damage report's most damaged positions
+    acc.top_p.append(st.top_p.float().cpu())
+    if st.kl is not None:
+        acc.kl_sum += float(st.kl[in_t].double().sum())
+        acc.kl_seq.append(torch.where(in_t, st.kl, torch.zeros_like(st.kl)).double().sum(1).cpu().numpy())
         if on_massive is not None and on_massive.any():
-            acc.kl_massive += float(kl[on_massive].double().sum())
+            acc.kl_massive += float(st.kl[on_massive].double().sum())
 
 
 def _record(name, variant, ce, refs, counts, nll_clean, nll_var, boot_idx, sums: VariantSums) -> dict:

@@ -20,6 +20,13 @@ few small tensors, not a layer's worth of work.
 Layer `n_layers` (one past the last block) is the final norm's input, the residual leaving the
 last block: a tail starting there runs the final norm and the head only (`starts_at_head`).
 
+The head can also run apart (`run_from(..., hidden=True)` stops at the head's input, the final
+norm applied; `run_head` runs the model's forward on a one-token dummy input with every block
+and the final norm bypassed and the head's input swapped for any [N, P, d] tensor). So the
+logits of a batch can be made a chunk of positions at a time, with the model's own logit
+processing (soft-capping, scaling) applied to each chunk: memory for logits is then set by
+the chunk, not by batch x context x vocabulary.
+
 What this cannot replay is state handed from one layer to a later one outside the residual
 (layers sharing keys and values, a block run several times per forward). `check_supported`
 refuses such models by name, and otherwise compares the replay with the model's own forward
@@ -77,11 +84,21 @@ def _entry(bridge, layer: int) -> torch.nn.Module:
     return blocks[layer] if layer < len(blocks) else bridge.ln_final
 
 
+def has_head_module(bridge) -> bool:
+    """Whether the head is a module whose input can be captured and swapped (`hidden`, `run_head`)."""
+    return isinstance(getattr(bridge, "unembed", None), torch.nn.Module) and \
+        isinstance(getattr(bridge, "ln_final", None), torch.nn.Module)
+
+
 @torch.no_grad()
 def _run(bridge, tokens, attention_mask, start: int = 0, resid=None, stop: int | None = None,
-         positions=None):
+         positions=None, hidden: bool = False):
     blocks = bridge.blocks
     handles, seen, calls = [], {}, {"start": 0, "head": False}
+
+    def grab_head(module, args):
+        seen["resid"] = args[0]
+        raise _Stop
 
     def inject(module, args, kwargs):
         calls["start"] += 1
@@ -104,6 +121,8 @@ def _run(bridge, tokens, attention_mask, start: int = 0, resid=None, stop: int |
             handles.append(_entry(bridge, start).register_forward_pre_hook(inject, with_kwargs=True))
         if stop is not None:
             handles.append(_entry(bridge, stop).register_forward_pre_hook(grab, with_kwargs=True))
+        elif hidden:
+            handles.append(bridge.unembed.register_forward_pre_hook(grab_head))
         elif positions is not None and isinstance(getattr(bridge, "unembed", None), torch.nn.Module):
             # The head acts per position: keep only the positions asked for before it (the
             # final norm runs on all of them, since e.g. GPT-2 reshapes its output).
@@ -116,6 +135,8 @@ def _run(bridge, tokens, attention_mask, start: int = 0, resid=None, stop: int |
             h.remove()
         for block in skipped:
             block.__dict__.pop("forward", None)
+    if hidden:
+        raise UserError(f"{_model_type(bridge)}: its forward never reached its head module")
     if resid is not None and calls["start"] != 1:
         raise UserError(f"{_model_type(bridge)} runs block {start} {calls['start']} times per forward "
                         "(looped layers): the shared-prefix replay cannot start there")
@@ -131,10 +152,31 @@ def run_to(bridge, tokens, attention_mask, stop: int, start: int = 0, resid=None
     return _run(bridge, tokens, attention_mask, start, resid, stop=stop)
 
 
-def run_from(bridge, tokens, attention_mask, start: int, resid, positions=None) -> torch.Tensor:
+def run_from(bridge, tokens, attention_mask, start: int, resid, positions=None, hidden: bool = False) -> torch.Tensor:
     """Logits of the model's own forward with `resid` entering block `start` (blocks below skipped;
-    `start` = n_layers: `resid` is the last block's output, only the final norm and head run)."""
-    return _run(bridge, tokens, attention_mask, start, resid, positions=positions)
+    `start` = n_layers: `resid` is the last block's output, only the final norm and head run).
+    `hidden`: stop at the head and return its input [batch, pos, d] (the final norm applied)."""
+    return _run(bridge, tokens, attention_mask, start, resid, positions=positions, hidden=hidden)
+
+
+@torch.no_grad()
+def run_head(bridge, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [N, P, vocab] of the model's own head (its logit processing included) applied to
+    `hidden` [N, P, d], the final norm's output (see `run_from(..., hidden=True)`)."""
+    def swap(module, args):
+        return (hidden,) + tuple(args[1:])
+
+    modules = list(bridge.blocks) + [bridge.ln_final]
+    dummy = torch.zeros((1, 1), dtype=torch.long, device=hidden.device)
+    handle = bridge.unembed.register_forward_pre_hook(swap)
+    try:
+        for m in modules:
+            object.__setattr__(m, "forward", _bypass)
+        return bridge.original_model(input_ids=dummy, use_cache=False).logits
+    finally:
+        handle.remove()
+        for m in modules:
+            m.__dict__.pop("forward", None)
 
 
 def _model_type(bridge) -> str:

@@ -190,7 +190,7 @@ class Splicer:
 
     @torch.no_grad()
     def tail(self, pre: Prefix, fwd_hooks: list[tuple[str, Callable]] = (),
-             positions: torch.Tensor | None = None) -> torch.Tensor:
+             positions: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Logits [batch, pos, vocab] of the rest of the model, with the given hooks active.
 
         A hook on the residual entering `pre.layer` (block pre.layer-1's `hook_resid_post`) is
@@ -198,9 +198,11 @@ class Splicer:
         `positions` [batch, P] keeps only those positions' logits; on a bridge model the
         unembedding then runs on those positions alone (for multiple choice, one position in
         hundreds: the unembedding is a large share of a small model's FLOPs).
-        A bridge tail is the model's own forward from `pre.layer` on (see `harness.replay`)."""
+        A bridge tail is the model's own forward from `pre.layer` on (see `harness.replay`).
+        `hidden`: return the head's input [batch, pos, d] instead (final norm applied; `head`
+        turns any chunk of it into logits), so no [batch, pos, vocab] tensor is made here."""
         resid, rest = self.enter(pre, fwd_hooks)
-        return self._run_tail(Prefix(pre.layer, resid, pre.tokens, pre.attention_mask), rest, positions)
+        return self._run_tail(Prefix(pre.layer, resid, pre.tokens, pre.attention_mask), rest, positions, hidden)
 
     def enter(self, pre: Prefix, fwd_hooks) -> tuple[torch.Tensor, list[tuple[str, Callable]]]:
         """(the residual entering pre.layer with the hooks on it applied, the other hooks).
@@ -218,23 +220,41 @@ class Splicer:
                 rest.append((name, fn))
         return resid, rest
 
-    def _run_tail(self, pre: Prefix, fwd_hooks, positions) -> torch.Tensor:
+    def _run_tail(self, pre: Prefix, fwd_hooks, positions, hidden: bool = False) -> torch.Tensor:
         model = self.lm.model
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             if self.lm.kind == "hooked":
+                if hidden:
+                    resid = model(pre.resid, start_at_layer=pre.layer, stop_at_layer=self.lm.n_layers,
+                                  tokens=pre.tokens, attention_mask=pre.attention_mask)
+                    return model.ln_final(resid) if hasattr(model, "ln_final") else resid
                 logits = model(pre.resid, start_at_layer=pre.layer, tokens=pre.tokens,
                                attention_mask=pre.attention_mask)
                 return logits if positions is None else _take(logits, positions)
-            return replay.run_from(model, pre.tokens, pre.attention_mask, pre.layer, pre.resid, positions)
+            return replay.run_from(model, pre.tokens, pre.attention_mask, pre.layer, pre.resid, positions, hidden)
+
+    @property
+    def splits_head(self) -> bool:
+        """Whether tails can stop at the head (`hidden=True`) and `head` finish them in chunks."""
+        return self.lm.kind == "hooked" or replay.has_head_module(self.lm.model)
+
+    @torch.no_grad()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, P, vocab] of the model's head (its own logit processing included) on the head
+        inputs `hidden` [N, P, d] of a `hidden=True` tail."""
+        if self.lm.kind == "hooked":
+            return self.lm.model.unembed(hidden)
+        return replay.run_head(self.lm.model, hidden)
 
     @torch.no_grad()
     def batched_tail(self, pre: Prefix, hook_sets: list[list[tuple[str, Callable]]],
-                     positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+                     positions: torch.Tensor | None = None, hidden: bool = False) -> list[torch.Tensor]:
         """One tail per hook set, run as ONE forward over the batch repeated len(hook_sets) times
         (one larger matmul per weight instead of k small ones). Slice i of every activation
-        goes through hook set i only; logits come back split per set."""
+        goes through hook set i only; logits (or with `hidden` the head's inputs) come back
+        split per set."""
         if len(hook_sets) == 1:
-            return [self.tail(pre, hook_sets[0], positions)]
+            return [self.tail(pre, hook_sets[0], positions, hidden)]
         k, rows = len(hook_sets), pre.resid.shape[0]
         starts, by_name = [], {}
         for i, hooks in enumerate(hook_sets):
@@ -256,7 +276,7 @@ class Splicer:
             return None if x is None else x.repeat(k, *([1] * (x.dim() - 1)))
 
         big = Prefix(pre.layer, torch.cat(starts), rep(pre.tokens), rep(pre.attention_mask))
-        logits = self._run_tail(big, [(n, per_slice(f)) for n, f in by_name.items()], rep(positions))
+        logits = self._run_tail(big, [(n, per_slice(f)) for n, f in by_name.items()], rep(positions), hidden)
         return list(logits.split(rows))
 
     @torch.no_grad()
@@ -273,21 +293,23 @@ class Splicer:
         naive = n * (1 + sum(1 for v in variants if v.parts))
         return {"blocks_shared": shared, "blocks_naive": naive, "saving": naive / shared}
 
-    def tails_per_forward(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> int:
+    def tails_per_forward(self, tokens: torch.Tensor, positions: torch.Tensor | None, hidden: bool = False) -> int:
         """How many variants' tails one forward runs: as many as fit the token budget
         (`tail_tokens` token positions through the blocks) and the logits budget
-        (`tail_logits_bytes` of logits), at least one."""
+        (`tail_logits_bytes` of logits; with `hidden`, of head inputs), at least one."""
         n_tok = tokens.numel()
-        n_logits = (positions.numel() if positions is not None else n_tok) * self.lm.model.cfg.d_vocab
+        width = self.lm.d_model if hidden else self.lm.model.cfg.d_vocab
+        n_logits = (positions.numel() if positions is not None else n_tok) * width
         return max(1, min(self.tail_tokens // n_tok, self.tail_logits_bytes // (n_logits * self.lm.dtype.itemsize)))
 
     def run_variants(self, tokens, variants: list[Variant], attention_mask=None, positions=None, on_act=None,
-                     exclude: torch.Tensor | None = None):
+                     exclude: torch.Tensor | None = None, hidden: bool = False):
         """Yield (variant, logits) for every variant of one batch, clean (None) first, sharing the
         clean pass up to each variant's first hook. Variants branching at the same layer run
         their tails together, `tails_per_forward` at a time (`batched_tail`); the others come in
         the order of those groups. `on_act(variant, ...)` gets activations.
-        `exclude` [batch, pos] marks further positions to leave unspliced (massive activations)."""
+        `exclude` [batch, pos] marks further positions to leave unspliced (massive activations).
+        `hidden`: yield the head's inputs instead of logits (see `tail`, `head`)."""
         points = self.branch_points(tokens, attention_mask)
         mask = self.splice_mask(tokens, attention_mask)
         if exclude is not None:
@@ -296,11 +318,11 @@ class Splicer:
         for v in variants:
             act = (lambda *a, _v=v: on_act(_v, *a)) if on_act else None
             groups.setdefault(self.variant_layer(v), []).append((v, splice_hooks(v, mask, act)))
-        step = self.tails_per_forward(tokens, positions)
+        step = self.tails_per_forward(tokens, positions, hidden)
         for layer, members in groups.items():
             for i in range(0, len(members), step):
                 chunk = members[i:i + step]
-                outs = self.batched_tail(points[layer], [hooks for _, hooks in chunk], positions)
+                outs = self.batched_tail(points[layer], [hooks for _, hooks in chunk], positions, hidden)
                 for (v, _), logits in zip(chunk, outs):
                     yield v, logits
 

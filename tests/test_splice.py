@@ -174,9 +174,9 @@ def test_batched_tails_equal_one_tail_per_variant(tiny_hf):
         splicer = Splicer(tiny_hf, [h1, h2], tail_tokens=tail_tokens)
         sizes, inner = [], splicer._run_tail
 
-        def counted(pre, hooks, pos):
+        def counted(pre, hooks, pos, hidden=False):
             sizes.append(pre.resid.shape[0])
-            return inner(pre, hooks, pos)
+            return inner(pre, hooks, pos, hidden)
         splicer._run_tail = counted
         acts = {}
         out = {}
