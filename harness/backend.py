@@ -39,7 +39,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import pad_and_concat
 
-from harness import distributed
+from harness import distributed, logits as logit_chunks
 from harness.models import LoadedModel, UserError, hook_device
 from harness.session import prepare
 from harness.splice import Splicer
@@ -50,8 +50,12 @@ class SpliceEngine:
     """The model, its variants, and a cache of per-variant answers keyed by request tokens."""
 
     def __init__(self, lm: LoadedModel, variants: list[Variant], tokenizer=None, batch_size: int = 8,
-                 max_length: int | None = None, keep_first: bool = True, store: "RequestStore | None" = None):
+                 max_length: int | None = None, keep_first: bool = True, store: "RequestStore | None" = None,
+                 logits_budget: int | None = None):
         self.lm = lm
+        # bytes for the log-probs of one group of rows (all variants): rows are scored a few at a
+        # time within it, so memory does not grow with batch x continuation x vocabulary
+        self.logits_budget = logits_budget or logit_chunks.default_budget(lm.device)
         self.store = store  # answers saved across processes (resume); None keeps them in memory only
         self.variants = variants
         self.tokenizer = tokenizer or _hf_tokenizer(lm)
@@ -136,34 +140,48 @@ class SpliceEngine:
         span = max(len(c) for c in conts)
         # Positions whose logits predict the continuation (the last `span` of each row).
         pos = torch.tensor([[max(n - span + j, 0) for j in range(span)] for n in inplens], device=self.lm.device)
-        per_variant = self._continuation_logprobs(batch, pos)  # [n_var, B, span, V]
-        n_var = len(self.variants)
+        heads = self._continuation_heads(batch, pos)  # per variant: [B, span, d] head inputs (or logits)
+        n_var, vocab = len(self.variants), int(self.lm.model.cfg.d_vocab)
+        rows = max(1, self.logits_budget // (n_var * span * vocab * 4 * 2))  # log-probs + their temporary
         answers = []
-        for row, (req, ctx, cont) in enumerate(chunk):
-            # get_cache expands one row to every request of its context group; it wants a
-            # [1, seq, vocab] tensor, so the variants ride along in the last dimension.
-            stacked = per_variant[:, row].permute(1, 0, 2).reshape(1, span, -1)
-            for _, cont_toks, lp in order.get_cache(req_str=req, cxt_toks=ctx, cont_toks=cont, logits=stacked):
-                n = len(cont_toks)
-                lp = lp.reshape(span, n_var, -1)[-n:]  # [n, n_var, V]
-                target = torch.tensor(cont_toks, device=lp.device)
-                picked = lp.gather(-1, target[:, None, None].expand(n, n_var, 1))[..., 0]
-                greedy = (lp.argmax(-1) == target[:, None]).all(0)
-                answers.append([(float(picked[:, v].sum()), bool(greedy[v])) for v in range(n_var)])
+        for r0 in range(0, len(chunk), rows):
+            per_variant = torch.stack([F.log_softmax(self._head(h[r0:r0 + rows]).float(), dim=-1)
+                                       for h in heads])  # [n_var, rows, span, V]
+            for row, (req, ctx, cont) in enumerate(chunk[r0:r0 + rows]):
+                # get_cache expands one row to every request of its context group; it wants a
+                # [1, seq, vocab] tensor, so the variants ride along in the last dimension.
+                stacked = per_variant[:, row].permute(1, 0, 2).reshape(1, span, -1)
+                for _, cont_toks, lp in order.get_cache(req_str=req, cxt_toks=ctx, cont_toks=cont, logits=stacked):
+                    n = len(cont_toks)
+                    lp = lp.reshape(span, n_var, -1)[-n:]  # [n, n_var, V]
+                    target = torch.tensor(cont_toks, device=lp.device)
+                    picked = lp.gather(-1, target[:, None, None].expand(n, n_var, 1))[..., 0]
+                    greedy = (lp.argmax(-1) == target[:, None]).all(0)
+                    answers.append([(float(picked[:, v].sum()), bool(greedy[v])) for v in range(n_var)])
+            del per_variant
         return answers
 
-    def _continuation_logprobs(self, batch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """[n_variants, batch, P, vocab] log-probs at `pos`, in self.variants order."""
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.splicer.head(h) if self.splicer.splits_head else h
+
+    def _continuation_heads(self, batch: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+        """Per variant (self.variants order) what its logits at `pos` are made from: the head's
+        inputs [batch, P, d] (`_head` finishes them a few rows at a time), or, for a model whose
+        head cannot run apart, the logits [batch, P, vocab] themselves."""
+        from harness.replay import take_positions
+
         self.forward_stats["batches"] += 1
         self.forward_stats["tokens"] += batch.numel()
+        split = self.splicer.splits_head
         clean, spliced = None, {}
-        for v, logits in self.splicer.run_variants(batch, [v for v in self.variants if v.parts], positions=pos):
-            lp = F.log_softmax(logits.float(), dim=-1)
+        for v, out in self.splicer.run_variants(batch, [v for v in self.variants if v.parts],
+                                                positions=None if split else pos, hidden=split):
+            out = take_positions(out, pos) if split else out
             if v is None:
-                clean = lp
+                clean = out
             else:
-                spliced[v.name] = lp
-        return torch.stack([spliced[v.name] if v.parts else clean for v in self.variants])
+                spliced[v.name] = out
+        return [spliced[v.name] if v.parts else clean for v in self.variants]
 
     def generation(self, variant: Variant, context: list[int], until: list[str], max_gen_toks: int) -> str:
         """`generate`, saved per variant and request when the engine has a store (resume)."""

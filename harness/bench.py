@@ -47,6 +47,7 @@ from typing import Any, Callable
 import torch
 
 from harness.models import UserError
+from harness.timing import Measure
 
 # Four subjects, one per lm-eval MMLU category, for the MMLU slice.
 MMLU_SUBJECTS = ["high_school_geography", "college_physics", "philosophy", "marketing"]
@@ -56,76 +57,6 @@ EQUIV_ROUNDS = 3  # runs per batch of the clean-forward-equivalents timing (the 
 
 
 # ----------------------------------------------------------------------------- measuring
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class Measure:
-    """Context manager: wall seconds and peak memory (bytes above the start) of one step."""
-
-    def __init__(self, device: str):
-        self.device = str(device)
-        self.seconds = float("nan")
-        self.peak_bytes = float("nan")
-        self.method = ""
-
-    def __enter__(self) -> "Measure":
-        _sync(self.device)
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-            self.method = "torch.cuda.max_memory_allocated above the step's start"
-        else:
-            self._start = self._cpu_start()
-        self._t0 = time.perf_counter()
-        return self
-
-    def _cpu_start(self) -> int:
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS starts low
-        rss = _rss_kib("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-            if rss is None:
-                raise OSError
-            self._cpu_mode = "hwm"
-            self.method = "peak RSS (VmHWM, reset per step) above the step's starting RSS"
-            return rss * 1024
-        except OSError:
-            import resource
-
-            self._cpu_mode = "maxrss"
-            self.method = "ru_maxrss delta (growth above the process's earlier peak only)"
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def __exit__(self, *exc) -> None:
-        _sync(self.device)
-        self.seconds = time.perf_counter() - self._t0
-        if self.device.startswith("cuda"):
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._start
-        elif self._cpu_mode == "hwm":
-            self.peak_bytes = max(0, (_rss_kib("VmHWM") or 0) * 1024 - self._start)
-        else:
-            import resource
-
-            self.peak_bytes = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._start)
-
 
 # ----------------------------------------------------------------------------- inputs
 

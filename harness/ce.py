@@ -39,6 +39,7 @@ import torch
 from harness import distributed, logits, outliers
 from harness.models import LoadedModel, UserError
 from harness.splice import Splicer, calibrate
+from harness.timing import sections
 from harness.variants import Variant, baseline_name, baseline_variants, label
 
 
@@ -136,7 +137,7 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
              progress=None, keep_first: bool = True, massive_factor: float | None = outliers.DEFAULT_FACTOR,
              exclude_massive: bool = False, checkpoint=None, checkpoint_every: int = 4,
-             tail_tokens: int | None = None, logits_budget: int = logits.DEFAULT_BUDGET) -> CEResult:
+             tail_tokens: int | None = None, logits_budget: int | None = None, profile=None) -> CEResult:
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass.
 
     The zero / mean references are fitted on `calib_tokens` (through the model's activation
@@ -149,7 +150,10 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     layer share one forward per batch, as many as `tail_tokens` token positions allow (None:
     `splice.TAIL_TOKENS`; see `Splicer.tails_per_forward`). The tails stop at the head and the
     logits are made and read a chunk of positions at a time within `logits_budget` bytes
-    (harness/logits.py), so memory does not grow with batch x context x vocabulary."""
+    (harness/logits.py), so memory does not grow with batch x context x vocabulary (None: the
+    device's default, `logits.default_budget`). `profile` (timing.Sections) records the time
+    and peak memory of each part of the suite (the bench prints them)."""
+    section = sections(profile)
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
@@ -157,11 +161,13 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     hooks = sorted({h for v in all_variants for h in v.hooks})
     splicer = Splicer(lm, hooks, keep_first, tail_tokens)
 
-    calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
+    with section("calibration (mean / PCA)"):
+        calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
     noisy = list({id(r): r for v in all_variants for r in v.parts.values() if r.kind in NOISE_KINDS}.values())
     lo, hi = distributed.share(len(tokens), batch_size)  # this process's sequences (all of them alone)
-    massive, dropped = _find_massive(lm, hooks, tokens, splicer, massive_factor, exclude_massive, batch_size,
-                                     (lo, hi))
+    with section("massive-activation detection"):
+        massive, dropped = _find_massive(lm, hooks, tokens, splicer, massive_factor, exclude_massive, batch_size,
+                                         (lo, hi))
     union = {v.name: _union(massive, v.hooks, tokens) for v in all_variants}
 
     sums = {v.name: VariantSums() for v in all_variants}
@@ -176,6 +182,7 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     split = splicer.splits_head  # tails stop at the head; logits.chunked_stats runs it in chunks
     head = splicer.head if split else (lambda z: z)
     vocab = int(lm.model.cfg.d_vocab)
+    logits_budget = logits_budget or logits.default_budget(lm.device)
     logits.positions_per_chunk(vocab, logits_budget)  # a budget below one position: refused up front
     if saved is not None:
         report(min(start, hi))
@@ -199,52 +206,56 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
 
         for r in noisy:  # the noise of these rows depends on the rows, not on what ran before
             r.reseed(i)
-        outs = list(splicer.run_variants(batch, all_variants, on_act=on_act, exclude=drop, hidden=split))
+        with section("forward: clean prefix and tails (SAEs included)"):
+            outs = list(splicer.run_variants(batch, all_variants, on_act=on_act, exclude=drop, hidden=split))
         clean_stats, variant_stats = logits.chunked_stats(head, outs[0][1], [h for _, h in outs[1:]], targets,
-                                                          logits_budget, vocab)
+                                                          logits_budget, vocab, profile)
         order = [v for v, _ in outs[1:]]  # run_variants' order: clean first, then by branch layer
         del outs
-        _fold(clean, clean_stats, in_t)
-        for v, st in zip(order, variant_stats):
-            on_massive = union[v.name][i:i + batch_size, :-1].to(in_t.device) & in_t
-            _fold(sums[v.name], st, in_t, on_massive)
+        with section("per-token records and running sums"):
+            _fold(clean, clean_stats, in_t)
+            for v, st in zip(order, variant_stats):
+                on_massive = union[v.name][i:i + batch_size, :-1].to(in_t.device) & in_t
+                _fold(sums[v.name], st, in_t, on_massive)
         done = (i - lo) // batch_size + 1
         if checkpoint is not None and (done % checkpoint_every == 0 or i + batch_size >= hi):
-            checkpoint.save({"next": i + batch_size, "batch_size": batch_size, "clean": clean, "sums": sums})
+            with section("resume checkpoint"):
+                checkpoint.save({"next": i + batch_size, "batch_size": batch_size, "clean": clean, "sums": sums})
         report(min(i + batch_size, hi))
     seconds = time.perf_counter() - t0
-    if distributed.world_size() > 1:
-        clean, sums = _gather_sums(clean, sums)
+    with section("records, bootstrap intervals, top-3 arrays"):
+        if distributed.world_size() > 1:
+            clean, sums = _gather_sums(clean, sums)
 
-    in_t_all = token_set(tokens, splicer) & ~dropped[:, :-1]
-    counts = in_t_all.sum(1).numpy().astype(np.int64)
-    if counts.sum() == 0:
-        raise UserError("the token set is empty: every input token is special")
-    nll_clean = np.concatenate(clean.nll_seq)
-    ce = {"clean": nll_clean.sum() / counts.sum()}
-    for name, s in sums.items():
-        ce[name] = np.concatenate(s.nll_seq).sum() / counts.sum()
-    for name, value in ce.items():
-        if not np.isfinite(value):
-            raise UserError(f"cross-entropy of {name} is not finite (NaN in model or SAE output)")
+        in_t_all = token_set(tokens, splicer) & ~dropped[:, :-1]
+        counts = in_t_all.sum(1).numpy().astype(np.int64)
+        if counts.sum() == 0:
+            raise UserError("the token set is empty: every input token is special")
+        nll_clean = np.concatenate(clean.nll_seq)
+        ce = {"clean": nll_clean.sum() / counts.sum()}
+        for name, s in sums.items():
+            ce[name] = np.concatenate(s.nll_seq).sum() / counts.sum()
+        for name, value in ce.items():
+            if not np.isfinite(value):
+                raise UserError(f"cross-entropy of {name} is not finite (NaN in model or SAE output)")
 
-    rng = np.random.default_rng(seed)
-    boot_idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
-    per_token = {"clean": torch.cat(clean.per_token).numpy()}
-    for name, s in sums.items():
-        per_token[name] = torch.cat(s.per_token).numpy() - per_token["clean"]
-    records = [_record("clean", None, ce, refs, counts, nll_clean, nll_clean, boot_idx, clean)]
-    records[0].update({k: float("nan") for k in MASSIVE_KEYS})
-    for v in all_variants:
-        records.append(_record(v.name, v, ce, refs, counts, nll_clean,
-                               np.concatenate(sums[v.name].nll_seq), boot_idx, sums[v.name]))
-        records[-1].update(_massive_fields(sums[v.name], per_token[v.name], in_t_all.numpy(),
-                                           union[v.name][:, :-1].numpy(), massive_factor is not None))
-    _add_noise_ratios(records, all_variants, counts, nll_clean, sums, boot_idx)
-    top3 = {}
-    for name, s in [("clean", clean), *sums.items()]:
-        top3[f"{name}.ids"] = torch.cat(s.top_ids).numpy()
-        top3[f"{name}.p"] = torch.cat(s.top_p).numpy()
+        rng = np.random.default_rng(seed)
+        boot_idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+        per_token = {"clean": torch.cat(clean.per_token).numpy()}
+        for name, s in sums.items():
+            per_token[name] = torch.cat(s.per_token).numpy() - per_token["clean"]
+        records = [_record("clean", None, ce, refs, counts, nll_clean, nll_clean, boot_idx, clean)]
+        records[0].update({k: float("nan") for k in MASSIVE_KEYS})
+        for v in all_variants:
+            records.append(_record(v.name, v, ce, refs, counts, nll_clean,
+                                   np.concatenate(sums[v.name].nll_seq), boot_idx, sums[v.name]))
+            records[-1].update(_massive_fields(sums[v.name], per_token[v.name], in_t_all.numpy(),
+                                               union[v.name][:, :-1].numpy(), massive_factor is not None))
+        _add_noise_ratios(records, all_variants, counts, nll_clean, sums, boot_idx)
+        top3 = {}
+        for name, s in [("clean", clean), *sums.items()]:
+            top3[f"{name}.ids"] = torch.cat(s.top_ids).numpy()
+            top3[f"{name}.p"] = torch.cat(s.top_p).numpy()
     return CEResult(records, per_token, seconds, int(counts.sum()), splicer.start_layer,
                     splicer.block_cost(all_variants),
                     None if massive_factor is None else outliers.summary(massive, massive_factor, exclude_massive),

@@ -113,36 +113,44 @@ def _save_checkpoint(model, tok, out: Path) -> None:
             raise
 
 
-_RANDOM_SPEC = re.compile(r"^random:(\d+)x(\d+)$")
+_RANDOM_SPEC = re.compile(r"^random:(\d+)x(\d+)(?::v(\d+))?$")
 
 
 def random_checkpoint(spec: str, dtype: str = "float32", seed: int = 0) -> tuple[Path, dict]:
     """A random-weight Llama of shape LAYERSxWIDTH as a local HF folder (made once, cached).
 
-    `random:LxW`: L decoder layers of width W, W/64 heads of 64 (one head below 64), MLP width
-    8W/3 rounded up to a multiple of 32, tied embeddings, SmolLM2's tokenizer (vocabulary
-    49,152) and 2,048 positions; weights from `torch.manual_seed(seed)` and HF's initialiser
+    `random:LxW[:vV]`: L decoder layers of width W, W/64 heads of 64 (one head below 64), MLP width
+    8W/3 rounded up to a multiple of 32, tied embeddings, SmolLM2's tokenizer and 2,048 positions;
+    a vocabulary of V entries (default the tokenizer's 49,152; `:v262144` is Gemma-2's size, for
+    memory checks without a download; below 49,152 only random token ids fit it); weights from `torch.manual_seed(seed)` and HF's initialiser
     with standard deviation 1/sqrt(W) (HF's default 0.02 gives near-uniform next-token
     distributions at small widths).
     For timing without a hub: HFLM, TransformerBridge and sae-lens all load the same folder.
     bfloat16/float16 runs store the weights in that dtype (half the disk and load time)."""
     match = _RANDOM_SPEC.match(spec)
     if not match:
-        raise UserError(f"bad model spec {spec!r}: write random:LAYERSxWIDTH, e.g. random:4x256")
-    layers, width = map(int, match.groups())
+        raise UserError(f"bad model spec {spec!r}: write random:LAYERSxWIDTH[:vVOCAB], e.g. random:4x256 "
+                        "or random:2x256:v262144")
+    layers, width = int(match.group(1)), int(match.group(2))
+    vocab = int(match.group(3)) if match.group(3) else None
     heads = max(1, width // 64)
     if layers < 1 or width < 8 or width % heads:
         raise UserError(f"{spec}: need at least 1 layer, and a width of at least 8 divisible by its {heads} heads")
     ffn = -(-(8 * width // 3) // 32) * 32
     storage = dtype if dtype in ("bfloat16", "float16") else "float32"
+    if vocab is not None and vocab < 256:
+        raise UserError(f"{spec}: the vocabulary needs at least 256 entries")
     shape = {"layers": layers, "width": width, "heads": heads, "mlp": ffn, "seed": seed, "storage": storage}
-    out = cache_dir() / f"random-{layers}x{width}-seed{seed}-{storage}"
+    if vocab is not None:
+        shape["vocab"] = vocab
+    suffix = f"-v{vocab}" if vocab is not None else ""
+    out = cache_dir() / f"random-{layers}x{width}{suffix}-seed{seed}-{storage}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out, shape
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(embedded_checkpoint())
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=ffn,
+    cfg = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=width, intermediate_size=ffn,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from harness.models import LoadedModel, hook_layer
-from harness.splice import Splicer, flat
+from harness.splice import Splicer, flat, run_below
 
 DEFAULT_FACTOR = 10.0
 
@@ -61,7 +61,7 @@ def hook_norms(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor, batch_si
             return x
 
         with lm.model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
-            lm.model(batch, stop_at_layer=last if last < lm.n_layers else None)
+            run_below(lm, batch, last)
     return {h: torch.cat(v) for h, v in out.items()}
 
 

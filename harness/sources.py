@@ -188,7 +188,7 @@ def tokens_for_run(source: TextSource, tokenizer, vocab_size: int, n_seq: int, c
     adds one. Calibration rows come from the documents after the last evaluated one, so no
     document feeds both. Provenance: source, split, column, documents, sha256 of the ids."""
     if source.kind == BUILTIN:
-        return _builtin_tokens(tokenizer, n_seq, ctx, calib_seqs)
+        return _check_vocab(*_builtin_tokens(tokenizer, n_seq, ctx, calib_seqs), vocab_size)
     bos = not source.pretokenized and _adds_bos(tokenizer)
     body = ctx - 1 if bos else ctx
     docs = _id_lists(source, tokenizer, vocab_size)
@@ -204,6 +204,16 @@ def tokens_for_run(source: TextSource, tokenizer, vocab_size: int, n_seq: int, c
         "n_documents": n_docs, "calibration_documents": n_calib_docs,
         "calibration": f"{calib_seqs} x {ctx} tokens from the documents after the evaluated ones",
         "tokens_sha256": sha256_tokens(tokens)}
+    return _check_vocab(tokens, calib, info, vocab_size)
+
+
+def _check_vocab(tokens, calib, info, vocab_size: int):
+    """Refuse text whose ids the model cannot embed (a random model with a vocabulary smaller
+    than its tokenizer's)."""
+    top = max([int(t.max()) for t in (tokens, calib) if t is not None and t.numel()] or [0])
+    if top >= vocab_size:
+        raise UserError(f"the tokenizer gives id {top}, outside the model's vocabulary of {vocab_size}: "
+                        "this model takes random token ids only (e.g. sae-harness bench)")
     return tokens, calib, info
 
 

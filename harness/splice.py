@@ -368,6 +368,16 @@ def activation_widths(lm: LoadedModel, hooks: list[str]) -> dict[str, int]:
 
 
 @torch.no_grad()
+def run_below(lm: LoadedModel, tokens: torch.Tensor, layer: int, attention_mask=None) -> None:
+    """A clean forward of the blocks below `layer` only (hooks there fire), never the head: for a
+    hook in the last block that is the whole stack without the [batch, pos, vocab] logits."""
+    if lm.kind == "hooked":
+        lm.model(tokens, stop_at_layer=layer, attention_mask=attention_mask)
+    else:
+        replay.run_to(lm.model, tokens, attention_mask, min(layer, lm.n_layers))
+
+
+@torch.no_grad()
 def collect_activations(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor,
                         batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Clean activations [n_positions, d] at each hook, where the splice would apply (calibration)."""
@@ -386,7 +396,7 @@ def collect_activations(lm: LoadedModel, hooks: list[str], tokens: torch.Tensor,
             return x
 
         with lm.model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
-            lm.model(batch, stop_at_layer=last if last < lm.n_layers else None)
+            run_below(lm, batch, last)
     return {h: torch.cat(v) for h, v in out.items()}
 
 
