@@ -83,7 +83,7 @@ def test_resume_with_another_configuration_is_refused(tiny_hf_dir, sae, tmp_path
 def test_task_resume_recomputes_nothing_saved(tiny_hf_dir, monkeypatch, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     cfg = lambda out: RunConfig(model=str(tiny_hf_dir), saes=[f"zero@{HOOK}"], batch_size=2, out=str(out))
-    forward = backend.SpliceEngine._continuation_logprobs
+    forward = backend.SpliceEngine._continuation_heads
     calls = []
 
     def counted(self, batch, pos):  # 6 questions, one forward per 2 questions: 3 chunks
@@ -92,7 +92,7 @@ def test_task_resume_recomputes_nothing_saved(tiny_hf_dir, monkeypatch, tmp_path
             raise KeyboardInterrupt
         return forward(self, batch, pos)
 
-    monkeypatch.setattr(backend.SpliceEngine, "_continuation_logprobs", counted)
+    monkeypatch.setattr(backend.SpliceEngine, "_continuation_heads", counted)
     stop = [None]
     run_lm_eval(cfg(full), TASKS, limit=3)
     assert len(calls) == 3
