@@ -132,12 +132,15 @@ def sae_lens_ce(lm, sae, tokens: torch.Tensor, batch_size: int) -> dict:
             "ce_zero": perf["ce_loss_with_ablation"], "kl": behav["kl_div_with_sae"]}
 
 
-def harness_ce(lm, variants, tokens, batch_size, calib) -> dict:
+def harness_ce(lm, variants, tokens, batch_size, calib, profile=None, full: bool = False):
+    """The CE suite as a run does it (massive detection, bootstrap, per-token arrays); its
+    records by variant, or with `full` the whole CEResult."""
     from harness import ce
 
     lm.calibration_cache.clear()  # calibration is part of what is timed
     # sae-lens splices position 0 too: turn off the harness's attention-sink rule to compare like for like.
-    return ce.evaluate(lm, variants, tokens, batch_size, calib, n_boot=1000, seed=0, keep_first=False).by_variant()
+    res = ce.evaluate(lm, variants, tokens, batch_size, calib, n_boot=1000, seed=0, keep_first=False, profile=profile)
+    return res if full else res.by_variant()
 
 
 def clean_forward(lm, tokens: torch.Tensor, batch_size: int) -> None:
@@ -286,51 +289,47 @@ def flop_minimum(lm, ctx: int, saes: int, tail_start: int) -> float | None:
 
 # ----------------------------------------------------------------------------- the bench
 
-def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "float32", saes: int = 4,
-              tokens: int = 8192, ctx: int = 128, batch_size: int = 16, mmlu_questions: int | None = 40,
-              seed: int = 0, log: Callable[[str], Any] | None = None) -> dict:
-    """Time sae-lens / lm-eval HFLM against the harness on one model, SAEs and token set.
+BLOCKS_MODEL = "random:12x512:v4096"  # a shape where the blocks, not the unembedding, dominate
 
-    `tokens` is rounded down to whole batches of `batch_size` sequences of `ctx` tokens;
-    `mmlu_questions` questions are spread over four subjects (None = all of MMLU, 0 = skip).
-    Returns {"meta", "rows", "checks", "memory_flat", ...}; see `format_report`."""
-    from harness.saes import _from_sae
-    from harness.session import prepare
-    from harness.splice import Splicer
-    from harness.variants import CLEAN
 
-    say = log or (lambda msg: None)
-    if saes < 1:
-        raise UserError("--saes must be at least 1")
-    if ctx < 2 or batch_size < 1:
-        raise UserError("--ctx must be at least 2 and --batch-size positive")
-    n_seq = (tokens // ctx) // batch_size * batch_size
-    if n_seq < batch_size:
-        raise UserError(f"--tokens {tokens} is less than one batch ({batch_size} x {ctx} tokens)")
+def _random_saes(model: str, saes: int, device: str, dtype: str, seed: int):
+    def make(lm):  # at the middle block, sized for the loaded model
+        from harness.saes import _from_sae
 
-    load_before = os.getloadavg()
-    say(f"loading {model} on {device} ({dtype})")
-
-    def random_saes(lm):  # at the middle block, sized for the loaded model
         hook = f"blocks.{lm.n_layers // 2}.hook_resid_post"
         raw = make_saes(lm.d_model, hook, model, saes, device, dtype, seed)
         return [_from_sae(f"sae{i}", f"random-topk-{i}", s, {}) for i, s in enumerate(raw)]
+    return make
 
-    session = prepare(model, device=device, dtype=dtype, calib_seqs=batch_size, ctx=ctx, batch_size=batch_size,
-                      make_replacements=random_saes)
-    lm, calib = session.lm, session.calib_tokens
-    n, layer = lm.n_layers, lm.n_layers // 2
-    hook = f"blocks.{layer}.hook_resid_post"
-    folder = lm.load_info.get("source")
-    if mmlu_questions != 0 and not folder:
-        raise UserError(f"the MMLU comparison loads HFLM from a Hugging Face checkpoint folder and {model} "
-                        "has none: use a folder, smollm2-135m or random:LxW, or set the MMLU questions to 0")
+
+def _session(model, device, dtype, saes, ctx, batch_size, seed):
+    from harness.session import prepare
+
+    return prepare(model, device=device, dtype=dtype, calib_seqs=batch_size, ctx=ctx, batch_size=batch_size,
+                   make_replacements=_random_saes(model, saes, device, dtype, seed))
+
+
+def ce_comparison(session, n_seq: int, ctx: int, batch_size: int, device: str, dtype: str, seed: int,
+                  say, suffix: str = "", flat_check: bool = True) -> dict:
+    """sae-lens run_evals (x1, xK) against the harness CE suite (1 SAE, K SAEs in one pass) and
+    the clean-forward equivalents, on one session's model: rows, checks, timings, the profile."""
+    from harness.splice import Splicer
+    from harness.variants import CLEAN
+    from harness.timing import Sections
+
+    lm = session.lm
     clean, *sae_variants = session.variants
     assert clean.name == CLEAN
+    saes = len(sae_variants)
+    n, layer = lm.n_layers, lm.n_layers // 2
+    hook = f"blocks.{layer}.hook_resid_post"
     raw = [r.sae for r in session.replacements]
     vocab = int(lm.model.cfg.d_vocab)
     toks_plus = random_tokens(n_seq, ctx + 1, vocab, lm.special_ids(), seed)  # +1 column: KL check
     toks = toks_plus[:, :ctx].contiguous()
+    # The mean baseline's calibration batch: random tokens too (a small-vocabulary random model
+    # cannot embed the tokenizer's ids, and text means nothing to it anyway).
+    calib = random_tokens(batch_size, ctx, vocab, lm.special_ids(), seed + 1)
     n_tok = n_seq * ctx
     tol = {"ce": 1e-3, "kl": 1e-4 if dtype == "float32" else 1e-2, "ll": 1e-4 if dtype == "float32" else 5e-2}
 
@@ -340,31 +339,37 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
     harness_ce(lm, [clean, sae_variants[0]], warm, batch_size, calib)
     clean_forward(lm, warm, batch_size)
     variants_forward(lm, sae_variants, warm, batch_size)
+    rows, checks = [], []
 
-    rows, checks, timings = [], [], {}
-
-    # (a) sae-lens run_evals, one per SAE ------------------------------------------------
-    anchor = []
+    anchor = []  # (a) sae-lens run_evals, one per SAE
     for i, sae in enumerate(raw):
-        say(f"sae-lens run_evals, SAE {i + 1}/{saes} ({n_tok} tokens)")
+        say(f"sae-lens run_evals, SAE {i + 1}/{saes} ({n_tok} tokens){suffix}")
         with Measure(device) as m:
             metrics = sae_lens_ce(lm, sae, toks, batch_size)
         anchor.append((metrics, m))
-    mem_method = anchor[0][1].method
 
-    # (b) harness CE suite ---------------------------------------------------------------
-    say("harness CE suite, 1 SAE + zero + mean")
+    say(f"harness CE suite, 1 SAE + zero + mean{suffix}")  # (b) the harness CE suite
     with Measure(device) as h1:
         rec1 = harness_ce(lm, [clean, sae_variants[0]], toks, batch_size, calib)
-    say(f"harness CE suite, {saes} SAEs at {hook} in one pass")
+    say(f"harness CE suite, {saes} SAEs at {hook} in one pass{suffix}")
     with Measure(device) as hk:
         reck = harness_ce(lm, [clean, *sae_variants], toks, batch_size, calib)
-    half = max(batch_size, n_seq // 2 // batch_size * batch_size)
-    say(f"harness CE suite, {saes} SAEs, on {half * ctx} tokens (memory vs tokens)")
-    with Measure(device) as hk_half:
-        harness_ce(lm, [clean, *sae_variants], toks[:half], batch_size, calib)
-    say("harness KL on ctx + 1 tokens (agreement with sae-lens' KL positions)")
+    flat = None
+    if flat_check:
+        half = max(batch_size, n_seq // 2 // batch_size * batch_size)
+        say(f"harness CE suite, {saes} SAEs, on {half * ctx} tokens (memory vs tokens)")
+        with Measure(device) as hk_half:
+            harness_ce(lm, [clean, *sae_variants], toks[:half], batch_size, calib)
+        flat = {"tokens": [half * ctx, n_tok], "peak_bytes": [hk_half.peak_bytes, hk.peak_bytes]}
+        flat["flat"] = bool(hk.peak_bytes <= 1.25 * hk_half.peak_bytes + 16 * 2**20)
+    say(f"harness KL on ctx + 1 tokens (agreement with sae-lens' KL positions){suffix}")
     rec_kl = harness_ce(lm, [clean, *sae_variants], toks_plus, batch_size, calib)
+    say(f"harness CE suite profiled, 1 SAE and {saes} SAEs (not timed above){suffix}")
+    profiles = {"1 SAE": Sections(device), f"{saes} SAEs": Sections(device)}
+    harness_ce(lm, [clean, sae_variants[0]], toks, batch_size, calib, profiles["1 SAE"])
+    res_k = harness_ce(lm, [clean, *sae_variants], toks, batch_size, calib, profiles[f"{saes} SAEs"], full=True)
+    with profiles[f"{saes} SAEs"]("writing the run folder (CE files, damage)"):
+        _write_ce_files(res_k, toks, lm)
 
     def ce_diffs(sae_recs: list[dict]) -> dict[str, float]:
         d = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0}
@@ -378,32 +383,98 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
     dkl = max(abs(metrics["kl"] - rec_kl[f"sae{i}"]["kl"]) for i, (metrics, _) in enumerate(anchor))
     for label, diffs in (("1 SAE", d1), (f"{saes} SAEs", dk)):
         for key, value in diffs.items():
-            checks.append(_check(f"{key}, sae-lens vs harness ({label})", value, tol["ce"]))
-    checks.append(_check(f"KL(clean||SAE), sae-lens vs harness ({saes} SAEs)", dkl, tol["kl"]))
+            checks.append(_check(f"{key}, sae-lens vs harness ({label}){suffix}", value, tol["ce"]))
+    checks.append(_check(f"KL(clean||SAE), sae-lens vs harness ({saes} SAEs){suffix}", dkl, tol["kl"]))
     one_vs_many = abs(rec1["sae0"]["ce_spliced"] - reck["sae0"]["ce_spliced"])
-    checks.append(_check("ce_spliced, harness 1 SAE vs same SAE among K", one_vs_many, 1e-5 if dtype == "float32" else 1e-3))
+    checks.append(_check(f"ce_spliced, harness 1 SAE vs same SAE among K{suffix}", one_vs_many,
+                         1e-5 if dtype == "float32" else 1e-3))
 
     t_a1, t_ak = anchor[0][1].seconds, sum(m.seconds for _, m in anchor)
     ok1 = all(c["ok"] for c in checks if "(1 SAE)" in c["name"])
     okk = all(c["ok"] for c in checks if f"({saes} SAEs)" in c["name"])
-    rows.append(_row("ce_1", "CE suite, 1 SAE (+ zero, mean baselines)", "sae-lens run_evals x1", "tok/s",
-                     n_tok / t_a1, n_tok / h1.seconds, anchor[0][1].peak_bytes, h1.peak_bytes, ">= 5x",
-                     5.0, ok1, f"max |dCE| {max(d1.values()):.1e}"))
-    rows.append(_row("ce_k", f"CE suite, {saes} SAEs at one hook", f"sae-lens run_evals x{saes}", "tok/s",
-                     n_tok / t_ak, n_tok / hk.seconds, max(m.peak_bytes for _, m in anchor), hk.peak_bytes,
-                     ">= 10x", 10.0, okk, f"max |dCE| {max(dk.values()):.1e}, |dKL| {dkl:.1e}"))
+    rows.append(_row("ce_1" + suffix.strip().replace(" ", "_"), f"CE suite, 1 SAE (+ zero, mean baselines){suffix}",
+                     "sae-lens run_evals x1", "tok/s", n_tok / t_a1, n_tok / h1.seconds, anchor[0][1].peak_bytes,
+                     h1.peak_bytes, ">= 5x", 5.0, ok1, f"max |dCE| {max(d1.values()):.1e}"))
+    rows.append(_row("ce_k" + suffix.strip().replace(" ", "_"), f"CE suite, {saes} SAEs at one hook{suffix}",
+                     f"sae-lens run_evals x{saes}", "tok/s", n_tok / t_ak, n_tok / hk.seconds,
+                     max(m.peak_bytes for _, m in anchor), hk.peak_bytes, ">= 10x", 10.0, okk,
+                     f"max |dCE| {max(dk.values()):.1e}, |dKL| {dkl:.1e}"))
 
-    # (d) clean-forward equivalents -------------------------------------------------------
-    say(f"one clean forward vs K variants at one hook (logits only, best of {EQUIV_ROUNDS} per batch)")
+    # (d) clean-forward equivalents
+    say(f"one clean forward vs K variants at one hook (logits only, best of {EQUIV_ROUNDS} per batch){suffix}")
     fwd, kv = side_by_side(lm, sae_variants, toks, batch_size, device, EQUIV_ROUNDS)
     equiv = kv.seconds / fwd.seconds
     bound = 1.1 * (1 + saes * (n - layer) / n)
     flop_equiv = flop_minimum(lm, ctx, saes, Splicer(lm, [hook]).variant_layer(sae_variants[0]))
-    rows.append(_row("equiv", f"{saes} SAE variants at one hook, forward only", "1 clean forward", "tok/s",
-                     n_tok / fwd.seconds, n_tok / kv.seconds, fwd.peak_bytes, kv.peak_bytes,
-                     f"<= {bound:.2f} fwd", None, None, "", cost=equiv, bound=bound))
+    rows.append(_row("equiv" + suffix.strip().replace(" ", "_"), f"{saes} SAE variants at one hook, forward only{suffix}",
+                     "1 clean forward", "tok/s", n_tok / fwd.seconds, n_tok / kv.seconds, fwd.peak_bytes,
+                     kv.peak_bytes, f"<= {bound:.2f} fwd", None, None, "", cost=equiv, bound=bound))
     rows[-1]["met"] = equiv <= bound
     rows[-1]["flop_model_equiv"] = flop_equiv
+    fl = flops_per_token(lm, ctx, SAE_EXPANSION * lm.d_model)
+    shape = {"model": session.lm.spec, "layers": n, "width": lm.d_model, "vocab": vocab, "hook": hook,
+             "heads": int(lm.model.cfg.n_heads),
+             "head_share_of_forward": fl["head"] / fl["model"] if fl else None}
+    timings = {"sae_lens": [m.seconds for _, m in anchor], "harness_1": h1.seconds, "harness_k": hk.seconds,
+               "clean_forward": fwd.seconds, "k_variants_forward": kv.seconds}
+    return {"rows": rows, "checks": checks, "flat": flat, "timings": timings, "shape": shape,
+            "profiles": {k: _profile_table(v) for k, v in profiles.items()}, "tol": tol, "hook": hook,
+            "mem_method": anchor[0][1].method, "ce": {"sae_lens": [m for m, _ in anchor], "harness_1": rec1,
+                                                       "harness_k": reck}, "clean": clean, "sae_variants": sae_variants,
+            "raw": raw}
+
+
+def _profile_table(sections) -> list[dict]:
+    total = sum(sections.seconds.values())
+    return [{"section": k, "seconds": v, "share": v / total if total else float("nan"),
+             "peak_bytes": sections.peak_bytes[k], "calls": sections.calls[k]} for k, v in sections.seconds.items()]
+
+
+def _write_ce_files(result, tokens, lm) -> None:
+    """What a run folder gets from a CE result (ce.md/tex/csv, metrics, per-token arrays, damage)."""
+    import tempfile
+    from pathlib import Path
+
+    from harness.damage import write_damage
+    from harness.runfolder import write_ce, write_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_ce(Path(tmp), result.records, result.per_token_dce, tokens, result.per_token_top3, lm.tokenizer)
+        write_json(Path(tmp) / "config.json", {"massive": result.massive})
+        write_damage(tmp)
+
+
+def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "float32", saes: int = 4,
+              tokens: int = 8192, ctx: int = 128, batch_size: int = 16, mmlu_questions: int | None = 40,
+              seed: int = 0, log: Callable[[str], Any] | None = None, blocks_model: str | None = None) -> dict:
+    """Time sae-lens / lm-eval HFLM against the harness on one model, SAEs and token set.
+
+    `tokens` is rounded down to whole batches of `batch_size` sequences of `ctx` tokens;
+    `mmlu_questions` questions are spread over four subjects (None = all of MMLU, 0 = skip).
+    `blocks_model` (e.g. BLOCKS_MODEL): the CE comparisons again on a second shape, one where
+    the blocks rather than the unembedding dominate a forward (where prefix sharing can save).
+    Returns {"meta", "rows", "checks", "memory_flat", "profiles", ...}; see `format_report`."""
+    say = log or (lambda msg: None)
+    if saes < 1:
+        raise UserError("--saes must be at least 1")
+    if ctx < 2 or batch_size < 1:
+        raise UserError("--ctx must be at least 2 and --batch-size positive")
+    n_seq = (tokens // ctx) // batch_size * batch_size
+    if n_seq < batch_size:
+        raise UserError(f"--tokens {tokens} is less than one batch ({batch_size} x {ctx} tokens)")
+
+    load_before = os.getloadavg()
+    say(f"loading {model} on {device} ({dtype})")
+    session = _session(model, device, dtype, saes, ctx, batch_size, seed)
+    lm = session.lm
+    folder = lm.load_info.get("source")
+    if mmlu_questions != 0 and not folder:
+        raise UserError(f"the MMLU comparison loads HFLM from a Hugging Face checkpoint folder and {model} "
+                        "has none: use a folder, smollm2-135m or random:LxW, or set the MMLU questions to 0")
+    main = ce_comparison(session, n_seq, ctx, batch_size, device, dtype, seed, say)
+    rows, checks, tol, hook = main["rows"], main["checks"], main["tol"], main["hook"]
+    clean, sae_variants, raw = main["clean"], main["sae_variants"], main["raw"]
+    shapes, profiles = [main["shape"]], {f"{model}, {k}": v for k, v in main["profiles"].items()}
 
     # (c) MMLU: HFLM clean + once per SAE vs the harness backend ---------------------------
     mmlu_info = None
@@ -441,24 +512,31 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
             rows[-1]["met"] = mm["harness_seconds"] <= 180
         mmlu_info = mm
 
-    flat = {"tokens": [half * ctx, n_tok], "peak_bytes": [hk_half.peak_bytes, hk.peak_bytes]}
-    flat["flat"] = bool(hk.peak_bytes <= 1.25 * hk_half.peak_bytes + 16 * 2**20)
+    if blocks_model:
+        say(f"loading {blocks_model} (blocks dominate) on {device} ({dtype})")
+        del session, lm
+        second = ce_comparison(_session(blocks_model, device, dtype, saes, ctx, batch_size, seed), n_seq, ctx,
+                               batch_size, device, dtype, seed, say, suffix=f" [{blocks_model}]", flat_check=False)
+        rows += second["rows"]
+        checks += second["checks"]
+        shapes.append(second["shape"])
+        profiles.update({f"{blocks_model}, {k}": v for k, v in second["profiles"].items()})
+
+    first = shapes[0]
     meta = {
         "model": model, "device": device, "device_name": device_name(device), "dtype": dtype,
-        "shape": {"layers": n, "width": lm.d_model, "vocab": vocab, "heads": int(lm.model.cfg.n_heads)},
-        "hook": hook, "hook_layer": layer, "saes": saes,
-        "sae": {"architecture": "topk", "d_sae": SAE_EXPANSION * lm.d_model, "k": min(SAE_K, SAE_EXPANSION * lm.d_model)},
-        "tokens": n_tok, "n_seq": n_seq, "ctx": ctx, "batch_size": batch_size, "seed": seed,
-        "memory_method": mem_method, "torch_threads": torch.get_num_threads(), "tolerances": tol,
+        "shape": {"layers": first["layers"], "width": first["width"], "vocab": first["vocab"],
+                  "heads": first["heads"]},
+        "shapes": shapes, "hook": hook, "hook_layer": first["layers"] // 2, "saes": saes,
+        "sae": {"architecture": "topk", "d_sae": SAE_EXPANSION * first["width"], "k": min(SAE_K, SAE_EXPANSION * first["width"])},
+        "tokens": n_seq * ctx, "n_seq": n_seq, "ctx": ctx, "batch_size": batch_size, "seed": seed,
+        "memory_method": main["mem_method"], "torch_threads": torch.get_num_threads(), "tolerances": tol,
         "loadavg_1min": [load_before[0], os.getloadavg()[0]],  # other processes skew CPU timings
         "hflm_sae_splice": "lm_eval.models.hf_steered.steer hook on the decoder layer output "
                            "(sae-lens decode(encode(x))); every HFLM run measured",
     }
-    timings.update(sae_lens=[m.seconds for _, m in anchor], harness_1=h1.seconds, harness_k=hk.seconds,
-                   clean_forward=fwd.seconds, k_variants_forward=kv.seconds)
-    return {"meta": meta, "rows": rows, "checks": checks, "memory_flat": flat, "timings": timings,
-            "mmlu": mmlu_info, "ce": {"sae_lens": [m for m, _ in anchor],
-                                      "harness_1": rec1, "harness_k": reck}}
+    return {"meta": meta, "rows": rows, "checks": checks, "memory_flat": main["flat"], "timings": main["timings"],
+            "mmlu": mmlu_info, "ce": main["ce"], "profiles": profiles}
 
 
 def compare_mmlu(lm, folder: str, hook: str, clean, sae_variants, raw_saes, questions: int | None,
@@ -587,7 +665,9 @@ def _headline(result: dict) -> str:
 def _footer(result: dict) -> list[str]:
     flat = result["memory_flat"]
     fails = [c for c in result["checks"] if not c["ok"]]
-    lines = [
+    shapes = _shapes_line(result)
+    lines = [shapes] if shapes else []
+    lines += [
         f"memory vs tokens (harness CE, {result['meta']['saes']} SAEs): "
         + ", ".join(f"{t} tokens {_mib(b)}" for t, b in zip(flat["tokens"], flat["peak_bytes"]))
         + (" -> flat" if flat["flat"] else " -> NOT flat"),
@@ -601,12 +681,39 @@ def _footer(result: dict) -> list[str]:
     return lines
 
 
+PROFILE_HEADER = ["CE suite part", "run", "seconds", "share", "peak mem above start", "calls"]
+
+
+def profile_rows(result: dict) -> list[list[str]]:
+    """Where the CE suite's time goes, per run profiled (timing.Sections; separate untimed runs)."""
+    out = []
+    for run, table in (result.get("profiles") or {}).items():
+        for r in sorted(table, key=lambda r: -r["seconds"]):
+            out.append([r["section"], run, f"{r['seconds']:.2f}", f"{r['share']:.0%}", _mib(r["peak_bytes"]),
+                        str(r["calls"])])
+    return out
+
+
+def _shapes_line(result: dict) -> str | None:
+    shapes = result["meta"].get("shapes") or []
+    if len(shapes) < 2:
+        return None
+    return "shapes: " + "; ".join(
+        f"{s['model']} ({s['layers']} layers x {s['width']}, vocab {s['vocab']}, hook {s['hook']}, "
+        f"head {s['head_share_of_forward']:.0%} of a forward's FLOPs)" for s in shapes if s.get("head_share_of_forward"))
+
+
 def format_report(result: dict) -> str:
-    """A Markdown table (README-ready) with the device line above and notes below."""
+    """A Markdown table (README-ready) with the device line above and notes below, then the
+    CE suite's profile."""
     cells = report_rows(result)
     lines = [_headline(result), "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     lines += [""] + _footer(result)
+    prof = profile_rows(result)
+    if prof:
+        lines += ["", "| " + " | ".join(PROFILE_HEADER) + " |", "|" + "---|" * len(PROFILE_HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in prof]
     return "\n".join(lines)
 
 
@@ -624,3 +731,11 @@ def print_report(result: dict, console=None) -> None:
     console.print(table)
     for line in _footer(result):
         console.print(line)
+    prof = profile_rows(result)
+    if prof:
+        t = Table(title="where the CE suite's time goes (profiled runs, apart from the timed ones)")
+        for h in PROFILE_HEADER:
+            t.add_column(h, justify="left" if h in ("CE suite part", "run") else "right")
+        for row in prof:
+            t.add_row(*row)
+        console.print(t)

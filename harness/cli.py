@@ -513,6 +513,8 @@ def bench(
     ctx: int = typer.Option(128),
     batch_size: int = typer.Option(8),
     mmlu_questions: int = typer.Option(40, help="offline MMLU questions for the lm-eval comparison (0 skips)"),
+    blocks_model: str = typer.Option("random:12x512:v4096", help="a second shape for the CE rows, where the "
+                                     "blocks rather than the unembedding dominate ('' skips)"),
     seed: int = typer.Option(0),
 ):
     """Speed, memory and agreement side by side with sae-lens run_evals and lm-eval's HFLM."""
@@ -521,6 +523,7 @@ def bench(
 
     result = run_bench(model=model, device=device, dtype=dtype, saes=saes, tokens=tokens, ctx=ctx,
                        batch_size=batch_size, mmlu_questions=mmlu_questions, seed=seed,
+                       blocks_model=blocks_model or None,
                        log=lambda msg: typer.echo(msg, err=True))
     from rich.console import Console
 

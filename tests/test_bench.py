@@ -13,7 +13,7 @@ from harness.models import UserError, load_model
 @pytest.fixture(scope="module")
 def result(embedded_dir):  # embedded_dir: the random model borrows SmolLM2's tokenizer
     return bench.run_bench("random:2x64", device="cpu", dtype="float32", saes=2, tokens=256, ctx=32,
-                           batch_size=4, mmlu_questions=4, seed=0)
+                           batch_size=4, mmlu_questions=4, seed=0, blocks_model="random:3x64:v512")
 
 
 def test_agreement_checks_pass(result):
@@ -30,12 +30,22 @@ def test_agreement_checks_pass(result):
 
 def test_rows_and_ratios(result):
     rows = {r["key"]: r for r in result["rows"]}
-    assert set(rows) == {"ce_1", "ce_k", "equiv", "mmlu"}
+    second = "[random:3x64:v512]"
+    assert set(rows) == {"ce_1", "ce_k", "equiv", "mmlu", "ce_1" + second, "ce_k" + second, "equiv" + second}
+    assert [s["vocab"] for s in result["meta"]["shapes"]] == [49152, 512]
     for r in rows.values():
         for key in ("anchor_rate", "harness_rate", "ratio"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["key"], key, r[key])
         assert r["agree"] in (True, None)
     assert math.isfinite(rows["equiv"]["cost"]) and rows["equiv"]["cost"] > 0
+    # the profile: every part of the CE suite timed, for both shapes and both runs
+    assert len(result["profiles"]) == 4
+    for table in result["profiles"].values():
+        parts = {r["section"] for r in table}
+        assert {"forward: clean prefix and tails (SAEs included)", "head (unembedding)", "log-softmax, KL, top-3",
+                "massive-activation detection", "records, bootstrap intervals, top-3 arrays"} <= parts
+        assert all(r["seconds"] >= 0 and r["calls"] >= 1 for r in table)
+        assert sum(r["share"] for r in table) == pytest.approx(1.0)
     assert rows["equiv"]["bound"] == pytest.approx(1.1 * (1 + 2 * (2 - 1) / 2))
     assert result["mmlu"]["questions"] == 4
     assert result["mmlu"]["accuracy_hflm"] == result["mmlu"]["accuracy_harness"]
@@ -60,6 +70,7 @@ def test_report_formats(result):
     for r in result["rows"]:
         assert r["comparison"] in text
     assert "checks pass" in text and "FAIL" not in text
+    assert "| CE suite part |" in text and "writing the run folder" in text
     bench.print_report(result)  # rich rendering does not raise
 
 
