@@ -56,6 +56,7 @@ class SpliceEngine:
         # bytes for the log-probs of one group of rows (all variants): rows are scored a few at a
         # time within it, so memory does not grow with batch x continuation x vocabulary
         self.logits_budget = logits_budget or logit_chunks.default_budget(lm.device)
+        logit_chunks.positions_per_chunk(int(lm.model.cfg.d_vocab) * len(variants), self.logits_budget)  # refused up front
         self.store = store  # answers saved across processes (resume); None keeps them in memory only
         self.variants = variants
         self.tokenizer = tokenizer or _hf_tokenizer(lm)
@@ -366,10 +367,10 @@ class SplicedLM(TemplateLM):
 
 def variant_views(lm: LoadedModel, variants: list[Variant], batch_size: int = 8,
                   max_length: int | None = None, keep_first: bool = True,
-                  store: RequestStore | None = None) -> list[SplicedLM]:
+                  store: RequestStore | None = None, logits_budget: int | None = None) -> list[SplicedLM]:
     """One lm-eval model per variant, all sharing one engine (and so one pass)."""
     engine = SpliceEngine(lm, variants, batch_size=batch_size, max_length=max_length, keep_first=keep_first,
-                          store=store)
+                          store=store, logits_budget=logits_budget)
     return [SplicedLM(engine=engine, variant=v.name) for v in variants]
 
 
@@ -442,7 +443,8 @@ class TasksLoadedOnce:
 
 def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], task_manager=None,
                    batch_size: int = 8, max_length: int | None = None, progress=None,
-                   keep_first: bool = True, request_store: str | None = None, **lm_eval_kwargs) -> TaskResults:
+                   keep_first: bool = True, request_store: str | None = None, logits_budget: int | None = None,
+                   **lm_eval_kwargs) -> TaskResults:
     """`lm_eval.simple_evaluate` for every variant, sharing one engine (one pass over the data).
 
     `request_store`: a sqlite file that keeps scored requests across an interruption. Extra
@@ -455,7 +457,7 @@ def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], t
 
     task_manager = TasksLoadedOnce(task_manager if task_manager is not None else TaskManager())
     store = RequestStore(request_store) if request_store is not None else None
-    views = variant_views(lm, variants, batch_size, max_length, keep_first, store)
+    views = variant_views(lm, variants, batch_size, max_length, keep_first, store, logits_budget)
     if views:
         views[0].engine.on_progress = progress
     out = {}

@@ -240,6 +240,9 @@ def ce(
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
+                                                "KL, top-3 are computed in chunks within it; default 256 on "
+                                                "CPU, 2048 on CUDA)"),
     device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
                                              "(transformers/accelerate); overrides --device"),
     seed: int = typer.Option(0),
@@ -262,7 +265,7 @@ def ce(
     from harness.pipeline import RunConfig
 
     _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
-                   batch_size=batch_size, device=device, dtype=dtype, sae_dtype=sae_dtype,
+                   batch_size=batch_size, device=device, dtype=dtype, sae_dtype=sae_dtype, logits_budget_mib=logits_budget,
                    device_map=device_map, seed=seed, law=law, out=out,
                    reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
                    reference_checkpoints=_csv(reference_checkpoints),
@@ -305,6 +308,9 @@ def run(
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
+                                                "KL, top-3 are computed in chunks within it; default 256 on "
+                                                "CPU, 2048 on CUDA)"),
     device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
                                              "(transformers/accelerate); overrides --device"),
     batch_size: int = typer.Option(8),
@@ -332,6 +338,7 @@ def run(
     _run(RunConfig(model=model, saes=list(sae) if sae else list(DEFAULT_SAES), ce_saes=ce_saes, out=out,
                    tokens=tokens, ctx=ctx,
                    device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, batch_size=batch_size,
+                   logits_budget_mib=logits_budget,
                    num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
                    massive_factor=massive_factor, exclude_massive=exclude_massive,
                    **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks", "generations"), resume)
@@ -345,6 +352,9 @@ def lm_eval_command(
     sae: List[str] = typer.Option([], help="SAE or baseline spec (repeat; A+B = joint); none = clean only"),
     dtype: str = typer.Option("float32"),
     sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
+                                                "KL, top-3 are computed in chunks within it; default 256 on "
+                                                "CPU, 2048 on CUDA)"),
     device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
                                              "(transformers/accelerate); overrides --device"),
     dataset: Optional[str] = typer.Option(None, help="text for the mean/PCA baselines' calibration (as for `ce`)"),
@@ -366,6 +376,7 @@ def lm_eval_command(
     opts = parse(ctx.args)
     cfg = RunConfig(model=model, saes=list(sae), batch_size=opts.batch_size, device=opts.device, dtype=dtype,
                     sae_dtype=sae_dtype, device_map=device_map, out=out, num_fewshot=opts.num_fewshot,
+                    logits_budget_mib=logits_budget,
                     dataset=dataset)
     res = run_lm_eval(cfg, opts.tasks, opts.limit, opts.include_path, opts.evaluate_kwargs, StageBar,
                       resume=resume, options=opts)

@@ -177,6 +177,20 @@ def check_device(device: str) -> None:
         raise UserError(f"--device {device}: Apple MPS is not available on this machine; use --device cpu")
     if kind not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device {device!r}; use cpu, cuda[:N] or mps")
+    if kind == "cuda" and ":" in device:
+        index = device.split(":", 1)[1]
+        if not index.isdigit():
+            raise UserError(f"unknown device {device!r}; use cuda or cuda:N with N a GPU index")
+        if int(index) >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"numbered from 0")
+
+
+def check_dtype(device: str, dtype: str) -> None:
+    """Refuse a dtype the device cannot compute in (bfloat16 needs a GPU of compute capability 8)."""
+    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                        "use --dtype float16 or float32")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -194,6 +208,7 @@ def load_model(
     """`device_map` (e.g. "auto") shards a Hugging Face model over the visible devices through
     transformers/accelerate, for models larger than one device; `device` is then ignored."""
     check_device(device)
+    check_dtype(device, dtype)
     if device_map is not None and (spec.startswith("tl:") or _is_tl_official(spec)) and not Path(spec).exists():
         raise UserError("--device-map needs a Hugging Face model (TransformerBridge); HookedTransformer "
                         f"models ({spec}) load on one --device")

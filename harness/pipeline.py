@@ -60,6 +60,7 @@ class RunConfig:
     dtype: str = "float32"
     sae_dtype: str = "float32"  # SAE weights' dtype, independent of the model's
     device_map: str | None = None  # e.g. "auto": shard the model over the visible devices
+    logits_budget_mib: int | None = None  # memory for logits at a time (None: logits.default_budget)
     seed: int = 0
     n_boot: int = 1000
     law: str = "hoffmann"  # scaling law for compute-equivalents: preset name or LAW.json
@@ -84,11 +85,17 @@ class RunConfig:
             raise UserError(f"--tokens ({self.tokens}) must be at least --ctx ({self.ctx})")
         if self.batch_size < 1:
             raise UserError("--batch-size must be positive")
+        if self.logits_budget_mib is not None and self.logits_budget_mib < 1:
+            raise UserError(f"--logits-budget must be a positive number of MiB, got {self.logits_budget_mib}")
         if not self.massive_factor > 0:
             raise UserError(f"--massive-factor must be positive, got {self.massive_factor}")
         for task, limit in self.tasks.items():
             if limit is not None and limit <= 0:
                 raise UserError(f"the limit for {task} must be positive")
+
+    @property
+    def logits_budget(self) -> int | None:
+        return None if self.logits_budget_mib is None else self.logits_budget_mib * 2**20
 
     @property
     def n_seq(self) -> int:
@@ -190,7 +197,8 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
             with stage(progress_factory, "CE suite: sequences", len(tokens)) as progress:
                 res = ce.evaluate(lm, variants, tokens, cfg.batch_size, session.calib_tokens, cfg.n_boot, cfg.seed,
                                   progress, massive_factor=cfg.massive_factor, exclude_massive=cfg.exclude_massive,
-                                  checkpoint=Checkpoint(folder.state / "ce.pt") if tmp else None)
+                                  checkpoint=Checkpoint(folder.state / "ce.pt") if tmp else None,
+                                  logits_budget=cfg.logits_budget)
             config.update(tokens_sha256=tokens_sha, massive=res.massive,
                           data=session.data_info, ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
                           ce_block_cost=res.block_cost)
@@ -288,7 +296,8 @@ def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, 
     seeds = {k: cfg.seed for k in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
     results = evaluate_tasks(session.lm, session.variants, tasks, task_manager, batch_size=cfg.batch_size,
                              progress=progress, limit=limit, num_fewshot=cfg.num_fewshot, log_samples=True,
-                             request_store=request_store, **{**seeds, **lm_eval_kwargs})
+                             request_store=request_store, logits_budget=cfg.logits_budget,
+                             **{**seeds, **lm_eval_kwargs})
     if not distributed.is_main():
         return None
     # tasks whose logged target is text (Winogrande) need their lm-eval Task to find the gold choice
@@ -368,7 +377,7 @@ def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None,
         write_json(tmp / "config.json", {
             "model": session.lm.load_info | {"hashes": hashes}, "tasks": ",".join(tasks), "limit": limit,
             "num_fewshot": cfg.num_fewshot, "variants": [v.name for v in session.variants],
-            "engine": res.engine_stats, "extra": extra, "calibration": session.calibration,
+            "dtype": cfg.dtype, "sae_dtype": cfg.sae_dtype, "engine": res.engine_stats, "extra": extra, "calibration": session.calibration,
             "lm_eval_options": getattr(options, "given", None), "versions": versions(), "machine": machine(),
             "command": command_line(), "resumed": folder.resumed, "world_size": distributed.world_size()})
         write_report(tmp, Path(cfg.out))
