@@ -331,7 +331,7 @@ def ce_comparison(session, n_seq: int, ctx: int, batch_size: int, device: str, d
     # cannot embed the tokenizer's ids, and text means nothing to it anyway).
     calib = random_tokens(batch_size, ctx, vocab, lm.special_ids(), seed + 1)
     n_tok = n_seq * ctx
-    tol = {"ce": 1e-3, "kl": 1e-4 if dtype == "float32" else 1e-2, "ll": 1e-4 if dtype == "float32" else 5e-2}
+    tol = {"ce": 1e-3 if dtype == "float32" else 2e-2, "kl": 1e-4 if dtype == "float32" else 1e-2, "ll": 1e-4 if dtype == "float32" else 5e-2}
 
     # Warm-up (untimed): first calls pay for lazy initialisation (allocator, kernels, caches).
     warm = toks[:batch_size]
