@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Train the three demo TopK SAEs shipped in harness/demo_saes/ for the embedded default model.
+"""Train the three demo TopK SAEs shipped in harness/demo_saes/ for the embedded default model,
+or (`--family`) the two TopK SAEs of the family's largest model in harness/family/saes/.
 
     .venv/bin/python scripts/train_demo_saes.py            # the shipped run (took 48 min on 2 CPU cores shared with other jobs)
+    .venv/bin/python scripts/train_demo_saes.py --family   # the family's SAEs (see harness/family/saes/README.md)
     .venv/bin/python scripts/train_demo_saes.py --smoke    # tiny run into a scratch folder
 
 Everything runs offline on CPU with sae-lens' own code:
@@ -89,6 +91,12 @@ SPECS = [
     Spec("l15-w1152-k16", 15, 1152, 16),
     Spec("l22-w1152-k32", 22, 1152, 32),
 ]
+MODEL_NAME = EMBEDDED_DEFAULT  # metadata.model_name of the exported SAEs
+
+# --family: the largest model of the miniature suite (harness/family), width 160, 5 blocks;
+# a good SAE (4x wide, k 16) and a small sparse one (2x wide, k 4) at the middle block.
+FAMILY_MODEL = "harness/family/d160-l5"
+FAMILY_SPECS = [Spec("l2-w640-k16", 2, 640, 16), Spec("l2-w320-k4", 2, 320, 4)]
 
 T0 = time.time()
 
@@ -115,7 +123,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed, for reproducibility)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the activation cache here (default: a temp dir, deleted)")
     p.add_argument("--smoke", action="store_true", help="tiny run into a scratch folder (for testing the script)")
+    p.add_argument("--family", action="store_true", help=f"the SAEs of {FAMILY_MODEL} (harness/family/saes)")
     args = p.parse_args()
+    if args.family:
+        global D_MODEL, SPECS, MODEL_NAME
+        D_MODEL, SPECS, MODEL_NAME = 160, FAMILY_SPECS, FAMILY_MODEL
+        if args.out == REPO / "harness" / "demo_saes":
+            args.out = REPO / "harness" / "family" / "saes"
     if args.smoke:
         args.train_seqs, args.eval_seqs, args.epochs = 32, 16, 2
         if args.out == REPO / "harness" / "demo_saes":
@@ -277,7 +291,7 @@ def train_one(spec: Spec, args, folder: Path, model, train_rows, cache_path: Pat
 def _sanitised_runner_cfg(d: dict, folder: Path) -> dict:
     """The runner config without this machine's paths."""
     out = json.loads(json.dumps(d, default=str))
-    out["model_name"] = EMBEDDED_DEFAULT
+    out["model_name"] = MODEL_NAME
     out["cached_activations_path"] = "<temporary activation cache>"
     out["output_path"] = "<temporary>"
     out["dataset_path"] = "harness.data.documents('train') via sae_lens pretokenize_dataset (see training.json)"
@@ -298,7 +312,7 @@ def export(spec: Spec, raw: Path, dst: Path, info: dict, data_info: dict) -> Non
     cfg = json.loads((raw / "cfg.json").read_text())
     meta = cfg["metadata"]
     assert meta["hook_name"] == spec.hook, meta["hook_name"]
-    meta["model_name"] = EMBEDDED_DEFAULT
+    meta["model_name"] = MODEL_NAME
     meta["dataset_path"] = data_info["source"]
     meta["tl_hook_name"] = spec.tl_hook
     meta["weights_stored_as"] = "float16"
@@ -391,9 +405,9 @@ def evaluate(folder: Path, eval_rows: torch.Tensor, sae_dirs: dict[str, Path], s
 
 def write_readme(path: Path, results: list[dict], run: dict) -> None:
     lines = [
-        "# Demo SAEs for the embedded default model (SmolLM2-135M-Instruct)",
+        f"# Demo SAEs for `{MODEL_NAME}`" + (" (the embedded default, SmolLM2-135M-Instruct)" if MODEL_NAME == EMBEDDED_DEFAULT else ""),
         "",
-        "Three TopK SAEs on the residual stream of `smollm2-135m` (the embedded default), trained",
+        f"{len(results)} TopK SAEs on the residual stream of `{MODEL_NAME}`, trained",
         "offline on CPU by `scripts/train_demo_saes.py` with sae-lens' own training code",
         f"(sae-lens {run['sae_lens_version']}, torch {run['torch_version']}, transformers {run['transformers_version']}).",
         "They are small demo SAEs, trained on a small budget: use them to exercise the harness, not",
@@ -405,7 +419,7 @@ def write_readme(path: Path, results: list[dict], run: dict) -> None:
         "small and `cfg.json` says `dtype: float32`, so sae-lens casts them to float32 on load.",
         "`metadata.hook_name` is the Hugging Face module path (`model.layers.N` = the output of decoder",
         "layer N = TransformerLens `blocks.N.hook_resid_post`, also recorded as `metadata.tl_hook_name`);",
-        "`metadata.model_name` is the harness spec name `smollm2-135m`.",
+        f"`metadata.model_name` is the harness spec `{MODEL_NAME}`.",
         "",
         "| SAE | hook | width | k | training tokens | batch (tokens) | lr | steps | train wall time | explained variance | L0 | dead fraction |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -437,15 +451,15 @@ def write_readme(path: Path, results: list[dict], run: dict) -> None:
         + ", ".join(f"`{r['name']}` {r['eval_fp32']['explained_variance']:.4f}" for r in results)
         + ".",
         "",
-        "Recipe (identical for the three SAEs):",
+        "Recipe (identical for every SAE here):",
         "",
         f"- Text: `harness.data.documents(\"train\")` ({run['n_docs']} documents: pydoc prose + stdlib source; the",
         "  eval split is never used), tokenised and packed by sae-lens' `pretokenize_dataset` into rows of",
-        f"  {CONTEXT} tokens with BOS (`<|im_start|>`, id {run['bos_id']}) at position 0 and between documents, rows",
+        f"  {CONTEXT} tokens with BOS (id {run['bos_id']}) at position 0 and between documents, rows",
         f"  shuffled with seed {run['seed']}: {run['n_rows']} rows, of which {run['train_seqs']} are used for training and the last",
         f"  {run['eval_seqs']} held out.",
         "- Activations: one pass of sae-lens' `HookedProxyLM` (AutoModelForCausalLM from the local",
-        "  checkpoint) through its multi-hook `ActivationsStore` captures layers 15 and 22 together, written",
+        f"  checkpoint) through its multi-hook `ActivationsStore` captures layers {sorted({r['hook'] for r in results})} together, written",
         "  in the format of sae-lens' CacheActivationsRunner; each SAE is then trained by",
         "  `LanguageModelSAETrainingRunner` with `use_cached_activations=True`, for several epochs over that",
         "  cache (the model forward dominates CPU time, so epochs buy more optimiser steps).",
@@ -468,7 +482,7 @@ def write_readme(path: Path, results: list[dict], run: dict) -> None:
         "Re-run (the time is mostly the model's forward pass, so it grows with other load on the cores;",
         "the script writes into a temporary folder and moves it here when done):",
         "",
-        "    .venv/bin/python scripts/train_demo_saes.py",
+        "    .venv/bin/python scripts/train_demo_saes.py" + (" --family" if MODEL_NAME != EMBEDDED_DEFAULT else ""),
         "",
         "`--smoke` runs a tiny version into a scratch folder; `--help` lists the knobs.",
         "",
@@ -497,7 +511,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
-    folder = embedded_checkpoint()
+    folder = REPO / FAMILY_MODEL if args.family else embedded_checkpoint()
     log(f"model checkpoint: {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     special = sorted({*tokenizer.all_special_ids, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
@@ -522,7 +536,9 @@ def main() -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="demo-sae-work-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        model = load_model("AutoModelForCausalLM", str(folder), device="cpu", hook_names=[s.hook for s in SPECS])
+        # float32 weights (the family is stored in bfloat16): the harness runs the model in float32 too
+        model = load_model("AutoModelForCausalLM", str(folder), device="cpu", hook_names=[s.hook for s in SPECS],
+                           model_from_pretrained_kwargs={"dtype": torch.float32})
         model.eval()
         hooks = sorted({s.hook for s in SPECS}, key=lambda h: int(h.rsplit(".", 1)[1]))
         log(f"caching activations at {hooks} ({args.train_seqs * CONTEXT} tokens, one pass)")
@@ -562,7 +578,7 @@ def main() -> None:
                 "activation_cache_wall_s": round(cache_wall, 1),
                 "heldout_eval": {"rows": args.eval_seqs, **e},
                 "heldout_eval_fp32_weights": fp32[spec.name],
-                "pretokenize_cfg": {k: v for k, v in vars(pcfg).items() if k != "tokenizer_name"} | {"tokenizer_name": EMBEDDED_DEFAULT},
+                "pretokenize_cfg": {k: v for k, v in vars(pcfg).items() if k != "tokenizer_name"} | {"tokenizer_name": MODEL_NAME},
                 "weights_sha256": sha,
                 "runner_cfg": info["runner_cfg"],
             }
