@@ -127,8 +127,9 @@ def print_ce_table(records: list[dict], title: str) -> None:
                f(r["explained_variance"]), _robust_ev_cell(r), f(r["l0"], 1)]
         if law:
             row.append(f"{r['compute_fraction']:.3g} [{r['compute_fraction_low']:.3g}, {r['compute_fraction_high']:.3g}]")
-        for k, _ in extra:
-            row.append(f"{r[k]:.3g} [{r[k + '_low']:.3g}, {r[k + '_high']:.3g}]")
+        for k, _ in extra:  # ‡: an extrapolation beyond the fitted sizes / token counts
+            flag = "‡" if r.get(f"{k}_extrapolated") else ""
+            row.append(f"{r[k]:.3g}{flag} [{r[k + '_low']:.3g}, {r[k + '_high']:.3g}]")
         for k, _ in ratios:
             row.append(f"{f(r[k], 2)} [{f(r[k + '_low'], 2)}, {f(r[k + '_high'], 2)}]" if k in r else "-")
         table.add_row(*row)
@@ -319,6 +320,8 @@ def run(
     out: str = typer.Option("results/main", help="run folder to write"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
                                 "(same configuration only); saved work is not recomputed"),
+    family: bool = typer.Option(True, "--family/--no-family", help="main job only: also the family run "
+                                "(`sae-harness family`, into results/family beside --out)"),
 ):
     """CE suite + lm-eval tasks (tables per task, MMLU by category) for any model, one run folder.
     With no options: the main job (embedded default, its demo SAEs and two baselines)."""
@@ -335,6 +338,7 @@ def run(
         if value is not None:
             check_limit(value, option)
     ce_saes = list(ce_sae) if ce_sae is not None else ([] if sae else list(DEFAULT_CE_SAES))
+    main_job = not sae and model == EMBEDDED_DEFAULT
     _run(RunConfig(model=model, saes=list(sae) if sae else list(DEFAULT_SAES), ce_saes=ce_saes, out=out,
                    tokens=tokens, ctx=ctx,
                    device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, batch_size=batch_size,
@@ -342,6 +346,47 @@ def run(
                    num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
                    massive_factor=massive_factor, exclude_massive=exclude_massive,
                    **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks", "generations"), resume)
+    if main_job and family:
+        _family(str(Path(out).parent / "family"))
+
+
+def _family(out: str, **kw) -> None:
+    import time
+
+    from harness.family_run import FamilyConfig, run as run_family
+
+    t0 = time.perf_counter()
+    details = run_family(FamilyConfig(out=out, **kw), _progress_factory(), say=lambda m: typer.echo(m, err=True))
+    print_family_table(details)
+    typer.echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s", err=True)
+
+
+def print_family_table(details: dict) -> None:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from harness.family_run import table
+
+    Console(width=220).print(Markdown("Compute-equivalents from the family's own curves, beside the presets\n\n"
+                                      + table(details)))
+
+
+@app.command()
+@user_errors
+def family(
+    sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec for the family's largest model "
+                                            "(repeat); default: the family's SAEs, pca:16 and neurons:16"),
+    tokens: int = typer.Option(8192, help="tokens of the built-in eval split to evaluate"),
+    ctx: int = typer.Option(128, help="sequence length"),
+    batch_size: int = typer.Option(8),
+    out: str = typer.Option("results/family", help="run folder to write"),
+):
+    """The family run: the CE suite on the largest model of harness/family with its SAEs, every
+    family member and checkpoint evaluated on the same tokens, and compute-equivalents from
+    the fitted L(N), L(D) and L(N, D) beside the hoffmann and epoch presets."""
+    _quiet_libraries()
+    kw = {"saes": list(sae)} if sae else {}
+    _family(out, tokens=tokens, ctx=ctx, batch_size=batch_size, **kw)
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

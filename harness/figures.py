@@ -269,3 +269,40 @@ def damage_figure(per_token: dict[str, np.ndarray], colour: dict | None = None):
         ax.grid(True, color="0.92")
     _legend_right(fig, [ax1, ax2])
     return fig
+
+
+# ---------------------------------------------------------------- the family's curves
+
+def family_figure(details: dict, colour: dict | None = None):
+    """Left: loss against non-embedding N for the family with its fit L(N), each spliced
+    variant placed on the curve at its N_eff. Right: the same against tokens D for the
+    largest model's checkpoints and L(D), each variant at its D_eff. (From
+    compute_equivalents.json of a family run.)"""
+    fam = details["family"]
+    variants = fam["variants"]
+    colour = colour or colours(list(variants))
+    fig, axes = _figure(11, 4.4, ncols=2)
+    panels = ((axes[0], fam["points"], scaling.Curve.from_json(fam["law"]), "N", "n_eff_frac",
+               "non-embedding parameters N", "family members"),
+              (axes[1], fam["checkpoints"]["points"], scaling.Curve.from_json(fam["checkpoints"]["law"]), "D",
+               "d_eff_frac", "training tokens D (largest model's checkpoints)", "checkpoints"))
+    for ax, points, curve, var, key, xlabel, what in panels:
+        xs = np.array([p[var] for p in points], float)
+        main = points[-1] if var == "D" else max(points, key=lambda p: p["N"])
+        effs = [variants[v][key] * main[var] for v in variants]
+        lo = min([xs.min(), *effs]) / 2
+        grid = np.geomspace(lo, xs.max() * 2, 200)
+        ax.plot(grid, curve.loss(grid), color="k", lw=1, label=f"fit: {curve.name}")
+        ax.plot(xs, [p["loss"] for p in points], "s", color="k", ms=5, label=what, zorder=3)
+        for (name, v), x in zip(variants.items(), effs):
+            label = name.rsplit("/", 1)[-1]
+            ax.plot([x], [v["ce_spliced"]], "o", ms=6, color=colour.get(name), label=label, zorder=4)
+        ax.axvspan(xs.min(), xs.max(), color="0.95", lw=0)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss on the run's tokens (nats/token)")
+        ax.grid(True, which="major", color="0.92")
+    axes[0].set_title("N_eff: where each spliced model sits on L(N)", fontsize=10)
+    axes[1].set_title("D_eff: where each spliced model sits on L(D)", fontsize=10)
+    _legend_right(fig, axes)
+    return fig

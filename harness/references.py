@@ -80,7 +80,8 @@ def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torc
         if isinstance(law, scaling.Law):  # differing D: read N_eff at the main model's D
             law = scaling.Curve(E=law.E + law.B / d[-1] ** law.beta, A=law.A, alpha=law.alpha, var="N",
                                 name=law.name)
-        fits.append(("n_eff_frac", law))
+        Ns = [p["N"] for p in points] + [N_main]
+        fits.append(("n_eff_frac", law, (N_main, min(Ns), max(Ns))))
         out["family"] = {"points": points, "main": {"model": lm.spec, "N": N_main, "loss": clean},
                          "law": law.to_json()}
     if cfg.reference_checkpoints:
@@ -91,14 +92,17 @@ def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torc
         for p, D in zip(points, cfg.checkpoint_tokens):
             p["D"] = float(D)
         law = checkpoint_law(points, cfg.seed)
-        fits.append(("d_eff_frac", law))
+        Ds = [p["D"] for p in points]
+        fits.append(("d_eff_frac", law, (Ds[-1], min(Ds), max(Ds))))
         out["checkpoints"] = {"points": points, "law": law.to_json()}
-    for key, law in fits:
+    for key, law, (unit, lo, hi) in fits:
         for rec in records:
             try:
                 value = scaling.equivalents(law, clean, rec["ce_spliced"], N_main)[key]
                 ci = scaling.fraction_interval(law, clean, (rec["dce_ci_low"], rec["dce_ci_high"]), N_main)
-                rec.update({key: value, f"{key}_low": ci["low"], f"{key}_high": ci["high"]})
-            except ValueError:
-                rec.update({key: float("nan"), f"{key}_low": float("nan"), f"{key}_high": float("nan")})
+            except ValueError as e:  # a loss at or below the fitted E: the curve cannot place it
+                raise UserError(f"{rec['variant']}: {e}") from None
+            rec.update({key: value, f"{key}_low": ci["low"], f"{key}_high": ci["high"],
+                        # allowed, but outside the fitted sizes / token counts
+                        f"{key}_extrapolated": bool(value * unit < lo * 0.999 or value * unit > hi * 1.001)})
     return out

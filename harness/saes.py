@@ -52,6 +52,7 @@ import torch
 from harness.models import UserError, to_dtype, to_tl_hook_name
 
 DEMO_DIR = Path(__file__).parent / "demo_saes"
+FAMILY_SAE_DIR = Path(__file__).parent / "family" / "saes"  # harness/family_run.py
 BASELINES = ("identity", "zero", "mean", "pca", "neurons")
 _BASELINE_SPEC = re.compile(rf"^({'|'.join(BASELINES)})(?::(\d+))?(?:@(.+))?$")
 WRAPPERS = ("noise", "noise-dir", "error")  # around another replacement (`inner`)
@@ -294,7 +295,8 @@ def _load_folder(spec: str, path: Path, device: str) -> Replacement:
     except Exception as e:  # corrupt weights, shape mismatch, unknown architecture...
         raise UserError(f"cannot load {fmt} SAE from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     files = {str(f): sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
-    name = path.name if path.parent == DEMO_DIR else spec
+    # shipped SAEs (the demo ones, the family's) go by their folder's name
+    name = path.name if path.resolve().parent in (DEMO_DIR.resolve(), FAMILY_SAE_DIR.resolve()) else spec
     return _from_sae(name, spec, sae, files)
 
 
