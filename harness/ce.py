@@ -137,7 +137,8 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
              calib_tokens: torch.Tensor | None = None, n_boot: int = 1000, seed: int = 0,
              progress=None, keep_first: bool = True, massive_factor: float | None = outliers.DEFAULT_FACTOR,
              exclude_massive: bool = False, checkpoint=None, checkpoint_every: int = 4,
-             tail_tokens: int | None = None, logits_budget: int | None = None, profile=None) -> CEResult:
+             tail_tokens: int | None = None, logits_budget: int | None = None, profile=None,
+             constant_tails: bool = True) -> CEResult:
     """Evaluate every variant on `tokens` [n_seq, ctx] in one pass.
 
     The zero / mean references are fitted on `calib_tokens` (through the model's activation
@@ -152,7 +153,9 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     logits are made and read a chunk of positions at a time within `logits_budget` bytes
     (harness/logits.py), so memory does not grow with batch x context x vocabulary (None: the
     device's default, `logits.default_budget`). `profile` (timing.Sections) records the time
-    and peak memory of each part of the suite (the bench prints them)."""
+    and peak memory of each part of the suite (the bench prints them). With `constant_tails`, a
+    zero / mean ablation of a `resid_post` spliced at every position (keep_first=False, no
+    special tokens) runs its tail and head on one position (`Splicer.constant_tail`)."""
     section = sections(profile)
     names = [v.name for v in variants]
     all_variants = [v for v in variants if v.parts]
@@ -207,7 +210,8 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
         for r in noisy:  # the noise of these rows depends on the rows, not on what ran before
             r.reseed(i)
         with section("forward: clean prefix and tails (SAEs included)"):
-            outs = list(splicer.run_variants(batch, all_variants, on_act=on_act, exclude=drop, hidden=split))
+            outs = list(splicer.run_variants(batch, all_variants, on_act=on_act, exclude=drop, hidden=split,
+                                             constant_tails=constant_tails))
         clean_stats, variant_stats = logits.chunked_stats(head, outs[0][1], [h for _, h in outs[1:]], targets,
                                                           logits_budget, vocab, profile)
         order = [v for v, _ in outs[1:]]  # run_variants' order: clean first, then by branch layer

@@ -49,6 +49,7 @@ class Grid:
     sub: list[list[str]] | None = None   # small header lines under each value column (plain)
     breaks: list[int] = field(default_factory=list)  # a rule before these rows (LaTeX)
     long: bool = False  # LaTeX: a longtable (rows run over pages) instead of a table float
+    tex_columns: int = 0  # value columns per tabular (0: MAX_TEX_COLUMNS)
 
 
 # ---------------------------------------------------------------- number formatting
@@ -321,7 +322,8 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
                           None))
     plain = " ".join(p for p, _ in sentences)
     tex = " ".join(_tex_text(p) if t is None else t for p, t in sentences)
-    return Grid(["Variant"], columns, rows, (plain, tex), "tab:ce", None, [])
+    # most CE cells carry an interval under the value: 4 such columns fill the A4 text block
+    return Grid(["Variant"], columns, rows, (plain, tex), "tab:ce", None, [], tex_columns=4)
 
 
 def ce_numbers(records: list[dict]) -> pd.DataFrame:
@@ -463,11 +465,11 @@ def to_latex(g: Grid) -> str:
     lines = [f"% sae-harness table ({g.label}); needs \\usepackage{{booktabs}} in the preamble",
              r"\begin{table}[tbp]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}",
              r"\caption{" + g.caption[1] + "}", r"\label{" + g.label + "}"]
-    n = len(g.columns)
-    for start in range(0, n, MAX_TEX_COLUMNS):
+    n, per = len(g.columns), g.tex_columns or MAX_TEX_COLUMNS
+    for start in range(0, n, per):
         if start:
             lines.append(r"\par\medskip")
-        lines += _tex_tabular(g, list(range(start, min(n, start + MAX_TEX_COLUMNS))))
+        lines += _tex_tabular(g, list(range(start, min(n, start + per))))
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,14 @@ def _stats(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.
     return z, lse, Stats(nll, top.indices.to(torch.int32), (top.values - lse[..., None]).exp())
 
 
+def _constant(head, h: torch.Tensor):
+    """Logits of a one-position head input [1, 1, d]: (z [vocab], logsumexp, top-3 ids, top-3 p)."""
+    z = head(h).float()[0, 0]
+    lse = torch.logsumexp(z, -1)
+    top = z.topk(3)
+    return z, lse, top.indices.to(torch.int32), (top.values - lse).exp()
+
+
 @torch.no_grad()
 def chunked_stats(head: Callable[[torch.Tensor], torch.Tensor], clean: torch.Tensor, variants: list[torch.Tensor],
                   targets: torch.Tensor, budget: int = DEFAULT_BUDGET, vocab: int | None = None,
@@ -76,12 +84,15 @@ def chunked_stats(head: Callable[[torch.Tensor], torch.Tensor], clean: torch.Ten
 
     `clean`, `variants[i]`: head inputs [B, >= T, d] (positions past T are ignored); `head`
     maps [1, P, d] to logits [1, P, vocab]. Positions are taken in chunks of
-    `positions_per_chunk(vocab, budget)` over the flattened [B * T]. `profile` (timing.Sections)
-    times the head apart from the arithmetic on its logits."""
+    `positions_per_chunk(vocab, budget)` over the flattened [B * T]. A variant given as [1, 1, d]
+    is the same at every position (`Splicer.constant_tail`): its head runs once, and per chunk
+    only its dot product with the clean probabilities is left to compute. `profile`
+    (timing.Sections) times the head apart from the arithmetic on its logits."""
     section = sections(profile)
     B, T = targets.shape
     flat_t = targets.reshape(1, B * T)
-    hs = [h[:, :T].reshape(1, B * T, -1) for h in [clean, *variants]]
+    hs = [h if h.shape[:2] == (1, 1) else h[:, :T].reshape(1, B * T, -1) for h in [clean, *variants]]
+    consts = {j: _constant(head, h) for j, h in enumerate(hs) if j and h.shape[1] == 1 and B * T > 1}
     step = positions_per_chunk(vocab, budget) if vocab else B * T
     parts: list[list[Stats]] = [[] for _ in hs]
     for i in range(0, B * T, step):
@@ -92,7 +103,16 @@ def chunked_stats(head: Callable[[torch.Tensor], torch.Tensor], clean: torch.Ten
             z_c, lse_c, s_c = _stats(z, tgt)
             parts[0].append(s_c)
             p_c = (z_c - lse_c[..., None]).exp()
+            if consts:
+                pz_c = (p_c * z_c).sum(-1)  # sum_i p_c,i z_c,i: shared by every constant variant
+            for j, (z_1, lse_1, top_ids, top_p) in consts.items():
+                n = tgt.shape[1]
+                s_v = Stats(lse_1 - z_1[tgt], top_ids.expand(1, n, 3), top_p.expand(1, n, 3))
+                s_v.kl = (lse_1 - lse_c) - (p_c @ z_1 - pz_c)
+                parts[j].append(s_v)
         for j, h in enumerate(hs[1:], start=1):
+            if j in consts:
+                continue
             with section("head (unembedding)"):
                 z = head(h[:, i:i + step]).float()
             with section("log-softmax, KL, top-3"):

@@ -303,21 +303,28 @@ class Splicer:
         return max(1, min(self.tail_tokens // n_tok, self.tail_logits_bytes // (n_logits * self.lm.dtype.itemsize)))
 
     def run_variants(self, tokens, variants: list[Variant], attention_mask=None, positions=None, on_act=None,
-                     exclude: torch.Tensor | None = None, hidden: bool = False):
+                     exclude: torch.Tensor | None = None, hidden: bool = False, constant_tails: bool = False):
         """Yield (variant, logits) for every variant of one batch, clean (None) first, sharing the
         clean pass up to each variant's first hook. Variants branching at the same layer run
         their tails together, `tails_per_forward` at a time (`batched_tail`); the others come in
         the order of those groups. `on_act(variant, ...)` gets activations.
         `exclude` [batch, pos] marks further positions to leave unspliced (massive activations).
-        `hidden`: yield the head's inputs instead of logits (see `tail`, `head`)."""
+        `hidden`: yield the head's inputs instead of logits (see `tail`, `head`).
+        `constant_tails`: a variant that sets the whole residual to one vector at every position
+        (`constant_variant`) yields the tail of ONE position, [1, 1, width], standing for every
+        position of the batch (`constant_tail`)."""
         points = self.branch_points(tokens, attention_mask)
         mask = self.splice_mask(tokens, attention_mask)
         if exclude is not None:
             mask &= ~exclude
         groups: dict[int, list] = {self.layers[-1]: [(None, [])]}  # the clean tail leads
+        constant = []
         for v in variants:
             act = (lambda *a, _v=v: on_act(_v, *a)) if on_act else None
-            groups.setdefault(self.variant_layer(v), []).append((v, splice_hooks(v, mask, act)))
+            if constant_tails and self.constant_variant(v, mask, attention_mask):
+                constant.append((v, splice_hooks(v, mask, act)))
+            else:
+                groups.setdefault(self.variant_layer(v), []).append((v, splice_hooks(v, mask, act)))
         step = self.tails_per_forward(tokens, positions, hidden)
         for layer, members in groups.items():
             for i in range(0, len(members), step):
@@ -325,6 +332,42 @@ class Splicer:
                 outs = self.batched_tail(points[layer], [hooks for _, hooks in chunk], positions, hidden)
                 for (v, _), logits in zip(chunk, outs):
                     yield v, logits
+        for v, hooks in constant:
+            yield v, self.constant_tail(points[self.variant_layer(v)], hooks, hidden)
+
+    def constant_variant(self, v: Variant, mask: torch.Tensor, attention_mask) -> bool:
+        """Whether v replaces the residual entering its tail by one vector at every position:
+        a zero or mean ablation of a block's `hook_resid_post` spliced at every position (no
+        kept first position, special token or padding). Every later block then sees the same
+        input at every position: attention over identical values returns that value whatever
+        its weights, and the rest is per position, so all positions' outputs are equal."""
+        if len(v.parts) != 1 or attention_mask is not None or not bool(mask.all()):
+            return False
+        (hook, repl), = v.parts.items()
+        if repl.kind not in ("zero", "mean") or self._constant_ok is False:
+            return False
+        point = self.lm.model.hook_dict.get(hook)
+        return point is not None and point is entering_hook(self.lm, self.variant_layer(v))
+
+    _constant_ok: bool | None = None  # checked on the first constant tail against a full one
+
+    @torch.no_grad()
+    def constant_tail(self, pre: Prefix, hooks, hidden: bool) -> torch.Tensor:
+        """The tail of a `constant_variant` at one position, [1, 1, width]. The first time, it is
+        checked against the full tail of the batch's first sequence (an architecture whose
+        positions interact otherwise, e.g. attention sinks, would differ), and if they differ the
+        full tail is returned, expanded, and constant tails are off for this splicer."""
+        resid, rest = self.enter(pre, hooks)  # the hooks see every position (statistics)
+        tokens = None if pre.tokens is None else pre.tokens[:1, :1]
+        one = self._run_tail(Prefix(pre.layer, resid[:1, :1], tokens, None), rest, None, hidden)
+        if self._constant_ok is None:
+            full = self._run_tail(Prefix(pre.layer, resid[:1], None if pre.tokens is None else pre.tokens[:1], None),
+                                  rest, None, hidden)
+            scale = float(full.abs().max()) or 1.0
+            self._constant_ok = bool((full - one).abs().max() <= 1e-4 * scale)
+            if not self._constant_ok:
+                return self._run_tail(Prefix(pre.layer, resid, pre.tokens, None), rest, None, hidden)
+        return one
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:

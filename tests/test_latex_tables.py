@@ -108,7 +108,7 @@ def test_main_job_paper_tables_fit_an_a4_text_block(tmp_path):
 
 
 def test_wide_tables_are_split_not_overfull(tmp_path):
-    """More columns than fit (CE with both reference readings: 8) continue in a second tabular."""
+    """More columns than fit (CE with both reference readings and the noise ratios: 12) continue in a second tabular."""
     import json
 
     records = json.loads((MAIN / "metrics.json").read_text())
@@ -119,7 +119,7 @@ def test_wide_tables_are_split_not_overfull(tmp_path):
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(records))
     tex = tables.build_table(run, level="ce", fmt="latex")
-    assert tex.count(r"\begin{tabular}{") == 2 and r"$N_{\mathrm{eff}}/N$" in tex
+    assert tex.count(r"\begin{tabular}{") >= 2 and r"$N_{\mathrm{eff}}/N$" in tex
     assert_fits(tex, tmp_path / "ce_refs")
 
 
