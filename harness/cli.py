@@ -322,6 +322,8 @@ def run(
                                 "(same configuration only); saved work is not recomputed"),
     family: bool = typer.Option(True, "--family/--no-family", help="main job only: also the family run "
                                 "(`sae-harness family`, into results/family beside --out)"),
+    interp: bool = typer.Option(True, "--interp/--no-interp", help="main job only: also `sae-harness interp` on "
+                                "the run (explainability table and frontier, judge-free)"),
 ):
     """CE suite + lm-eval tasks (tables per task, MMLU by category) for any model, one run folder.
     With no options: the main job (embedded default, its demo SAEs and two baselines)."""
@@ -346,6 +348,11 @@ def run(
                    num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
                    massive_factor=massive_factor, exclude_massive=exclude_massive,
                    **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks", "generations"), resume)
+    if main_job and interp:
+        from harness.frontier import InterpConfig
+
+        _interp_into_run(Path(out), InterpConfig(), lambda m: typer.echo(m, err=True))
+        print_saved_table(Path(out) / "interp.md")
     if main_job and family:
         _family(str(Path(out).parent / "family"))
 
@@ -369,6 +376,87 @@ def print_family_table(details: dict) -> None:
 
     Console(width=220).print(Markdown("Compute-equivalents from the family's own curves, beside the presets\n\n"
                                       + table(details)))
+
+
+@app.command()
+@user_errors
+def interp(
+    run_or_specs: List[str] = typer.Argument(..., help="a run folder (its model, SAEs, text and metrics), "
+                                             "or SAE / baseline specs with --model"),
+    model: Optional[str] = typer.Option(None, help="model spec, when SAE specs are given"),
+    latents: int = typer.Option(32, help="live latents sampled per SAE / baseline"),
+    tokens: int = typer.Option(8192, help="held-out tokens for the activation records"),
+    probe_questions: int = typer.Option(100, help="MMLU questions per category for sparse probing"),
+    judge: Optional[str] = typer.Option(None, help="an OpenAI-compatible API base URL (e.g. http://host:8000/v1) "
+                                        "for delphi-style explanation + detection scoring"),
+    judge_model: Optional[str] = typer.Option(None, help="the judge's model name"),
+    judge_key_env: str = typer.Option("SAE_HARNESS_JUDGE_KEY", help="environment variable holding the API key"),
+    judge_latents: int = typer.Option(8, help="latents per SAE sent to the judge"),
+    out: Optional[str] = typer.Option(None, help="folder for specs (default results/interp); a run folder is "
+                                      "written into"),
+):
+    """Explainability beside fidelity: n-gram explanations of sampled latents (precision, recall,
+    F1), sparse probing on MMLU categories, optionally an LLM judge; interp.md / interp.json and
+    the frontier figure (frontier.png), added to the run's report.html."""
+    _quiet_libraries()
+    from harness import frontier
+    from harness.models import UserError
+
+    cfg = frontier.InterpConfig(latents=latents, tokens=tokens, probe_questions=probe_questions, judge=judge,
+                                judge_model=judge_model, judge_key_env=judge_key_env, judge_latents=judge_latents)
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    first = Path(run_or_specs[0])
+    if len(run_or_specs) == 1 and first.is_dir() and (first / "config.json").is_file():
+        if model is not None:
+            raise UserError("--model is read from the run folder; give SAE specs to choose one")
+        details = _interp_into_run(first, cfg, say)
+    else:
+        if model is None:
+            raise UserError(f"{run_or_specs[0]!r} is not a run folder: give one, or SAE specs with --model")
+        details = _via_scratch(Path(out or "results/interp"),
+                               lambda tmp: frontier.run(model, list(run_or_specs), cfg, tmp, say=say))
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console(width=220).print(Markdown(frontier.table(details)))
+
+
+INTERP_FILES = ("interp.json", "interp.md", "frontier.png", "frontier.pdf")
+
+
+def _via_scratch(folder: Path, compute):
+    """Compute into a scratch folder beside `folder`, then move the results in: bad input or a
+    failure leaves nothing half-written. The judge's cache is kept either way (it is what an
+    interrupted judge run resumes from)."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.interp") as tmp:
+        tmp = Path(tmp)
+        if (folder / "judge_cache").is_dir():
+            shutil.copytree(folder / "judge_cache", tmp / "judge_cache")
+        try:
+            details = compute(tmp)
+        finally:
+            if (tmp / "judge_cache").is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(tmp / "judge_cache", folder / "judge_cache", dirs_exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in INTERP_FILES:
+            os.replace(tmp / name, folder / name)
+    return details
+
+
+def _interp_into_run(folder: Path, cfg, say):
+    """interp for a saved run, written beside its files, and its report.html redrawn with it."""
+    from harness import frontier
+    from harness.report import write_report
+
+    details = _via_scratch(folder, lambda tmp: frontier.run_folder(folder, cfg, say, out=tmp))
+    if (folder / "report.html").is_file():
+        write_report([folder])
+    return details
 
 
 @app.command()

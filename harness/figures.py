@@ -306,3 +306,44 @@ def family_figure(details: dict, colour: dict | None = None):
     axes[1].set_title("D_eff: where each spliced model sits on L(D)", fontsize=10)
     _legend_right(fig, axes)
     return fig
+
+
+# ---------------------------------------------------------------- explainability frontier
+
+def frontier_figure(points: list[dict], colour: dict | None = None):
+    """Fidelity against explainability, one point per SAE or baseline: C_eff/C (log; dCE where
+    a run has no C_eff/C) against mean explanation F1 (with its interval), and against sparse-
+    probing accuracy at k = 5; marker area grows with L0; the dashed steps are the Pareto front
+    (no other point is both more explainable and less damaging). points = [{"label", "l0", "f1",
+    "f1_lo", "f1_hi", "probe", "frac", "dce"}, ...] (frontier.points)."""
+    from matplotlib.ticker import FuncFormatter
+
+    colour = colour or colours([p["label"] for p in points])
+    use_frac = any(np.isfinite(p["frac"]) for p in points)
+    ykey, ylabel = ("frac", "C_eff/C (log scale)") if use_frac else ("dce", "dCE (nats/token)")
+    fig, axes = _figure(11, 4.4, ncols=2)
+    l0s = [p["l0"] for p in points if np.isfinite(p["l0"])]
+    top = max(l0s) if l0s else 1.0
+    for ax, (xkey, xlabel) in zip(axes, (("f1", "explanation F1 (n-gram explanations, mean over latents)"),
+                                         ("probe", "sparse-probing accuracy, k = 5 (MMLU categories)"))):
+        xs, ys = [p[xkey] for p in points], [p[ykey] for p in points]
+        for p in points:
+            size = 30 + 220 * (p["l0"] / top if np.isfinite(p["l0"]) else 0.3)
+            xerr = ([[max(p["f1"] - p["f1_lo"], 0)], [max(p["f1_hi"] - p["f1"], 0)]] if xkey == "f1" else None)
+            ax.errorbar([p[xkey]], [p[ykey]], xerr=xerr, fmt="none", ecolor=colour.get(p["label"]), capsize=3)
+            ax.scatter([p[xkey]], [p[ykey]], s=size, color=colour.get(p["label"]), label=p["label"], zorder=3,
+                       alpha=0.85)
+        # Pareto front: larger x and better y (larger C_eff/C, or smaller dCE)
+        front = pareto_front([-x for x in xs], ys, maximize_y=use_frac)
+        if len(front) > 1:
+            ax.plot([xs[i] for i in front], [ys[i] for i in front], ls="--", color="0.4", lw=1, label="Pareto front")
+        if use_frac:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title("better: up and right" if use_frac else "better: down and right; marker area: L0",
+                     fontsize=9, color="0.35")
+        ax.grid(True, color="0.92")
+    _legend_right(fig, axes)
+    return fig

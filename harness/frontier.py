@@ -165,8 +165,9 @@ def table(details: dict) -> str:
     return "\n".join(lines)
 
 
-def run_folder(run_dir: Path, cfg: InterpConfig, say=print) -> dict:
-    """interp for a saved run: its model, SAEs, CE text and metrics; written into the run."""
+def run_folder(run_dir: Path, cfg: InterpConfig, say=print, out: Path | None = None) -> dict:
+    """interp for a saved run: its model, SAEs, CE text and metrics; written to `out` (default
+    the run folder)."""
     from harness.saved_runs import load_run
 
     r = load_run(run_dir)
@@ -174,4 +175,4 @@ def run_folder(run_dir: Path, cfg: InterpConfig, say=print) -> dict:
     if "model" not in conf or not conf.get("saes"):
         raise UserError(f"{run_dir}/config.json names no model and SAEs")
     saes = [s for s in conf["saes"] if "+" not in s]
-    return run(conf["model"], saes, cfg, Path(run_dir), r.metrics, conf.get("dataset"), say)
+    return run(conf["model"], saes, cfg, Path(out or run_dir), r.metrics, conf.get("dataset"), say)

@@ -260,7 +260,8 @@ def pooled(lm: LoadedModel, repls: list[Replacement], texts: list[str], ctx: int
     splicer = Splicer(lm, hooks)
     out: dict = {}
     for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=ctx)
+        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=ctx,
+                  padding_side="right")
         ids, att = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
         mask = splicer.splice_mask(ids, att)
         mask[mask.sum(1) == 0, 0] = att[mask.sum(1) == 0, 0].bool()  # a one-token text: keep its token
@@ -272,7 +273,7 @@ def pooled(lm: LoadedModel, repls: list[Replacement], texts: list[str], ctx: int
 
         names = {h: lm.model.hook_dict[h].name for h in hooks}
         with lm.model.hooks(fwd_hooks=[(names[h], grab) for h in hooks]):
-            lm.model(ids, attention_mask=att)
+            run_below(lm, ids, max(hook_layer(h) for h in hooks) + 1, attention_mask=att)
         w = mask.float()[..., None] / mask.sum(1).clamp(min=1)[:, None, None]
         for h in hooks:
             out.setdefault(f"residual@{h}", []).append((got[names[h]] * w).sum(1).cpu())

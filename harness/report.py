@@ -22,7 +22,7 @@ from harness import figures, scaling, tables
 from harness.models import UserError
 from harness.saved_runs import Run, e_band, is_ablation, law_of, load_runs
 
-FIGURES = ("compute", "tradeoff", "profile", "damage")
+FIGURES = ("compute", "tradeoff", "profile", "damage", "frontier")
 
 
 # ---------------------------------------------------------------- naming and numbers
@@ -453,7 +453,50 @@ def build_figures(runs: list[Run], label: Labels, out: Path) -> dict[str, tuple[
                           "damage spread evenly; thin verticals at 1% and 10%).")
     else:
         done["damage"] = "(d) not drawn: no per-token data (per_token_dce.npz) in these runs."
+
+    # (e) the explainability frontier
+    interp_runs = [r for r in runs if r.interp]
+    if interp_runs:
+        from harness.frontier import points as frontier_points
+
+        pts = []
+        for run in interp_runs:
+            for p in frontier_points(run.interp):
+                pts.append(p | {"label": label(run, p["label"])})
+        done["frontier"] = (figures.save(figures.frontier_figure(pts, colour), out, "frontier"),
+                            "(e) Fidelity against explainability, one point per SAE or baseline: C_eff/C against "
+                            "the mean F1 of n-gram explanations of sampled latents (95% interval over latents), and "
+                            "against sparse-probing accuracy at k = 5; marker area grows with L0; dashed: the "
+                            "Pareto front (no other point is both more explainable and less damaging).")
+    else:
+        done["frontier"] = "(e) not drawn: no interp.json in these runs (sae-harness interp RUN)."
     return done
+
+
+def interp_section(runs: list[Run], label: Labels) -> str:
+    """The explainability table of every run that has one (interp.json)."""
+    parts = []
+    for run in runs:
+        if not run.interp:
+            continue
+        head = ["variant", "L0", "dCE", "C_eff/C", "explanation F1<br><span class=n>mean [95% CI]</span>",
+                "precision", "recall", "F1<br><span class=n>act.-weighted</span>",
+                "probe acc.<br><span class=n>k=1</span>", "probe acc.<br><span class=n>k=5</span>",
+                "probe acc.<br><span class=n>k=20</span>"]
+        rows = []
+        for name, r in run.interp["variants"].items():
+            f1 = r["f1"]
+            rows.append([_name(label(run, name)), _g(r.get("l0")), _f(r.get("dce")), _g(r.get("compute_fraction")),
+                         _ci(f1["mean"], f1["low"], f1["high"], _f), _f(r["precision"]["mean"]),
+                         _f(r["recall"]["mean"]), _f(r["f1_w"]["mean"]), _f(r["probing"]["1"]),
+                         _f(r["probing"]["5"]), _f(r["probing"]["20"])])
+        resid = ", ".join(f"{_esc(h)} {a:.3f}" for h, a in run.interp["probe"]["residual_accuracy"].items())
+        parts.append(_table(head, rows, "small") + f"<p class=note>Explanations: at most 5 token n-grams (n &le; 2) "
+                     "per latent, fitted on one half of the held-out sequences and scored on the other; precision = "
+                     "P(fires | matches), recall = P(matches | fires). Probes: k-sparse logistic regression on "
+                     "latents chosen by mean difference, MMLU category one-vs-rest, balanced (chance 0.5); the raw "
+                     f"residual with every coordinate: {resid}.</p>")
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------- the page
@@ -518,6 +561,7 @@ def render(runs: list[Run], out: Path) -> str:
             "<h2>Sparsity against fidelity</h2>", figure("tradeoff"),
             profile_section(profiles, label), figure("profile"),
             "<h2>Where the damage lives</h2>", figure("damage"), damage_section(runs, label),
+            "<h2>Explainability against fidelity</h2>", figure("frontier"), interp_section(runs, label),
             generations_section(runs, label), provenance_section(runs)]
     return ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width, initial-scale=1'>"

@@ -32,6 +32,7 @@ class Run:
     generations: list[dict] | None = None
     damage: dict | None = None
     profile: pd.DataFrame | None = None  # profile_table(run), computed once on loading
+    interp: dict | None = None  # interp.json (sae-harness interp): explainability beside fidelity
     shown_path: str = ""  # the folder as the page names it (a run being written names its final place)
 
     @property
@@ -73,6 +74,8 @@ def load_run(path, label: str | None = None) -> Run:
         run.generations = _generation_list(_read_json(path / "generations.json"))
     if (path / "damage.json").is_file():
         run.damage = _read_json(path / "damage.json")
+    if (path / "interp.json").is_file():
+        run.interp = _read_json(path / "interp.json")
     return run
 
 

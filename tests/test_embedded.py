@@ -101,7 +101,9 @@ def test_main_job_end_to_end(tmp_path):
     from harness.cli import app
 
     out = tmp_path / "main"
-    result = CliRunner().invoke(app, ["run", "--out", str(out), "--tokens", "512", "--limit", "1"])
+    # (the main job's interp and family parts: tests/test_interp.py, tests/test_family.py)
+    result = CliRunner().invoke(app, ["run", "--out", str(out), "--tokens", "512", "--limit", "1", "--no-interp",
+                                      "--no-family"])
     assert result.exit_code == 0, result.stderr
     for name in ("config.json", "metrics.json", "tokens.npy", "ce.md", "ce.csv", "compute.png", "report.html",
                  "per_question.csv", "mmlu_category.md", "mmlu_category.tex", "mmlu_subject.csv", "tasks.md",

@@ -139,3 +139,40 @@ def test_too_few_live_latents_is_refused(text):
     rec = interp.collect(lm, sae, tokens, batch_size=8)
     with pytest.raises(UserError, match="0 live latents"):
         interp.sample_latents(rec, 2, 0, "planted")
+
+
+def test_interp_command_on_a_run_folder(tiny_hf_dir, tmp_path):
+    """`sae-harness interp RUN`: the table for every single SAE and baseline, beside the run's
+    own L0 and dCE, the frontier figure in the redrawn report; bad input writes nothing."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import make_topk_sae
+    from harness.cli import app
+
+    sae = tmp_path / "sae"
+    make_topk_sae(32, 64, 4, DEEP, str(tiny_hf_dir)).save_model(sae)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--sae", f"pca:4@{DEEP}",
+                                   "--sae", f"neurons:4@{DEEP}", "--dataset", "builtin", "--tokens", "256",
+                                   "--ctx", "32", "--out", str(run)])
+    assert res.exit_code == 0, res.stderr
+    args = ["interp", str(run), "--tokens", "1024", "--probe-questions", "12"]
+    bad = CliRunner().invoke(app, [*args, "--latents", "500"])  # more than the SAE's 64
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.exit_code == 2 and len(errors) == 1 and "live latents" in errors[0]
+    assert bad.stderr.splitlines()[-1] == errors[0]  # progress lines before it, nothing after
+    assert not (run / "interp.json").exists() and not list(tmp_path.glob(".run.interp*"))
+    res = CliRunner().invoke(app, [*args, "--latents", "4"])
+    assert res.exit_code == 0, res.stderr
+    details = json.loads((run / "interp.json").read_text())
+    metrics = {m["variant"]: m for m in json.loads((run / "metrics.json").read_text())}
+    assert len(details["variants"]) == 3 and set(details["variants"]) <= set(metrics)
+    for name, row in details["variants"].items():
+        assert row["dce"] == metrics[name]["dce"] and row["l0"] == metrics[name]["l0"]
+        assert row["n_latents"] == 4 and 0 <= row["f1"]["low"] <= row["f1"]["mean"] <= row["f1"]["high"] <= 1
+        assert set(row["probing"]) == {"1", "2", "5", "20", "all"}
+    assert (run / "frontier.png").is_file() and (run / "interp.md").is_file()
+    page = (run / "report.html").read_text()
+    assert "Explainability against fidelity" in page and "(e) Fidelity against explainability" in page

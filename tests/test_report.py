@@ -239,7 +239,7 @@ def test_profile_table_one_row_per_variant(main_page):
 def test_page_is_self_contained_and_figures_saved(main_page, main_copy):
     path, page = main_page
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(images) == 4 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == len(report.FIGURES) and all(src.startswith("data:image/png;base64,") for src in images)
     for name, src in zip(report.FIGURES, images):
         png = (main_copy / f"{name}.png").read_bytes()
         assert base64.b64decode(src.split(",", 1)[1]) == png  # the embedded figure is the saved one
@@ -293,7 +293,7 @@ def test_optional_parts_absent(tmp_path, synthetic):
     for name in ("config.json", "metrics.json"):
         shutil.copy(synthetic / name, bare / name)
     page = report.write_report([bare]).read_text()
-    assert "(c) not drawn" in page and "(d) not drawn" in page
+    assert "(c) not drawn" in page and "(d) not drawn" in page and "(e) not drawn" in page
     assert page.count("<img ") == 2  # compute and trade-off
 
 
@@ -344,7 +344,7 @@ def _pixel_std(png: bytes) -> float:
 def test_report_renders_in_chromium(which, request):
     path, _ = request.getfixturevalue(which)
     seen = browser.inspect_page(path, width=1400)
-    assert len(seen["images"]) == 4
+    assert len(seen["images"]) == len(report.FIGURES)
     for img in seen["images"]:
         assert img["complete"] and img["naturalWidth"] > 0, img["alt"]
     assert seen["console_errors"] == []
