@@ -198,9 +198,25 @@ def test_use_cache_one_file_per_variant(tiny_hf_dir, tmp_path):
     (["--tasks", "piqa_offline", "--log_samples"],
      "error: Specify --output_path if providing --log_samples or --predict_only"),
     (["--tasks", "piqa_offline", "--batch_size", "auto"], "error: --batch_size must be a positive integer here, got 'auto'"),
+    (["--tasks", "piqa_offline", "--limit", "-1"], "error: --limit must be positive"),
+    (["--tasks", ","], "error: --tasks names no task"),
+    (["--tasks", "piqa_offline,,arc_easy_offline"], "error: --tasks has an empty task name"),
 ])
 def test_lm_eval_bad_options(tiny_hf_dir, tmp_path, args, message):
     out = tmp_path / "run"
     code, lines, _ = _invoke(["lm-eval", "--model", str(tiny_hf_dir), *args, "--out", str(out)])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", ","], "error: --tasks names no task"),
+    (["--limit", "0"], "error: --limit must be positive"),
+    (["--mmlu-limit", "-2"], "error: --mmlu-limit must be positive"),
+])
+def test_run_bad_task_options(tiny_hf_dir, tmp_path, args, message):
+    out = tmp_path / "run"
+    code, lines, _ = _invoke(["run", "--model", str(tiny_hf_dir), "--sae", "zero@blocks.1.hook_resid_post", *args,
+                              "--out", str(out)])
     assert code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
     assert not out.exists()
