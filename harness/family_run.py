@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import ce, scaling
-from harness.models import LoadedModel, UserError, load_model  # noqa: F401
+from harness.models import LoadedModel, UserError, load_model
 
 FAMILY_DIR = Path(__file__).parent / "family"
 SAE_DIR = FAMILY_DIR / "saes"

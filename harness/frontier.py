@@ -15,8 +15,6 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from harness import interp
 from harness.models import UserError
 
