@@ -409,16 +409,14 @@ def interp(
     if len(run_or_specs) == 1 and first.is_dir() and (first / "config.json").is_file():
         if model is not None:
             raise UserError("--model is read from the run folder; give SAE specs to choose one")
-        details = _interp_into_run(first, cfg, say)
+        folder = first
+        _interp_into_run(folder, cfg, say)
     else:
         if model is None:
             raise UserError(f"{run_or_specs[0]!r} is not a run folder: give one, or SAE specs with --model")
-        details = _via_scratch(Path(out or "results/interp"),
-                               lambda tmp: frontier.run(model, list(run_or_specs), cfg, tmp, say=say))
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    Console(width=220).print(Markdown(frontier.table(details)))
+        folder = Path(out or "results/interp")
+        _via_scratch(folder, lambda tmp: frontier.run(model, list(run_or_specs), cfg, tmp, say=say))
+    print_saved_table(folder / "interp.md")
 
 
 INTERP_FILES = ("interp.json", "interp.md", "frontier.png", "frontier.pdf")

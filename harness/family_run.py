@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import ce, scaling
+from harness.references import extrapolated
 from harness.models import LoadedModel, UserError, load_model
 
 FAMILY_DIR = Path(__file__).parent / "family"
@@ -119,8 +120,7 @@ def _reading(law, clean: float, rec: dict, lo: float, hi: float, unit: float) ->
         ci = scaling.fraction_interval(law, clean, (rec["dce_ci_low"], rec["dce_ci_high"]))
     except ValueError as e:
         raise UserError(f"{rec['variant']}: {e}") from None
-    eff = f * unit
-    return {"frac": f, "low": ci["low"], "high": ci["high"], "extrapolated": bool(eff < lo * 0.999 or eff > hi * 1.001)}
+    return {"frac": f, "low": ci["low"], "high": ci["high"], "extrapolated": extrapolated(f * unit, lo, hi)}
 
 
 def readings(records: list[dict], laws: dict, members: list[dict], checkpoints: list[dict]) -> dict:

@@ -40,7 +40,7 @@ class InterpConfig:
             raise UserError("--judge and --judge-model go together")
 
 
-def explained(variants: list, records_from_run: dict | None) -> list:
+def explained(variants: list) -> list:
     """The variants to explain: one part each, an SAE or a pca / neurons baseline."""
     out = []
     for v in variants:
@@ -67,7 +67,7 @@ def run(model: str, saes: list[str], cfg: InterpConfig, out: Path, metrics: list
     session = prepare(model, saes, ctx=cfg.ctx, batch_size=cfg.batch_size, seed=cfg.seed,
                       text=sources.TextRequest(dataset), eval_seqs=n_seq)
     lm, tokens = session.lm, session.tokens
-    chosen = explained(session.variants, None)
+    chosen = explained(session.variants)
     if not chosen:
         raise UserError("nothing to explain: give an SAE or a pca:K / neurons:K baseline")
     tok_np = tokens.numpy()

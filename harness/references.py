@@ -64,6 +64,12 @@ def checkpoint_law(points: list[dict], seed: int):
         raise UserError(f"cannot fit the checkpoint curve: {e}") from None
 
 
+def extrapolated(effective: float, lo: float, hi: float) -> bool:
+    """Whether an effective size / token count / compute lies outside the fitted points' range
+    [lo, hi] (0.1% slack for rounding: the clean model itself sits at an end)."""
+    return bool(effective < lo * 0.999 or effective > hi * 1.001)
+
+
 def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torch.Tensor, cfg) -> dict:
     """n_eff_frac (family) and d_eff_frac (checkpoints) columns, each with an interval from the
     fit's bootstrap and the dCE interval. Returns what was measured, for config.json."""
@@ -104,5 +110,5 @@ def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torc
                 raise UserError(f"{rec['variant']}: {e}") from None
             rec.update({key: value, f"{key}_low": ci["low"], f"{key}_high": ci["high"],
                         # allowed, but outside the fitted sizes / token counts
-                        f"{key}_extrapolated": bool(value * unit < lo * 0.999 or value * unit > hi * 1.001)})
+                        f"{key}_extrapolated": extrapolated(value * unit, lo, hi)})
     return out

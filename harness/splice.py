@@ -356,7 +356,7 @@ class Splicer:
         """The tail of a `constant_variant` at one position, [1, 1, width]. The first time, it is
         checked against the full tail of the batch's first sequence (an architecture whose
         positions interact otherwise, e.g. attention sinks, would differ), and if they differ the
-        full tail is returned, expanded, and constant tails are off for this splicer."""
+        full tail of the batch is returned and constant tails are off for this splicer."""
         resid, rest = self.enter(pre, hooks)  # the hooks see every position (statistics)
         tokens = None if pre.tokens is None else pre.tokens[:1, :1]
         one = self._run_tail(Prefix(pre.layer, resid[:1, :1], tokens, None), rest, None, hidden)
