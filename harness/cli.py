@@ -96,6 +96,12 @@ class StageBar:
             self.started = False
 
 
+def _frac_cell(r: dict, key: str, flag: str = "") -> str:
+    if r.get(key) is None or r.get(f"{key}_low") is None:
+        return "-"
+    return f"{r[key]:.3g}{flag} [{r[key + '_low']:.3g}, {r[key + '_high']:.3g}]"
+
+
 def _progress_factory():
     return StageBar
 
@@ -108,8 +114,10 @@ def print_ce_table(records: list[dict], title: str) -> None:
     law = records[0].get("law")
     cols = ["variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "EV w/o massive (n)", "L0"]
     if law:
-        cols.append(f"C_eff/C ({law}) [95% CI]")
-    extra = [(k, label) for k, label in (("n_eff_frac", "N_eff/N (family)"), ("d_eff_frac", "D_eff/D (ckpts)"))
+        cols.append(f"C_eff/C frontier ({law}) [95% CI]")
+    extra = [(k, label) for k, label in (("n_eff_frac_fixed_d", f"N_eff/N at D ({law})"),
+                                         ("d_eff_frac_fixed_n", f"D_eff/D at N ({law})"),
+                                         ("n_eff_frac", "N_eff/N (family)"), ("d_eff_frac", "D_eff/D (ckpts)"))
              if f"{k}_low" in records[0]]
     cols += [label for _, label in extra]
     ratios = [(k, label) for k, label in (("dce_over_noise", "dCE÷noise"), ("kl_over_noise", "KL÷noise"))
@@ -126,10 +134,9 @@ def print_ce_table(records: list[dict], title: str) -> None:
                f(r["loss_recovered_zero"]), f(r["loss_recovered_mean"]), f(r["kl"]),
                f(r["explained_variance"]), _robust_ev_cell(r), f(r["l0"], 1)]
         if law:
-            row.append(f"{r['compute_fraction']:.3g} [{r['compute_fraction_low']:.3g}, {r['compute_fraction_high']:.3g}]")
+            row.append(_frac_cell(r, "compute_fraction"))
         for k, _ in extra:  # ‡: an extrapolation beyond the fitted sizes / token counts
-            flag = "‡" if r.get(f"{k}_extrapolated") else ""
-            row.append(f"{r[k]:.3g}{flag} [{r[k + '_low']:.3g}, {r[k + '_high']:.3g}]")
+            row.append(_frac_cell(r, k, "‡" if r.get(f"{k}_extrapolated") else ""))
         for k, _ in ratios:
             row.append(f"{f(r[k], 2)} [{f(r[k + '_low'], 2)}, {f(r[k + '_high'], 2)}]" if k in r else "-")
         table.add_row(*row)
@@ -248,6 +255,11 @@ def ce(
                                              "(transformers/accelerate); overrides --device"),
     seed: int = typer.Option(0),
     law: str = typer.Option("hoffmann", help="scaling law for compute-equivalents: preset or LAW.json"),
+    train_tokens: Optional[str] = typer.Option(None, help="the model's pre-training tokens D, for the "
+                                               "fixed-tokens reading N_eff/N (default: the known-models table; "
+                                               "unknown otherwise)"),
+    params: Optional[str] = typer.Option(None, help="the model's parameters N (default: counted on the "
+                                         "loaded model, embeddings included)"),
     reference_models: str = typer.Option("", help="comma-separated models of the same family (same "
                                          "tokenizer, same data): evaluated on the run's tokens, fitted, "
                                          "and used for N_eff/N"),
@@ -268,11 +280,29 @@ def ce(
     _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
                    batch_size=batch_size, device=device, dtype=dtype, sae_dtype=sae_dtype, logits_budget_mib=logits_budget,
                    device_map=device_map, seed=seed, law=law, out=out,
+                   train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params"),
                    reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
                    reference_checkpoints=_csv(reference_checkpoints),
                    checkpoint_tokens=_csv(checkpoint_tokens, float), massive_factor=massive_factor,
                    exclude_massive=exclude_massive,
                    **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce",), resume)
+
+
+def _positive(text: str | None, option: str) -> float | None:
+    """A positive number given as text (1e12, 2000000000000), or None; one error line otherwise."""
+    import math
+
+    from harness.models import UserError
+
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{option} must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{option} must be a positive number, got {text!r}")
+    return value
 
 
 def _csv(text: str, kind=str) -> list:
@@ -315,6 +345,11 @@ def run(
     device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
                                              "(transformers/accelerate); overrides --device"),
     batch_size: int = typer.Option(8),
+    train_tokens: Optional[str] = typer.Option(None, help="the model's pre-training tokens D, for the "
+                                               "fixed-tokens reading N_eff/N (default: the known-models table; "
+                                               "unknown otherwise)"),
+    params: Optional[str] = typer.Option(None, help="the model's parameters N (default: counted on the "
+                                         "loaded model, embeddings included)"),
     massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
     exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
     out: str = typer.Option("results/main", help="run folder to write"),
@@ -347,6 +382,7 @@ def run(
                    logits_budget_mib=logits_budget,
                    num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
                    massive_factor=massive_factor, exclude_massive=exclude_massive,
+                   train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params"),
                    **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks", "generations"), resume)
     if main_job and interp:
         from harness.frontier import InterpConfig
@@ -460,16 +496,16 @@ def _interp_into_run(folder: Path, cfg, say):
 @app.command()
 @user_errors
 def family(
-    sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec for the family's largest model "
+    sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec for the family's SAE member "
                                             "(repeat); default: the family's SAEs, pca:16 and neurons:16"),
-    tokens: int = typer.Option(8192, help="tokens of the built-in eval split to evaluate"),
-    ctx: int = typer.Option(128, help="sequence length"),
+    tokens: int = typer.Option(32768, help="tokens of the family's held-out text to evaluate"),
+    ctx: int = typer.Option(256, help="sequence length (at most the family's training context, 256)"),
     batch_size: int = typer.Option(8),
     out: str = typer.Option("results/family", help="run folder to write"),
 ):
-    """The family run: the CE suite on the largest model of harness/family with its SAEs, every
-    family member and checkpoint evaluated on the same tokens, and compute-equivalents from
-    the fitted L(N), L(D) and L(N, D) beside the hoffmann and epoch presets."""
+    """The family run: the CE suite on the SAE member of harness/family with its SAEs, every
+    annealed run evaluated on the same held-out tokens, and compute-equivalents from the
+    least-squares L(N), L(D) and L(N, D) (profile-likelihood ranges) beside the presets."""
     _quiet_libraries()
     kw = {"saes": list(sae)} if sae else {}
     _family(out, tokens=tokens, ctx=ctx, batch_size=batch_size, **kw)

@@ -274,37 +274,63 @@ def damage_figure(per_token: dict[str, np.ndarray], colour: dict | None = None):
 # ---------------------------------------------------------------- the family's curves
 
 def family_figure(details: dict, colour: dict | None = None):
-    """Left: loss against non-embedding N for the family with its fit L(N), each spliced
-    variant placed on the curve at its N_eff. Right: the same against tokens D for the
-    largest model's checkpoints and L(D), each variant at its D_eff. (From
-    compute_equivalents.json of a family run.)"""
+    """Left: every annealed run's loss against its tokens D, one colour per width (hollow: the
+    second seed), with the full law L(N, D) drawn for each width. Middle: loss against
+    non-embedding N at the SAE member's D with the fit L(N) (and the full law at that D), each
+    spliced variant placed at its N_eff. Right: the full law's profile over E (least-squares
+    residual at each E with the other parameters re-fitted) and the threshold below which an E
+    is plausible. (From compute_equivalents.json of a family run.)"""
     fam = details["family"]
+    points, member, fits = fam["points"], fam["member"], fam["fits"]
+    full = scaling.Law.from_json(fits["full"])
+    widths = sorted({p["width"] for p in points})
+    wcol = dict(zip(widths, colours([f"w{w}" for w in widths]).values()))
+    fig, axes = _figure(15, 4.6, ncols=3)
+    ax = axes[0]
+    ds = np.geomspace(min(p["D"] for p in points) / 1.5, max(p["D"] for p in points) * 1.5, 100)
+    for w in widths:
+        mine = [p for p in points if p["width"] == w]
+        ax.plot(ds, full.loss(mine[0]["N"], ds), color=wcol[w], lw=1)
+        for seed, face in ((0, wcol[w]), (1, "white")):
+            pts = [p for p in mine if p["seed"] == seed]
+            if pts:
+                ax.plot([p["D"] for p in pts], [p["loss"] for p in pts], "o", mfc=face, mec=wcol[w], ms=5,
+                        label=f"width {w} (N {mine[0]['N']:,})" if seed == 0 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens D (annealed runs)")
+    ax.set_ylabel("loss on the run's held-out tokens (nats/token)")
+    ax.set_title("Annealed runs and the full law L(N, D)", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    ax = axes[1]
+    at_d = [p for p in points if p["D"] == member["D"] and p["seed"] == 0]
+    curve = scaling.Curve.from_json(fits["family"])
     variants = fam["variants"]
-    colour = colour or colours(list(variants))
-    fig, axes = _figure(11, 4.4, ncols=2)
-    panels = ((axes[0], fam["points"], scaling.Curve.from_json(fam["law"]), "N", "n_eff_frac",
-               "non-embedding parameters N", "family members"),
-              (axes[1], fam["checkpoints"]["points"], scaling.Curve.from_json(fam["checkpoints"]["law"]), "D",
-               "d_eff_frac", "training tokens D (largest model's checkpoints)", "checkpoints"))
-    for ax, points, curve, var, key, xlabel, what in panels:
-        xs = np.array([p[var] for p in points], float)
-        main = points[-1] if var == "D" else max(points, key=lambda p: p["N"])
-        effs = [variants[v][key] * main[var] for v in variants]
-        lo = min([xs.min(), *effs]) / 2
-        grid = np.geomspace(lo, xs.max() * 2, 200)
-        ax.plot(grid, curve.loss(grid), color="k", lw=1, label=f"fit: {curve.name}")
-        ax.plot(xs, [p["loss"] for p in points], "s", color="k", ms=5, label=what, zorder=3)
-        for (name, v), x in zip(variants.items(), effs):
-            label = name.rsplit("/", 1)[-1]
-            ax.plot([x], [v["ce_spliced"]], "o", ms=6, color=colour.get(name), label=label, zorder=4)
-        ax.axvspan(xs.min(), xs.max(), color="0.95", lw=0)
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss on the run's tokens (nats/token)")
-        ax.grid(True, which="major", color="0.92")
-    axes[0].set_title("N_eff: where each spliced model sits on L(N)", fontsize=10)
-    axes[1].set_title("D_eff: where each spliced model sits on L(D)", fontsize=10)
-    _legend_right(fig, axes)
+    vcol = colour or colours(list(variants))
+    effs = [v["n_eff_frac_family"] * member["N"] for v in variants.values()]
+    ns = np.geomspace(min([p["N"] for p in at_d] + effs) / 1.5, max(p["N"] for p in at_d) * 1.5, 200)
+    ax.plot(ns, curve.loss(ns), color="k", lw=1, label="L(N) fit at this D")
+    ax.plot(ns, full.loss(ns, member["D"]), color="0.5", lw=1, ls="--", label="full law at this D")
+    ax.plot([p["N"] for p in at_d], [p["loss"] for p in at_d], "s", color="k", ms=5, label="runs", zorder=3)
+    for (name, v), x in zip(variants.items(), effs):
+        ax.plot([x], [v["ce_spliced"]], "o", ms=6, color=vcol.get(name), label=name.rsplit("/", 1)[-1], zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"non-embedding parameters N (D = {member['D']:,.0f} tokens)")
+    ax.set_title("N_eff: each spliced model on L(N) at the member's D", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    ax = axes[2]
+    prof = fits["full"].get("E_profile", [])
+    if prof:
+        ax.plot([r["E"] for r in prof], [r["sse"] for r in prof], color="k", lw=1)
+        ax.axhline(fits["full"]["threshold_sse"], color="C3", lw=1, ls="--", label="95% threshold")
+        ax.axvspan(fits["full"]["E_low"], fits["full"]["E_high"], color="C3", alpha=0.12, lw=0,
+                   label="plausible E")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, frameon=False)
+    ax.set_xlabel("irreducible loss E (nats/token)")
+    ax.set_ylabel("residual sum of squares, others re-fitted")
+    ax.set_title("Profile over E of the full law", fontsize=10)
+    for a in axes:
+        a.grid(True, which="major", color="0.92")
     return fig
 
 

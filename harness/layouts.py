@@ -255,8 +255,12 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
     clean = next((r for r in records if _is_clean(r)), records[0])
     columns = [("L0", "$L_0$"), ("dCE [95% CI]", r"$\Delta$CE [95\% CI]"), ("KL", "KL"),
                ("LR zero", r"LR\textsubscript{zero}"), ("LR mean", r"LR\textsubscript{mean}"),
-               ("C_eff/C [95% CI]", r"$C_{\mathrm{eff}}/C$ [95\% CI]")]
-    extra = [(k, h, t) for k, h, t in (("n_eff_frac", "N_eff/N [95% CI]", r"$N_{\mathrm{eff}}/N$ [95\% CI]"),
+               ("C_eff/C frontier [95% CI]", r"$C_{\mathrm{eff}}/C$ frontier [95\% CI]")]
+    extra = [(k, h, t) for k, h, t in (("n_eff_frac_fixed_d", "N_eff/N at D [95% CI]",
+                                        r"$N_{\mathrm{eff}}/N$ at $D$ [95\% CI]"),
+                                       ("d_eff_frac_fixed_n", "D_eff/D at N [95% CI]",
+                                        r"$D_{\mathrm{eff}}/D$ at $N$ [95\% CI]"),
+                                       ("n_eff_frac", "N_eff/N [95% CI]", r"$N_{\mathrm{eff}}/N$ [95\% CI]"),
                                        ("d_eff_frac", "D_eff/D [95% CI]", r"$D_{\mathrm{eff}}/D$ [95\% CI]"))
              if any(f"{k}_low" in r for r in records)]
     columns += [(h, t) for _, h, t in extra]
@@ -297,12 +301,26 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
          r"KL: mean $\mathrm{KL}(p_{\mathrm{clean}}\,\|\,p_{\mathrm{spliced}})$ in nats;"),
         ("LR zero / mean: loss recovered against zero / mean ablation at the same hooks;",
          r"LR\textsubscript{zero} / LR\textsubscript{mean}: loss recovered against zero / mean ablation at the same hooks;"),
-        (f"C_eff/C: the fraction of the clean model's training compute at which {law[0]} reaches the "
-         "spliced loss, its interval carried over from dCE's.",
-         rf"$C_{{\mathrm{{eff}}}}/C$: the fraction of the clean model's training compute at which {law[1]} reaches "
-         r"the spliced loss, its interval carried over from $\Delta$CE's."),
+        (f"C_eff/C frontier: on {law[0]}, a compute-optimal model reaching the spliced loss needs this "
+         "fraction of the compute of one reaching the clean loss (two hypothetical compute-optimal models, "
+         "not this model's own compute); interval carried over from dCE's.",
+         rf"$C_{{\mathrm{{eff}}}}/C$ frontier: on {law[1]}, a compute-optimal model reaching the spliced loss "
+         r"needs this fraction of the compute of one reaching the clean loss (two hypothetical compute-optimal "
+         r"models, not this model's own compute); interval carried over from $\Delta$CE's."),
     ]
-    if extra:
+    if any(k.endswith("fixed_d") for k, _, _ in extra):
+        D = clean.get("train_tokens")
+        where = f"D = {D:.3g} tokens, N = {clean.get('model_params'):.3g} parameters" if D else \
+            "D unknown: pass --train-tokens"
+        sentences.append((f"N_eff/N at D: the parameters a model trained on this model's own tokens ({where}) "
+                          "would need to reach the spliced loss, as a fraction of N; D_eff/D at N: the tokens a "
+                          "model of this size would need; both on the same law, anchored on the measured clean "
+                          "loss.",
+                          rf"$N_{{\mathrm{{eff}}}}/N$ at $D$: the parameters a model trained on this model's own "
+                          rf"tokens ({_tex_text(where)}) would need to reach the spliced loss, as a fraction of $N$; "
+                          r"$D_{\mathrm{eff}}/D$ at $N$: the tokens a model of this size would need; both on the "
+                          r"same law, anchored on the measured clean loss."))
+    if any(k in ("n_eff_frac", "d_eff_frac") for k, _, _ in extra):
         sentences.append(("N_eff/N, D_eff/D: the same reading on the reference family / checkpoint curve "
                           "fitted on these tokens.", r"$N_{\mathrm{eff}}/N$, $D_{\mathrm{eff}}/D$: the same "
                           "reading on the reference family / checkpoint curve fitted on these tokens."))

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -64,6 +66,8 @@ class RunConfig:
     seed: int = 0
     n_boot: int = 1000
     law: str = "hoffmann"  # scaling law for compute-equivalents: preset name or LAW.json
+    train_tokens: float | None = None  # the model's pre-training tokens D (None: harness/known_models.py)
+    params: float | None = None  # its parameters N (None: counted on the loaded model)
     reference_models: list[str] = field(default_factory=list)  # a family on the same data
     reference_tokens: list[float] = field(default_factory=list)  # their D, then the main model's
     reference_checkpoints: list[str] = field(default_factory=list)  # the main model's checkpoints
@@ -87,6 +91,9 @@ class RunConfig:
             raise UserError("--batch-size must be positive")
         if self.logits_budget_mib is not None and self.logits_budget_mib < 1:
             raise UserError(f"--logits-budget must be a positive number of MiB, got {self.logits_budget_mib}")
+        for name, value in (("--train-tokens", self.train_tokens), ("--params", self.params)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise UserError(f"{name} must be a positive number, got {value}")
         if not self.massive_factor > 0:
             raise UserError(f"--massive-factor must be positive, got {self.massive_factor}")
         for task, limit in self.tasks.items():
@@ -202,8 +209,9 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
             config.update(tokens_sha256=tokens_sha, massive=res.massive,
                           data=session.data_info, ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
                           ce_block_cost=res.block_cost)
-            details, band = compute_equivalents(res.records, law, cfg.law)
-            config["compute_equivalents"] = {"law": cfg.law, "E_band": band}
+            size = model_size(lm, cfg)
+            details, band = compute_equivalents(res.records, law, cfg.law, size)
+            config["compute_equivalents"] = {"law": cfg.law, "E_band": band, "size": size}
             result.ce = res
             if tmp is not None:
                 write_compute_equivalents(tmp, details)
@@ -260,19 +268,40 @@ def identity(session: Session, options: dict, model_files: dict, **more) -> dict
             "variants": [v.name for v in session.variants], **more}
 
 
-def compute_equivalents(records: list[dict], law, law_spec: str):
-    """Add compute_fraction (+ interval from the dCE CI) to every record.
+FRONTIER_READING = ("a compute-optimal model reaching the spliced loss needs this fraction of the compute of "
+                    "one reaching the clean loss (the law's compute-optimal frontier; it does not describe the "
+                    "compute of a model trained far past that optimum)")
+FIXED_D_READING = ("the parameters a model trained on the same D tokens as this one would need to reach the "
+                   "spliced loss, as a fraction of this model's N: the law's own L(N, D) at that D, anchored "
+                   "on the measured clean loss (the ratio of the two inverted sizes)")
+FIXED_N_READING = ("the training tokens a model of this size would need to reach the spliced loss, as a "
+                   "fraction of its D (the law's L(N, D) at this N, anchored on the measured clean loss)")
+
+
+def compute_equivalents(records: list[dict], law, law_spec: str, size: dict | None = None):
+    """Add the compute-equivalents to every record: the frontier's compute_fraction and, where
+    the model's N and D are known (`size`: {"N", "D", "D_source", ...}), the fixed-tokens
+    readings n_eff_frac_fixed_d (N_eff/N at the model's D) and d_eff_frac_fixed_n (D_eff/D at its
+    N), each with its interval carried over from dCE's.
 
     Returns (details for compute_equivalents.json, the band of E the report's compute figure
-    shades). With a preset law the fraction also comes over a range of E (E belongs to
-    the preset's corpus and tokenizer, not to this model's)."""
-    details = {"law": law_spec, "law_params": law.to_json(), "variants": {}}
+    shades). With a full law each reading also comes over a range of E (E belongs to the law's
+    corpus and tokenizer, not to this model's)."""
+    size = size or {}
+    N, D = size.get("N"), size.get("D")
+    details = {"law": law_spec, "law_params": law.to_json(), "variants": {}, "size": size,
+               "readings": {"compute_fraction": FRONTIER_READING, "n_eff_frac_fixed_d": FIXED_D_READING,
+                            "d_eff_frac_fixed_n": FIXED_N_READING}}
+    curves = scaling.fixed_size_curves(law, N, D) if isinstance(law, scaling.Law) else {}
     clean = records[0]["ce_clean"]
+    E_values = np.linspace(0.0, 0.9 * clean, 10)
     for rec in records:
         rec["law"] = law_spec
+        rec.update(model_params=N, train_tokens=D)
+        ci_d = (rec["dce_ci_low"], rec["dce_ci_high"])
         try:
             eq = scaling.equivalents(law, clean, rec["ce_spliced"])
-            ci = scaling.fraction_interval(law, clean, (rec["dce_ci_low"], rec["dce_ci_high"]))
+            ci = scaling.fraction_interval(law, clean, ci_d)
         except ValueError as e:  # e.g. a loss below the law's E
             rec.update(compute_fraction=float("nan"), compute_fraction_low=float("nan"),
                        compute_fraction_high=float("nan"))
@@ -282,10 +311,37 @@ def compute_equivalents(records: list[dict], law, law_spec: str):
                    compute_fraction_high=ci["high"])
         if "n_eff_frac" in eq:
             rec["n_eff_frac"] = eq["n_eff_frac"]
-        details["variants"][rec["variant"]] = {k: v for k, v in eq.items() if k != "assumptions"}
+        detail = {k: v for k, v in eq.items() if k != "assumptions"}
+        for key, name in (("n_eff_frac_fixed_d", "n_eff"), ("d_eff_frac_fixed_n", "d_eff")):
+            rec.update({key: None, f"{key}_low": None, f"{key}_high": None})
+            if name not in curves:
+                continue
+            try:
+                rec[key] = scaling._invert(curves[name], clean, rec["ce_spliced"], 1.0)
+                iv = scaling.fraction_interval(curves[name], clean, ci_d)
+                rec[f"{key}_low"], rec[f"{key}_high"] = iv["low"], iv["high"]
+            except ValueError as e:  # the clean loss is below the law's floor at this N or D
+                detail[f"{key}_error"] = str(e)
+        if "n_eff" in curves:
+            detail["n_eff_frac_fixed_d_over_E"] = scaling.fixed_tokens_over_E(law, clean, rec["ce_spliced"], D,
+                                                                              E_values)
+        details["variants"][rec["variant"]] = detail
         details["assumptions"] = eq["assumptions"]
     band = (0.5 * law.E, min(1.5 * law.E, 0.95 * clean)) if isinstance(law, scaling.Law) else None
     return details, band
+
+
+def model_size(lm, cfg: RunConfig) -> dict:
+    """N (the loaded model's parameters, embeddings included as Hoffmann et al. count them, or
+    --params) and D (--train-tokens, else harness/known_models.py, else unknown)."""
+    from harness.known_models import training_tokens
+    from harness.references import parameter_count
+
+    names = [lm.spec, str(lm.load_info.get("source") or "")]
+    d = training_tokens(names, cfg.train_tokens)
+    return {"N": float(cfg.params) if cfg.params else float(parameter_count(lm)),
+            "N_source": "--params" if cfg.params else "counted on the loaded model (all parameters)",
+            "D": d["tokens"], "D_source": d["source"]}
 
 
 def run_tasks(session: Session, tasks: list[str], task_manager, cfg: RunConfig, limit=None, progress=None,

@@ -129,7 +129,9 @@ def headline_section(runs: list[Run], label: Labels) -> str:
     laws = list(dict.fromkeys(r.law for r in runs if r.law))
     law_head = (f"C_eff/C [95% CI]<br><span class=n>{_esc(', '.join(laws))} frontier</span>" if laws else "C_eff/C")
     recs = [rec for r in runs for rec in r.metrics]
-    extra = [(k, h) for k, h in (("n_eff_frac", "N_eff/N<br><span class=n>family fit [CI]</span>"),
+    extra = [(k, h) for k, h in (("n_eff_frac_fixed_d", "N_eff/N at D<br><span class=n>same tokens [CI]</span>"),
+                                 ("d_eff_frac_fixed_n", "D_eff/D at N<br><span class=n>same size [CI]</span>"),
+                                 ("n_eff_frac", "N_eff/N<br><span class=n>family fit [CI]</span>"),
                                  ("d_eff_frac", "D_eff/D<br><span class=n>checkpoints [CI]</span>"))
              if any(f"{k}_low" in rec for rec in recs)]
     ratios = [(k, h) for k, h in NOISE_RATIOS if any(k in rec for rec in recs)]
@@ -169,9 +171,13 @@ def headline_section(runs: list[Run], label: Labels) -> str:
                        for r in runs)
     out = ["<h2>Headline: how much each splice costs</h2>",
            f"<p class=note>Cross-entropy on held-out tokens ({tokens}). dCE = CE(spliced) &minus; CE(clean), "
-           "95% paired bootstrap over sequences. C_eff/C: the fraction of training compute at which the "
-           "law's compute-optimal frontier reaches the spliced loss, relative to the clean model (the "
-           "interval carries the dCE interval). Loss recovered is shown against both the zero and the "
+           "95% paired bootstrap over sequences. C_eff/C frontier: a compute-optimal model reaching the "
+           "spliced loss needs this fraction of the compute of one reaching the clean loss (two hypothetical "
+           "compute-optimal models on the law's frontier, not this model's own compute). N_eff/N at D: the "
+           "parameters a model trained on this model's own number of tokens D would need to reach the spliced "
+           "loss, as a fraction of its N (D_eff/D at N likewise for tokens); for a model trained far past the "
+           "compute-optimal point this is the reading that describes it. Intervals carry the dCE interval. "
+           "Loss recovered is shown against both the zero and the "
            "mean ablation: a linear score that flatters every SAE, read it beside C_eff/C.</p>",
            _table(headers, rows, "headline"),
            "<h3>Reconstruction, and is the damage the error's size or its direction?</h3>",

@@ -584,6 +584,34 @@ def equivalents(law, L_clean: float, L_spliced: float, N: float | None = None,
     return out
 
 
+def fixed_size_curves(law: Law, N: float | None, D: float | None) -> dict:
+    """The seed's second reading, as one-variable curves of a full law: at the model's own D,
+    L(N) = (E + B/D^beta) + A/N^alpha ("n_eff": the parameters a model trained on the same D
+    tokens would need to reach a loss); at its own N, L(D) = (E + A/N^alpha) + B/D^beta
+    ("d_eff": the tokens a model of the same size would need)."""
+    out = {}
+    if D:
+        out["n_eff"] = Curve(E=law.E + law.B / D ** law.beta, A=law.A, alpha=law.alpha, var="N", name=law.name)
+    if N:
+        out["d_eff"] = Curve(E=law.E + law.A / N ** law.alpha, A=law.B, alpha=law.beta, var="D", name=law.name)
+    return out
+
+
+def fixed_tokens_over_E(law: Law, L_clean: float, L_spliced: float, D: float, E_values) -> list[dict]:
+    """N_eff/N at fixed D with E swapped for each value (A, B, alpha, beta kept), as
+    `compute_fraction_over_E` does for the frontier: E belongs to the law's corpus and
+    tokenizer, and the fixed-D reading moves with it too. None where a loss is below the floor."""
+    rows = []
+    for E in np.asarray(E_values, float):
+        curve = fixed_size_curves(law.with_params(E=float(E)), None, D)["n_eff"]
+        try:
+            f = n_eff_fraction(curve, L_clean, L_spliced, 1.0)["fraction"]
+        except ValueError:
+            f = None
+        rows.append({"E": float(E), "fraction": f})
+    return rows
+
+
 def read_points(path, lowest: int | None = None):
     """(N, D, loss) arrays from a CSV with columns N and D (or C), and loss.
 

@@ -38,7 +38,8 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
             dtype: str = "float32", sae_dtype: str = "float32", device_map: str | None = None,
             calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
             make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None,
-            text: sources.TextRequest | None = None, eval_seqs: int = 0, seed: int = 0) -> Session:
+            text: sources.TextRequest | None = None, eval_seqs: int = 0, seed: int = 0,
+            calib_tokens: torch.Tensor | None = None) -> Session:
     """Load `model` and the `saes` specs, check they fit together, calibrate baselines.
 
     `make_replacements(lm)` adds replacements built in memory for the loaded model (the
@@ -49,7 +50,8 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
     Under torchrun (harness/distributed.py) this joins the process group first, and `cuda`
     means this process's GPU; every process then loads and calibrates the same way, on the
     same tokens, so the baselines are identical everywhere. `seed` seeds the noise baselines
-    (`noise@S`, `noise-dir@S`)."""
+    (`noise@S`, `noise-dir@S`). `calib_tokens` (rows of token ids) replaces the calibration
+    batch where the caller has its own held-out text (the family run)."""
     device = distributed.setup(device, device_map)
     check_device(device)
     variants, repls = build_variants(list(saes), joint, device, sae_dtype, seed) if saes else ([Variant(CLEAN, {})], [])
@@ -67,7 +69,9 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
         calibrate(lm, repls, calib, batch_size)
         return Session(lm, variants, repls, calib, info["calibration"], tokens if eval_seqs else None, info)
     calib, how = None, ""
-    if repls:
+    if calib_tokens is not None:
+        calib, how = calib_tokens, f"{len(calib_tokens)} x {calib_tokens.shape[1]} tokens given by the caller"
+    elif repls:
         try:
             calib = data.pack(lm.tokenizer, data.documents("train-prose"), calib_seqs, ctx)
         except ValueError as e:

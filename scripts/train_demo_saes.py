@@ -62,6 +62,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from harness.data import documents  # noqa: E402
 from harness.models import EMBEDDED_DEFAULT, embedded_checkpoint  # noqa: E402
@@ -93,12 +94,18 @@ SPECS = [
 ]
 MODEL_NAME = EMBEDDED_DEFAULT  # metadata.model_name of the exported SAEs
 
-# --family: the largest model of the miniature suite (harness/family), width 160, 5 blocks;
-# a good SAE (4x wide, k 16) and a small sparse one (2x wide, k 4) at the middle block.
-FAMILY_MODEL = "harness/family/d160-l5"
-FAMILY_SPECS = [Spec("l2-w640-k16", 2, 640, 16), Spec("l2-w320-k4", 2, 320, 4)]
+# --family: the SAE member of the miniature suite (harness/family: width 96, 4 blocks, 8.4M
+# tokens, an interior member); a good SAE (4x wide, k 16) and a small sparse one (2x wide, k 4)
+# at block 2, trained on the family's own training text.
+FAMILY_MODEL = "harness/family/runs/d96-s0-D8192k"
+FAMILY_SPECS = [Spec("l2-w384-k16", 2, 384, 16), Spec("l2-w192-k4", 2, 192, 4)]
+FAMILY_TEXT = "scripts/family_corpus.py documents('train')"
 
 T0 = time.time()
+
+
+def text_source() -> str:
+    return FAMILY_TEXT if MODEL_NAME == FAMILY_MODEL else "harness.data.documents('train')"
 
 
 def log(msg: str) -> None:
@@ -127,7 +134,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.family:
         global D_MODEL, SPECS, MODEL_NAME
-        D_MODEL, SPECS, MODEL_NAME = 160, FAMILY_SPECS, FAMILY_MODEL
+        D_MODEL, SPECS, MODEL_NAME = 96, FAMILY_SPECS, FAMILY_MODEL
         if args.out == REPO / "harness" / "demo_saes":
             args.out = REPO / "harness" / "family" / "saes"
     if args.smoke:
@@ -145,10 +152,16 @@ def tokenised_rows(tokenizer, folder: Path, seed: int):
     from sae_lens.config import PretokenizeRunnerConfig
     from sae_lens.pretokenize_runner import pretokenize_dataset
 
-    docs = documents("train")
+    if MODEL_NAME == FAMILY_MODEL:
+        import family_corpus
+
+        docs = family_corpus.documents("train")
+    else:
+        docs = documents("train")
+    source = text_source()
     cfg = PretokenizeRunnerConfig(
         tokenizer_name=str(folder),
-        dataset_path="harness.data.documents('train')",
+        dataset_path=source,
         context_size=CONTEXT,
         shuffle=True,
         seed=seed,
@@ -294,7 +307,7 @@ def _sanitised_runner_cfg(d: dict, folder: Path) -> dict:
     out["model_name"] = MODEL_NAME
     out["cached_activations_path"] = "<temporary activation cache>"
     out["output_path"] = "<temporary>"
-    out["dataset_path"] = "harness.data.documents('train') via sae_lens pretokenize_dataset (see training.json)"
+    out["dataset_path"] = f"{text_source()} via sae_lens pretokenize_dataset (see training.json)"
     return out
 
 
@@ -453,8 +466,9 @@ def write_readme(path: Path, results: list[dict], run: dict) -> None:
         "",
         "Recipe (identical for every SAE here):",
         "",
-        f"- Text: `harness.data.documents(\"train\")` ({run['n_docs']} documents: pydoc prose + stdlib source; the",
-        "  eval split is never used), tokenised and packed by sae-lens' `pretokenize_dataset` into rows of",
+        f"- Text: `{text_source()}` ({run['n_docs']} documents"
+        + ("" if MODEL_NAME == FAMILY_MODEL else ": pydoc prose + stdlib source")
+        + "; the eval split is never used), tokenised and packed by sae-lens' `pretokenize_dataset` into rows of",
         f"  {CONTEXT} tokens with BOS (id {run['bos_id']}) at position 0 and between documents, rows",
         f"  shuffled with seed {run['seed']}: {run['n_rows']} rows, of which {run['train_seqs']} are used for training and the last",
         f"  {run['eval_seqs']} held out.",
@@ -546,7 +560,7 @@ def main() -> None:
         cache = cache_activations(model, train_rows, hooks, work / "activations", batch=16)
         cache_wall = time.time() - t
 
-        data_info = {"source": "harness.data.documents('train')", "seed": args.seed}
+        data_info = {"source": text_source(), "seed": args.seed}
         results = []
         for spec in SPECS:
             log(f"training {spec.name}: {spec.hook}, width {spec.width}, k {spec.k}, {unique * args.epochs} tokens")

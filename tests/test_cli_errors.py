@@ -183,3 +183,13 @@ def test_equiv_with_a_family_law_gives_n_eff(tmp_path, law):
     want = ((3.1 - 1.8) / (3.0 - 1.8)) ** (-1 / 0.34)
     assert got["n_eff_frac"] == pytest.approx(want, rel=1e-12)
     assert got["n_eff"] == pytest.approx(want * 1e8, rel=1e-12)
+
+
+@pytest.mark.parametrize("option,value", [("--train-tokens", "lots"), ("--train-tokens", "-1e12"),
+                                          ("--params", "0"), ("--params", "nan")])
+def test_train_tokens_and_params_must_be_positive_numbers(tiny_hf_dir, tmp_path, option, value):
+    out = tmp_path / "run"
+    code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", "zero@" + HOOK, "--tokens", "64", "--ctx", "16",
+                        "--dataset", "builtin", option, value], out)
+    assert code == 2 and len(lines) == 1 and lines[0] == f"error: {option} must be a positive number, got {value!r}"
+    assert not out.exists()

@@ -246,3 +246,65 @@ def test_compute_equivalents_from_a_law_file(tmp_path):
     assert "irreducible loss E=1.9000" in saved["variants"]["b"]["error"]
     assert saved["variants"]["a"]["compute_fraction"] == records[1]["compute_fraction"]
     assert saved["law_params"]["B"] == LAW.B and band == pytest.approx((0.5 * LAW.E, 0.95 * 3.0))
+
+
+def _root_n(law, L, D):
+    """The N at which the full law reaches loss L at fixed D (an independent brentq inversion)."""
+    return np.exp(brentq(lambda ln: law.loss(np.exp(ln), D) - L, -20, 80))
+
+
+def _root_d(law, L, N):
+    return np.exp(brentq(lambda ld: law.loss(N, np.exp(ld)) - L, -20, 80))
+
+
+def test_fixed_tokens_readings_against_closed_form_and_root_finding():
+    """N_eff/N at the model's own D and D_eff/D at its own N, as the pipeline records them: the
+    closed form ((L_s - E')/(L_c - E'))^(-1/alpha) with E' = E + B/D^beta, and the ratio of two
+    brentq inversions of the law; the interval is the same reading at the dCE interval's ends;
+    the E band swaps E alone."""
+    from harness.pipeline import compute_equivalents
+
+    law = S.preset("hoffmann")
+    N, D = 1.35e8, 2e12  # SmolLM2-135M: 2T tokens
+    clean = 3.3
+    records = [{"variant": "clean", "ce_clean": clean, "ce_spliced": clean, "dce_ci_low": 0.0, "dce_ci_high": 0.0},
+               {"variant": "s", "ce_clean": clean, "ce_spliced": clean + 0.12, "dce_ci_low": 0.1, "dce_ci_high": 0.15}]
+    details, _ = compute_equivalents(records, law, "hoffmann", {"N": N, "D": D})
+    r = records[1]
+    floor = law.E + law.B / D**law.beta
+    closed = ((clean + 0.12 - floor) / (clean - floor)) ** (-1 / law.alpha)
+    assert r["n_eff_frac_fixed_d"] == pytest.approx(closed, rel=1e-12)
+    assert r["n_eff_frac_fixed_d"] == pytest.approx(_root_n(law, clean + 0.12, D) / _root_n(law, clean, D), rel=1e-8)
+    assert r["n_eff_frac_fixed_d_low"] == pytest.approx(_root_n(law, clean + 0.15, D) / _root_n(law, clean, D), rel=1e-8)
+    assert r["n_eff_frac_fixed_d_high"] == pytest.approx(_root_n(law, clean + 0.1, D) / _root_n(law, clean, D), rel=1e-8)
+    assert r["d_eff_frac_fixed_n"] == pytest.approx(_root_d(law, clean + 0.12, N) / _root_d(law, clean, N), rel=1e-8)
+    # far past the frontier the fixed-D reading is much milder than the frontier's
+    assert r["compute_fraction"] < r["n_eff_frac_fixed_d"] < 1
+    band = details["variants"]["s"]["n_eff_frac_fixed_d_over_E"]
+    row = band[3]
+    floor_e = row["E"] + law.B / D**law.beta
+    assert row["fraction"] == pytest.approx(((clean + 0.12 - floor_e) / (clean - floor_e)) ** (-1 / law.alpha))
+    assert records[0]["n_eff_frac_fixed_d"] == 1.0
+
+
+def test_fixed_tokens_reading_without_d_is_empty_and_says_how_to_supply_it():
+    from harness.known_models import training_tokens
+    from harness.pipeline import compute_equivalents
+
+    records = [{"variant": "clean", "ce_clean": 3.0, "ce_spliced": 3.0, "dce_ci_low": 0.0, "dce_ci_high": 0.0},
+               {"variant": "s", "ce_clean": 3.0, "ce_spliced": 3.1, "dce_ci_low": 0.05, "dce_ci_high": 0.15}]
+    compute_equivalents(records, S.preset("hoffmann"), "hoffmann", {"N": 1e8, "D": None})
+    assert records[1]["n_eff_frac_fixed_d"] is None and records[1]["d_eff_frac_fixed_n"] is not None
+    assert "--train-tokens" in training_tokens(["my-own-model"])["source"]
+
+
+def test_known_models_table():
+    from harness.known_models import lookup, training_tokens
+
+    assert lookup("smollm2-135m").tokens == 2e12
+    assert lookup("HuggingFaceTB/SmolLM2-135M-Instruct").tokens == 2e12
+    assert lookup("EleutherAI/pythia-70m-deduped").tokens == 299_892_736_000
+    assert lookup("google/gemma-2-2b-it").tokens == 2e12
+    assert lookup("gpt2").tokens is None  # never published: unknown, not guessed
+    assert lookup("/data/models/my-model") is None
+    assert training_tokens(["smollm2-135m"], 5e9) == {"tokens": 5e9, "source": "--train-tokens"}

@@ -348,7 +348,9 @@ def test_ce_table_from_a_real_run():
     lines = md.split("\n\n")[0].splitlines()
     robust = "explained_variance_robust" in records[0]  # runs from before massive-activation detection lack it
     ratios = any("dce_over_noise" in x for x in records)  # runs with noise@ twins show the ratios
-    assert lines[0] == ("| Variant | L0 | dCE [95% CI] | KL | LR zero | LR mean | C_eff/C [95% CI] |"
+    fixed = any("n_eff_frac_fixed_d_low" in x for x in records)  # the fixed-tokens readings
+    assert lines[0] == ("| Variant | L0 | dCE [95% CI] | KL | LR zero | LR mean | C_eff/C frontier [95% CI] |"
+                        + (" N_eff/N at D [95% CI] | D_eff/D at N [95% CI] |" if fixed else "")
                         + (" dCE ÷ noise [95% CI] | KL ÷ noise [95% CI] |" if ratios else "") + " EV |"
                         + (" EV w/o massive (n) |" if robust else ""))
     assert len(lines) == 2 + len(records) - 1  # the clean model is the reference, in the caption
@@ -356,6 +358,9 @@ def test_ce_table_from_a_real_run():
     expect = [r["variant"], f"{r['l0']:g}", f"{r['dce']:.3f} [{r['dce_ci_low']:.3f}, {r['dce_ci_high']:.3f}]",
               f"{r['kl']:.3f}", f"{r['loss_recovered_zero']:.3f}", f"{r['loss_recovered_mean']:.3f}",
               f"{r['compute_fraction']:.3f} [{r['compute_fraction_low']:.3f}, {r['compute_fraction_high']:.3f}]"]
+    if fixed:
+        expect += [f"{r[k]:.3f} [{r[k + '_low']:.3f}, {r[k + '_high']:.3f}]"
+                   for k in ("n_eff_frac_fixed_d", "d_eff_frac_fixed_n")]
     if ratios:
         expect += [f"{r[k]:.2f} [{r[k + '_low']:.2f}, {r[k + '_high']:.2f}]" for k in ("dce_over_noise", "kl_over_noise")]
     expect.append(f"{r['explained_variance']:.3f}")
