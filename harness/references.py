@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import ce, scaling
+from harness import ce, lawfit
 from harness.models import LoadedModel, UserError, load_model
 from harness.variants import CLEAN, Variant
 
@@ -44,22 +44,25 @@ def measure(main: LoadedModel, specs: list[str], tokens: torch.Tensor, batch_siz
     return points
 
 
-def family_law(points: list[dict], main_N: int, main_loss: float, tokens: list[float] | None, seed: int):
-    """Fit the family (fixed D: L(N); differing D: the full L(N, D)) including the main model."""
+def family_law(points: list[dict], main_N: int, main_loss: float, tokens: list[float] | None):
+    """Fit the family including the main model, by least squares with profile-likelihood ranges
+    (harness/lawfit.py): L(N) when every model saw the same D, else the full L(N, D)."""
     N = [p["N"] for p in points] + [main_N]
     L = [p["loss"] for p in points] + [main_loss]
     try:
         if tokens and len(set(tokens)) > 1:
-            return scaling.fit_law(N, tokens, L, seed=seed, name="family L(N, D)")
-        return scaling.fit_family(N, L, seed=seed, name="family L(N)")
+            return lawfit.fit_law(N, tokens, L, name="family L(N, D)")
+        return lawfit.fit_curve(N, L, "N", name="family L(N)")
     except ValueError as e:
         raise UserError(f"cannot fit the reference family: {e}") from None
 
 
-def checkpoint_law(points: list[dict], seed: int):
+def checkpoint_law(points: list[dict]):
+    """L(D) at the main model's N. Only annealed runs (warm-up, constant rate, cooldown, one per
+    budget) are points of this curve: intermediate checkpoints of one decaying schedule overstate
+    what a finished run of that length reaches. The user vouches for that (README)."""
     try:
-        return scaling.fit_checkpoints([p["D"] for p in points], [p["loss"] for p in points], seed=seed,
-                                       name="checkpoints L(D)")
+        return lawfit.fit_curve([p["D"] for p in points], [p["loss"] for p in points], "D", name="checkpoints L(D)")
     except ValueError as e:
         raise UserError(f"cannot fit the checkpoint curve: {e}") from None
 
@@ -71,8 +74,9 @@ def extrapolated(effective: float, lo: float, hi: float) -> bool:
 
 
 def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torch.Tensor, cfg) -> dict:
-    """n_eff_frac (family) and d_eff_frac (checkpoints) columns, each with an interval from the
-    fit's bootstrap and the dCE interval. Returns what was measured, for config.json."""
+    """n_eff_frac (family) and d_eff_frac (checkpoints) columns, each with its profile-likelihood
+    range at the ends of the dCE interval and whether the fit identified its parameters.
+    Returns what was measured, for config.json."""
     out: dict = {}
     clean = records[0]["ce_clean"]
     N_main = parameter_count(lm)
@@ -82,14 +86,13 @@ def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torc
         d = list(cfg.reference_tokens) or None
         if d is not None and len(d) != len(points) + 1:
             raise UserError("--reference-tokens needs one count per reference model, then the main model's")
-        law = family_law(points, N_main, clean, d, cfg.seed)
-        if isinstance(law, scaling.Law):  # differing D: read N_eff at the main model's D
-            law = scaling.Curve(E=law.E + law.B / d[-1] ** law.beta, A=law.A, alpha=law.alpha, var="N",
-                                name=law.name)
+        fit = family_law(points, N_main, clean, d)
         Ns = [p["N"] for p in points] + [N_main]
-        fits.append(("n_eff_frac", law, (N_main, min(Ns), max(Ns))))
+        # differing D: N_eff read at the main model's D
+        fits.append(("n_eff_frac", fit, "n_eff", (N_main, min(Ns), max(Ns)),
+                     {"D": d[-1]} if fit.var == "ND" else {}))
         out["family"] = {"points": points, "main": {"model": lm.spec, "N": N_main, "loss": clean},
-                         "law": law.to_json()}
+                         "law": fit.to_json()}
     if cfg.reference_checkpoints:
         if len(cfg.checkpoint_tokens) != len(cfg.reference_checkpoints) + 1:
             raise UserError("--checkpoint-tokens needs one count per checkpoint, then the final model's")
@@ -97,18 +100,20 @@ def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torc
         points.append({"model": lm.spec, "N": N_main, "loss": clean})
         for p, D in zip(points, cfg.checkpoint_tokens):
             p["D"] = float(D)
-        law = checkpoint_law(points, cfg.seed)
+        fit = checkpoint_law(points)
         Ds = [p["D"] for p in points]
-        fits.append(("d_eff_frac", law, (Ds[-1], min(Ds), max(Ds))))
-        out["checkpoints"] = {"points": points, "law": law.to_json()}
-    for key, law, (unit, lo, hi) in fits:
+        fits.append(("d_eff_frac", fit, "d_eff_curve", (Ds[-1], min(Ds), max(Ds)), {}))
+        out["checkpoints"] = {"points": points, "law": fit.to_json(),
+                              "annealed": "as given by the user: only annealed runs belong on L(D)"}
+    for key, fit, kind, (unit, lo, hi), kw in fits:
         for rec in records:
             try:
-                value = scaling.equivalents(law, clean, rec["ce_spliced"], N_main)[key]
-                ci = scaling.fraction_interval(law, clean, (rec["dce_ci_low"], rec["dce_ci_high"]), N_main)
-            except ValueError as e:  # a loss at or below the fitted E: the curve cannot place it
+                dce = rec["ce_spliced"] - clean
+                r = lawfit.reading(fit, kind, clean, dce, (rec["dce_ci_low"], rec["dce_ci_high"]), **kw)
+            except ValueError as e:  # a loss at or below the fitted floor: the curve cannot place it
                 raise UserError(f"{rec['variant']}: {e}") from None
-            rec.update({key: value, f"{key}_low": ci["low"], f"{key}_high": ci["high"],
+            rec.update({key: r["value"], f"{key}_low": r["low"], f"{key}_high": r["high"],
+                        f"{key}_identified": r["identified"],
                         # allowed, but outside the fitted sizes / token counts
-                        f"{key}_extrapolated": extrapolated(value * unit, lo, hi)})
+                        f"{key}_extrapolated": extrapolated(r["value"] * unit, lo, hi)})
     return out

@@ -7,11 +7,13 @@ compute".  Three routes (docs/design.md, "Compute-equivalents"):
 1. a full law L(N, D) = E + A/N^alpha + B/D^beta (fitted, or a literature preset) read
    along its compute-optimal frontier: `compute_fraction`, `compute_fraction_over_E`;
 2. a family of models trained on the same tokens, L(N) = E + A/N^alpha: `n_eff_fraction`;
-3. one model's checkpoints, L(D) = E + B/D^beta: `d_eff_fraction`.
+3. annealed runs of one size at several budgets, L(D) = E + B/D^beta: `d_eff_fraction`.
 
 Every inversion returns a dict with an ``assumptions`` string, because each number is only
 as good as the law it is read from.  Fitting follows Hoffmann et al. 2022 (Huber loss on
-log loss, L-BFGS from a grid of starts, bootstrap over points for intervals).
+log loss, L-BFGS from a grid of starts, bootstrap over points for intervals), for the hundreds
+of low-noise points of `sae-harness fit-law`; a handful of noisy runs (the family, reference
+models) are fitted by least squares with profile-likelihood intervals in harness/lawfit.py.
 """
 from __future__ import annotations
 
@@ -301,31 +303,6 @@ def fit_law(N, D, loss, n_boot: int = 200, seed: int = 0, grid: str = "thin",
                samples=samples, info={"objective": fun, "n_points": len(y), "n_boot": n_boot})
 
 
-def _fit_curve(x, loss, var, n_boot, seed, name):
-    X, y = _check_inputs({var: x}, loss, 3)
-    theta, fun, boots = _fit(X, y, n_boot, seed, "full")
-
-    def params(t):  # theta = (c, p, e) -> (E, A, alpha)
-        return np.array([np.exp(t[2]), np.exp(t[0]), t[1]])
-
-    samples = np.array([params(t) for t in boots]).reshape(n_boot, 3)
-    return Curve(*map(float, params(theta)), var=var, name=name,
-                 interval=_interval(("E", "A", "alpha"), samples), samples=samples,
-                 info={"objective": fun, "n_points": len(y), "n_boot": n_boot})
-
-
-def fit_family(N, loss, n_boot: int = 200, seed: int = 0, name: str = "family") -> Curve:
-    """Fit L(N) = E + A/N^alpha to a model family evaluated on the same tokens (all trained
-    on the same D), with the same Huber/LSE/L-BFGS/bootstrap recipe as `fit_law`."""
-    return _fit_curve(N, loss, "N", n_boot, seed, name)
-
-
-def fit_checkpoints(D, loss, n_boot: int = 200, seed: int = 0,
-                    name: str = "checkpoints") -> Curve:
-    """Fit L(D) = E + B/D^beta to one model's checkpoints (fixed N, D = tokens seen)."""
-    return _fit_curve(D, loss, "D", n_boot, seed, name)
-
-
 # --------------------------------------------------------------------------- inversions
 
 def _check_losses(L_clean, L_spliced, E):
@@ -439,12 +416,12 @@ def d_eff_fraction(ckpt_law: Curve, L_clean: float, L_spliced: float,
     _check_losses(L_clean, L_spliced, ckpt_law.E)
     f = ((L_spliced - ckpt_law.E) / (L_clean - ckpt_law.E)) ** (-1.0 / ckpt_law.alpha)
     assumptions = (
-        f"The spliced model is treated as an earlier checkpoint of the same run, read off the "
-        f"fitted L(D) = E + B/D^beta (E={ckpt_law.E:.4g}, beta={ckpt_law.alpha:.4g}). The "
+        f"The spliced model is treated as a model of the same size trained on fewer tokens, read "
+        f"off L(D) = E + B/D^beta (E={ckpt_law.E:.4g}, beta={ckpt_law.alpha:.4g}). The "
         "fraction is D_eff(L_spliced)/D_eff(L_clean), so the final model's offset from the curve "
-        "cancels. Learning-rate schedules bend checkpoint curves (an unfinished cosine decay "
-        "looks worse than a finished short run), so this is a rough, schedule-dependent reading. "
-        "C_eff/C equals D_eff/D at fixed model size.")
+        "cancels. Only annealed runs (each cooled down at its own budget) are points of this "
+        "curve: an intermediate checkpoint of a decaying schedule overstates the loss a finished "
+        "run of that length reaches. C_eff/C equals D_eff/D at fixed model size.")
     out = {"method": "checkpoints", "law": ckpt_law.name, "fraction": f, "C_fraction": f,
            "L_clean": L_clean, "L_spliced": L_spliced, "delta_loss": L_spliced - L_clean,
            "assumptions": assumptions}
