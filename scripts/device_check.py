@@ -41,7 +41,7 @@ def reset_peak(device: str) -> None:
 
 
 def ce_run(model: str, saes: list[str], dtype: str, p: dict, tokens: int, ctx: int, out: Path) -> dict:
-    from harness.pipeline import RunConfig, run_job
+    from harness.jobs.pipeline import RunConfig, run_job
 
     reset_peak(p["device"])
     t0 = time.perf_counter()
@@ -53,10 +53,10 @@ def ce_run(model: str, saes: list[str], dtype: str, p: dict, tokens: int, ctx: i
 
 
 def mmlu_run(model: str, saes: list[str] | None, p: dict, random_saes: bool = False) -> dict:
-    from harness import bench
-    from harness.backend import evaluate_tasks
-    from harness.pipeline import checked_task_manager
-    from harness.session import prepare
+    from harness.jobs import bench
+    from harness.lmeval.backend import evaluate_tasks
+    from harness.jobs.pipeline import checked_task_manager
+    from harness.splice.session import prepare
 
     t0 = time.perf_counter()
     if random_saes:
@@ -81,8 +81,8 @@ def main() -> None:
     p = SMOKE if args.cpu_smoke else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from harness import bench
-    from harness.runfolder import machine, versions
+    from harness.jobs import bench
+    from harness.jobs.runfolder import machine, versions
 
     report: dict = {"mode": "cpu-smoke" if args.cpu_smoke else "full", "machine": machine(), "versions": versions(),
                     "params": p}

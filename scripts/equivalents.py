@@ -12,17 +12,17 @@ import time
 
 import torch
 
-from harness import bench
-from harness.saes import _from_sae
-from harness.session import prepare
-from harness.splice import Splicer
+from harness.jobs import bench
+from harness.splice.replacements import from_sae
+from harness.splice.session import prepare
+from harness.splice.splicer import Splicer
 
 MODEL, K, B, CTX, HOOK = "random:6x512", 4, 8, 128, "blocks.3.hook_resid_post"
 
 
 def random_saes(lm):
     raw = bench.make_saes(lm.d_model, HOOK, MODEL, K, "cpu", "float32", 0)
-    return [_from_sae(f"sae{i}", f"r{i}", s, {}) for i, s in enumerate(raw)]
+    return [from_sae(f"sae{i}", f"r{i}", s, {}) for i, s in enumerate(raw)]
 
 
 def main():

@@ -35,7 +35,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model is None:
-        from harness.models import embedded_checkpoint
+        from harness.model.loading import embedded_checkpoint
 
         args.model = str(embedded_checkpoint())
     torch.set_num_threads(1)

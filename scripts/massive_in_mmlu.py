@@ -2,7 +2,7 @@
 
 Collects the exact token sequences the main job's MMLU stage feeds the model (lm-eval's own
 offline MMLU task through the project's backend, same limit), without scoring them, then
-detects massive activations at the demo SAEs' hooks with harness.outliers (clean norm above
+detects massive activations at the demo SAEs' hooks with harness.evals.outliers (clean norm above
 FACTOR x the median over all spliced prompt positions).
 
     python scripts/massive_in_mmlu.py [LIMIT_PER_SUBJECT] [FACTOR]
@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import sys
 
-from harness import outliers
-from harness.backend import SpliceEngine, SplicedLM
-from harness.models import load_model
-from harness.splice import Variant
+from harness.evals import outliers
+from harness.lmeval.backend import SpliceEngine, SplicedLM
+from harness.model.loading import load_model
+from harness.splice.splicer import Variant
 
 HOOKS = ["blocks.15.hook_resid_post", "blocks.22.hook_resid_post"]
 
@@ -37,7 +37,7 @@ class PromptRecorder(SpliceEngine):
 def main(limit: int = 5, factor: float = outliers.DEFAULT_FACTOR) -> dict:
     import lm_eval
 
-    from harness import mmlu
+    from harness.lmeval import mmlu
 
     lm = load_model("smollm2-135m")
     recorder = PromptRecorder(lm)

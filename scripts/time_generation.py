@@ -1,4 +1,4 @@
-"""Tokens per second of `harness.generate` on the embedded default (for the README).
+"""Tokens per second of `harness.splice.generate` on the embedded default (for the README).
 
 Greedy, one prompt, N new tokens; the clean model alone and clean + the three demo SAEs in
 one batch, with the KV cache (Hugging Face generate) and with the loop without a cache that
@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from harness.backend import _hf_tokenizer
-from harness.generate import Sampling, StopTracker, _generate_no_cache, generate
-from harness.session import prepare
-from harness.splice import Splicer
+from harness.lmeval.backend import hf_tokenizer
+from harness.splice.generate import Sampling, StopTracker, generate_no_cache, generate
+from harness.splice.session import prepare
+from harness.splice.splicer import Splicer
 
 PROMPT = "The capital of France is"
 
@@ -29,7 +29,7 @@ def main(n_new: int = 64) -> None:
     torch.set_grad_enabled(False)
     session = prepare("smollm2-135m", ["l15-w2304-k32", "l15-w1152-k16", "l22-w1152-k32"])
     lm, sae_variants = session.lm, session.variants
-    tok = _hf_tokenizer(lm)
+    tok = hf_tokenizer(lm)
     ids = tok(PROMPT).input_ids
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
           f"prompt {len(ids)} tokens, {n_new} new tokens, greedy")
@@ -40,7 +40,7 @@ def main(n_new: int = 64) -> None:
         t_cache = time.perf_counter() - t0
         splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}))
         t0 = time.perf_counter()
-        ref = _generate_no_cache(lm, splicer, variants, torch.tensor([ids] * len(variants)), n_new, Sampling(),
+        ref = generate_no_cache(lm, splicer, variants, torch.tensor([ids] * len(variants)), n_new, Sampling(),
                                  StopTracker(len(ids), tok.eos_token_id, tok))
         t_loop = time.perf_counter() - t0
         assert ref == rows, "KV-cache generation differs from the loop without a cache"

@@ -8,7 +8,7 @@ or (`--family`) the two TopK SAEs of the family's largest model in harness/famil
 
 Everything runs offline on CPU with sae-lens' own code:
 
-1. Text: `harness.data.documents("train")` (pydoc prose + stdlib source; the eval split is never
+1. Text: `harness.text.builtin.documents("train")` (pydoc prose + stdlib source; the eval split is never
    read). sae-lens' `pretokenize_dataset` packs it into rows of CONTEXT tokens: BOS
    (<|im_start|>, SmolLM2's `bos_token_id`) at position 0 of every row and BOS between
    concatenated documents, the layout sae-lens' ActivationsStore builds itself from raw text
@@ -64,8 +64,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from harness.data import documents  # noqa: E402
-from harness.models import EMBEDDED_DEFAULT, embedded_checkpoint  # noqa: E402
+from harness.text.builtin import documents  # noqa: E402
+from harness.model.loading import EMBEDDED_DEFAULT, embedded_checkpoint  # noqa: E402
 
 CONTEXT = 128
 D_MODEL = 576
@@ -105,7 +105,7 @@ T0 = time.time()
 
 
 def text_source() -> str:
-    return FAMILY_TEXT if MODEL_NAME == FAMILY_MODEL else "harness.data.documents('train')"
+    return FAMILY_TEXT if MODEL_NAME == FAMILY_MODEL else "harness.text.builtin.documents('train')"
 
 
 def log(msg: str) -> None:

@@ -31,7 +31,7 @@ def tiny_hooked():
     """A 3-layer random HookedTransformer with no tokenizer (so no special tokens)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from harness.models import wrap_hooked
+    from harness.model.loading import wrap_hooked
 
     cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64,
                                   d_vocab=97, act_fn="gelu", seed=0, normalization_type="LN")
@@ -41,7 +41,7 @@ def tiny_hooked():
 
 @pytest.fixture(scope="session")
 def embedded_dir():
-    from harness.models import embedded_checkpoint
+    from harness.model.loading import embedded_checkpoint
 
     return embedded_checkpoint()
 
@@ -66,6 +66,6 @@ def tiny_hf_dir(tmp_path_factory, embedded_dir):
 
 @pytest.fixture(scope="session")
 def tiny_hf(tiny_hf_dir):
-    from harness.models import load_model
+    from harness.model.loading import load_model
 
     return load_model(str(tiny_hf_dir))

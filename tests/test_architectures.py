@@ -20,12 +20,13 @@ import transformers as T
 from lm_eval.api.instance import Instance
 
 from conftest import make_topk_sae
-from harness import ce
-from harness.backend import variant_views
-from harness.models import UserError, load_model
-from harness.session import Session, prepare
-from harness.splice import Splicer, splice_hooks
-from harness.variants import Variant
+from harness.evals import ce
+from harness.lmeval.backend import variant_views
+from harness.model.loading import load_model
+from harness.errors import UserError
+from harness.splice.session import Session, prepare
+from harness.splice.splicer import Splicer, splice_hooks
+from harness.splice.variants import Variant
 
 WIDTH, WINDOW, CTX, HOOK = 64, 16, 40, "blocks.1.hook_resid_post"
 

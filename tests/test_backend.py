@@ -7,10 +7,10 @@ from lm_eval.api.instance import Instance
 
 import plain_hf
 from conftest import make_topk_sae
-from harness import ce
-from harness.backend import SpliceEngine, SplicedLM, variant_views
-from harness.saes import _from_sae
-from harness.variants import Variant
+from harness.evals import ce
+from harness.lmeval.backend import SpliceEngine, SplicedLM, variant_views
+from harness.splice.replacements import from_sae
+from harness.splice.variants import Variant
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -21,7 +21,7 @@ def _requests(kind, args_list):
 
 @pytest.fixture(scope="module")
 def sae_variant(tiny_hf_dir):
-    sae = _from_sae("tiny-sae", "tiny-sae", make_topk_sae(32, 64, 4, HOOK, str(tiny_hf_dir)), {})
+    sae = from_sae("tiny-sae", "tiny-sae", make_topk_sae(32, 64, 4, HOOK, str(tiny_hf_dir)), {})
     return Variant("tiny-sae", {HOOK: sae})
 
 
@@ -159,9 +159,9 @@ def test_clean_backend_equals_hflm_on_mmlu(embedded_dir):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from harness import mmlu
-    from harness.backend import evaluate_tasks
-    from harness.models import load_model
+    from harness.lmeval import mmlu
+    from harness.lmeval.backend import evaluate_tasks
+    from harness.model.loading import load_model
 
     tasks = ["mmlu_offline_anatomy", "mmlu_offline_college_physics", "mmlu_offline_marketing"]
     tm = mmlu.task_manager()
@@ -185,17 +185,17 @@ def test_registered_model_works_from_simple_evaluate(tiny_hf_dir, tmp_path):
     """`model="sae-spliced"` with a model_args string, as lm-eval users call it."""
     import lm_eval
 
-    from harness import mmlu
+    from harness.lmeval import mmlu
 
-    from harness.backend import evaluate_tasks
-    from harness.models import load_model
-    from harness.saes import load_replacement
+    from harness.lmeval.backend import evaluate_tasks
+    from harness.model.loading import load_model
+    from harness.splice.replacements import load_replacement
 
     task, tm = "mmlu_offline_anatomy", mmlu.task_manager()
     res = lm_eval.simple_evaluate(model="sae-spliced", model_args=f"model={tiny_hf_dir},sae=zero@{HOOK}+mean@blocks.2.hook_resid_post",
                                   tasks=[task], task_manager=tm, limit=3, log_samples=True)
-    from harness import data
-    from harness.splice import calibrate
+    from harness.text import builtin as data
+    from harness.splice.splicer import calibrate
 
     lm = load_model(str(tiny_hf_dir))
     zero, mean = load_replacement(f"zero@{HOOK}"), load_replacement("mean@blocks.2.hook_resid_post")

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from harness import bench
-from harness.models import UserError, load_model
+from harness.jobs import bench
+from harness.model.loading import load_model
+from harness.errors import UserError
 
 
 @pytest.fixture(scope="module")

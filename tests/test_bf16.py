@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_topk_sae
-from harness.pipeline import RunConfig, run_job, run_lm_eval
+from harness.jobs.pipeline import RunConfig, run_job, run_lm_eval
 
 HOOK = "blocks.1.hook_resid_post"
 TASKS = ["mmlu_offline_anatomy", "mmlu_offline_virology"]

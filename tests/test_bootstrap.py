@@ -12,9 +12,9 @@ import torch
 
 import plain_hf
 from conftest import make_topk_sae
-from harness import ce
-from harness.saes import _from_sae
-from harness.variants import Variant
+from harness.evals import ce
+from harness.splice.replacements import from_sae
+from harness.splice.variants import Variant
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -37,7 +37,7 @@ def setup(tiny_hf, tiny_hf_dir):
     spliced = plain_hf.nll(plain_hf.forward(hf, tokens, {1: plain_hf.topk_reconstruct(raw)}, special), tokens)
     diff = torch.where(in_t, spliced - clean, torch.zeros_like(clean))
     per_seq = {"d": diff.sum(1).numpy(), "count": in_t.sum(1).numpy(), "per_token": diff[in_t].numpy()}
-    variants = [Variant("clean", {}), Variant("sae", {HOOK: _from_sae("sae", "sae", raw, {})})]
+    variants = [Variant("clean", {}), Variant("sae", {HOOK: from_sae("sae", "sae", raw, {})})]
     return tiny_hf, variants, tokens, per_seq
 
 

@@ -16,10 +16,10 @@ import torch
 
 import plain_hf
 from conftest import make_topk_sae
-from harness import ce
-from harness.saes import _from_sae
-from harness.splice import Splicer
-from harness.variants import Variant
+from harness.evals import ce
+from harness.splice.replacements import from_sae
+from harness.splice.splicer import Splicer
+from harness.splice.variants import Variant
 
 LOW, HIGH = 1, 3
 HOOKS = {LOW: f"blocks.{LOW}.hook_resid_post", HIGH: f"blocks.{HIGH}.hook_resid_post"}
@@ -47,7 +47,7 @@ def saes(tiny_hf_dir):
 
 @pytest.fixture(scope="module")
 def variants(saes):
-    repl = {layer: _from_sae(f"sae{layer}", f"sae{layer}", raw, {}) for layer, raw in saes.items()}
+    repl = {layer: from_sae(f"sae{layer}", f"sae{layer}", raw, {}) for layer, raw in saes.items()}
     return [Variant("clean", {}),
             Variant("low", {HOOKS[LOW]: repl[LOW]}),
             Variant("high", {HOOKS[HIGH]: repl[HIGH]}),
@@ -184,7 +184,7 @@ def test_pooled_ev_and_dead_fraction_by_hand():
     """The pooling rule itself on hand-made numbers: EV = 1 - (sum of squared errors over both
     hooks) / (sum of each hook's variance about its own mean); dead = never-active latents over
     all latents of both SAEs."""
-    from harness.ce import HookStats, _reconstruction
+    from harness.evals.ce import HookStats, _reconstruction
 
     a = HookStats()
     # hook a: x = [[0,0],[2,0]] -> variance about the mean (1,0): 1 + 1 = 2; error: 1

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import make_topk_sae
-from harness import ce
-from harness.saes import Replacement, _from_sae
-from harness.variants import Variant
+from harness.evals import ce
+from harness.splice.replacements import Replacement, from_sae
+from harness.splice.variants import Variant
 
 
 def _variant(repl):
@@ -42,7 +42,7 @@ def test_ce_metrics_against_plain_pytorch(tiny_hooked):
     tokens = torch.randint(0, 97, (5, 20))
     calib = torch.randint(0, 97, (4, 20))
     hook = "blocks.1.hook_resid_post"
-    sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, hook, "tiny-hooked"), {})
+    sae = from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, hook, "tiny-hooked"), {})
     out = ce.evaluate(tiny_hooked, [Variant("clean", {}), _variant(sae)], tokens, batch_size=2,
                       calib_tokens=calib, n_boot=200, keep_first=False)
     rec = {r["variant"]: r for r in out.records}["tiny"]
@@ -94,7 +94,7 @@ def test_loss_recovered_and_kl_match_sae_lens_run_evals(tiny_hooked):
     torch.manual_seed(3)
     hook = "blocks.1.hook_resid_post"
     raw = make_topk_sae(32, 64, 6, hook, "tiny-hooked", seed=3)
-    sae = _from_sae("tiny", "tiny", raw, {})
+    sae = from_sae("tiny", "tiny", raw, {})
     tokens = torch.randint(0, 97, (6, 17))
 
     class OneBatch:  # run_evals only asks the store for token batches
@@ -151,7 +151,7 @@ def test_baselines_against_numpy(tiny_hooked):
 
 
 def test_joint_splice_reports_joint_and_alone(tiny_hooked):
-    from harness.variants import build_variants
+    from harness.splice.variants import build_variants
 
     hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
     variants, _ = build_variants([f"pca:4@{hooks[0]}+neurons:4@{hooks[1]}"], False, "cpu")

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_topk_sae
-from harness.cli import app
+from harness.cli.app import app
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -153,12 +153,12 @@ def test_cuda_device_without_cuda(tiny_hf_dir, tmp_path):
 
 
 def test_bad_law_file_is_refused_before_any_model_work(tiny_hf_dir, tmp_path, monkeypatch):
-    import harness.session
+    import harness.splice.session
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the law was checked")
 
-    monkeypatch.setattr(harness.session, "load_model", no_model)
+    monkeypatch.setattr(harness.splice.session, "load_model", no_model)
     for text, why in (("{not json", "is not valid JSON"), ('{"E": 1.7, "A": 400}', "is not a usable law"),
                       ('{"E": 1.7, "A": 400, "B": 400, "alpha": 0.3}', "lacks law parameters ['beta']")):
         law = tmp_path / "law.json"

@@ -4,10 +4,9 @@
 import pytest
 import torch
 
-from harness import ce
-from harness.session import prepare
-from harness.splice import Splicer
-from harness.variants import Variant
+from harness.evals import ce
+from harness.splice.session import prepare
+from harness.splice.splicer import Splicer
 
 
 def _tokens(lm, n, ctx, seed):

@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_topk_sae
-from harness import damage
-from harness.cli import app
-from harness.pipeline import RunConfig, run_job
+from harness.evals import damage
+from harness.cli.app import app
+from harness.jobs.pipeline import RunConfig, run_job
 
 HOOK = "blocks.1.hook_resid_post"
 

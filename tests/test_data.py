@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness import data
+from harness.text import builtin as data
 
 
 class CharTokenizer:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from harness.cli import app
+from harness.cli.app import app
 
 HOOK = "blocks.1.hook_resid_post"
 PARAS = [f"Paragraph {i} tells of " + " ".join(f"river{j % 13} stone{(i * j) % 7}" for j in range(12 + i % 9)) + "."
@@ -129,7 +129,7 @@ def _hflm_reference(tiny_hf_dir, task, **kwargs):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from harness import mmlu
+    from harness.lmeval import mmlu
 
     return lm_eval.simple_evaluate(model=HFLM(pretrained=str(tiny_hf_dir), batch_size=2, device="cpu"), tasks=[task],
                                    task_manager=mmlu.task_manager(include_defaults=False), log_samples=True,

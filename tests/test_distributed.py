@@ -17,8 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_topk_sae
-from harness import distributed
-from harness.cli import app
+from harness.model import distributed
+from harness.cli.app import app
 
 HOOK = "blocks.1.hook_resid_post"
 ROOT = Path(__file__).resolve().parent.parent

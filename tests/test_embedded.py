@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.saes import DEMO_DIR, demo_sae_names
+from harness.splice.replacements import DEMO_DIR, demo_sae_names
 
 pytestmark = pytest.mark.slow
 DEMO = "l15-w2304-k32"
@@ -44,9 +44,10 @@ def test_demo_saes_ship_in_sae_lens_format():
 def test_ce_clean_and_spliced_equal_plain_pytorch(embedded_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness import ce, data
-    from harness.models import load_model
-    from harness.variants import build_variants
+    from harness.evals import ce
+    from harness.text import builtin as data
+    from harness.model.loading import load_model
+    from harness.splice.variants import build_variants
 
     tok = AutoTokenizer.from_pretrained(embedded_dir)
     docs = data.documents("eval")[:6]
@@ -98,7 +99,7 @@ def test_main_job_end_to_end(tmp_path):
     import pandas as pd
     from typer.testing import CliRunner
 
-    from harness.cli import app
+    from harness.cli.app import app
 
     out = tmp_path / "main"
     # (the main job's interp and family parts: tests/test_interp.py, tests/test_family.py)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import make_topk_sae
 from harness import scaling as S
-from harness.cli import app
+from harness.cli.app import app
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -227,8 +227,8 @@ def test_ce_command_writes_compute_equivalents(tiny_hf_dir, tmp_path):
 
 def test_compute_equivalents_from_a_law_file(tmp_path):
     """The pipeline step with a fitted law read from JSON, and a variant its E cannot place."""
-    from harness.pipeline import compute_equivalents
-    from harness.runfolder import write_compute_equivalents
+    from harness.jobs.pipeline import compute_equivalents
+    from harness.jobs.runfolder import write_compute_equivalents
 
     law_json = tmp_path / "law.json"
     law_json.write_text(json.dumps(LAW.to_json()))
@@ -262,7 +262,7 @@ def test_fixed_tokens_readings_against_closed_form_and_root_finding():
     closed form ((L_s - E')/(L_c - E'))^(-1/alpha) with E' = E + B/D^beta, and the ratio of two
     brentq inversions of the law; the interval is the same reading at the dCE interval's ends;
     the E band swaps E alone."""
-    from harness.pipeline import compute_equivalents
+    from harness.jobs.pipeline import compute_equivalents
 
     law = S.preset("hoffmann")
     N, D = 1.35e8, 2e12  # SmolLM2-135M: 2T tokens
@@ -289,7 +289,7 @@ def test_fixed_tokens_readings_against_closed_form_and_root_finding():
 
 def test_fixed_tokens_reading_without_d_is_empty_and_says_how_to_supply_it():
     from harness.known_models import training_tokens
-    from harness.pipeline import compute_equivalents
+    from harness.jobs.pipeline import compute_equivalents
 
     records = [{"variant": "clean", "ce_clean": 3.0, "ce_spliced": 3.0, "dce_ci_low": 0.0, "dce_ci_high": 0.0},
                {"variant": "s", "ce_clean": 3.0, "ce_spliced": 3.1, "dce_ci_low": 0.05, "dce_ci_high": 0.15}]

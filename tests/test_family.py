@@ -1,4 +1,4 @@
-"""The family run (harness/family_run.py) on the committed miniature suite, not monkeypatched:
+"""The family run (harness/jobs/family.py) on the committed miniature suite, not monkeypatched:
 the committed results/family against independent computations, and one end-to-end run."""
 
 import json
@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy.optimize import brentq, curve_fit
 
-from harness import family_run, scaling
-from harness.models import UserError
+from harness.jobs import family as family_run
+from harness import scaling
+from harness.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "family"

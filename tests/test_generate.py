@@ -10,14 +10,14 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_topk_sae
-from harness.cli import app
-from harness.generate import (Sampling, SharedGumbel, first_divergence, generate, logits_processors,
-                              score_continuation, _generate_no_cache, StopTracker)
-from harness.models import to_hf_module_path
-from harness.saes import Replacement, _from_sae
-from harness.splice import Splicer
-from harness.variants import Variant
-from harness.talk import talk_one
+from harness.cli.app import app
+from harness.splice.generate import (Sampling, SharedGumbel, first_divergence, generate, logits_processors,
+                              score_continuation, generate_no_cache, StopTracker)
+from harness.model.loading import to_hf_module_path
+from harness.splice.replacements import Replacement, from_sae
+from harness.splice.splicer import Splicer
+from harness.splice.variants import Variant
+from harness.jobs.talk import talk_one
 
 SAE_HOOK = "blocks.1.hook_resid_post"
 
@@ -32,7 +32,7 @@ def hf_plain(tiny_hf_dir):
 
 @pytest.fixture(scope="module")
 def variants(tiny_hf_dir):
-    sae = _from_sae("tiny-sae", "tiny-sae", make_topk_sae(32, 64, 4, SAE_HOOK, str(tiny_hf_dir)), {})
+    sae = from_sae("tiny-sae", "tiny-sae", make_topk_sae(32, 64, 4, SAE_HOOK, str(tiny_hf_dir)), {})
     neurons = Replacement(name="neurons:4", spec="neurons:4", kind="neurons", hook="blocks.2.hook_attn_out", k=4)
     zero_mlp = Replacement(name="zero", spec="zero", kind="zero", hook="blocks.3.hook_mlp_out")
     return [Variant("clean", {}), Variant("tiny-sae", {SAE_HOOK: sae}),
@@ -82,7 +82,7 @@ def test_spliced_greedy_with_cache_equals_no_cache_loop(tiny_hf, hf_plain, varia
     assert any(g != got[0] for g in got[1:])  # the splices change something
     # the fallback loop without a cache (used for HookedTransformer) gives the same
     splicer = Splicer(tiny_hf, sorted({h for v in variants for h in v.hooks}))
-    fallback = _generate_no_cache(tiny_hf, splicer, variants, torch.tensor([ids] * len(variants)), 10, Sampling(),
+    fallback = generate_no_cache(tiny_hf, splicer, variants, torch.tensor([ids] * len(variants)), 10, Sampling(),
                                   StopTracker(len(ids), tok.eos_token_id, tok))
     assert fallback == want
 
@@ -152,7 +152,7 @@ def test_first_divergence():
 
 
 def test_generate_until_stops_at_stop_strings_and_shares_the_batch(tiny_hf, hf_plain, variants):
-    from harness.backend import variant_views
+    from harness.lmeval.backend import variant_views
 
     _, tok = hf_plain
     views = variant_views(tiny_hf, variants[:2])
@@ -219,8 +219,8 @@ def test_talk_chat_without_template(tiny_hf_dir, tmp_path):
 def test_main_job_generations_stage(tiny_hf_dir, tmp_path, hf_plain):
     """The pipeline's generations stage writes the built-in prompts for every variant; the clean
     texts are plain Hugging Face greedy continuations of the same token ids."""
-    from harness.pipeline import RunConfig, run_job
-    from harness.talk import BUILTIN_PROMPTS, encode
+    from harness.jobs.pipeline import RunConfig, run_job
+    from harness.jobs.talk import BUILTIN_PROMPTS, encode
 
     hf, tok = hf_plain
     out = tmp_path / "run"

@@ -1,5 +1,8 @@
-"""The package's shape: every module imports on its own, and the import graph inside harness/
-(imports inside functions included) has no cycle: cli -> pipeline -> stages -> splice -> models."""
+"""The package's shape: every module imports on its own; the import graph inside harness/
+(imports inside functions included) has no cycle between modules; the subpackages import in one
+direction (model -> text -> splice -> lmeval -> evals -> output -> jobs -> cli, with the pure
+leaves errors, scaling, lawfit and known_models below them all); no module imports another's
+private name; docs/design.md names every module."""
 
 import ast
 import os
@@ -7,30 +10,58 @@ import subprocess
 import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parent.parent / "harness"
-MODULES = sorted(p.stem for p in PKG.glob("*.py") if p.stem not in ("__init__", "__main__"))
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "harness"
+# the layers, lowest first; a module may import its own layer and any layer below
+LAYERS = ["leaf", "model", "text", "splice", "lmeval", "evals", "output", "jobs", "cli"]
+LEAVES = {"errors", "files", "scaling", "lawfit", "known_models", "__init__"}
 
 
-def harness_imports(path: Path) -> set[str]:
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(parts) if parts else "__init__"
+
+
+MODULES = sorted(module_name(p) for p in PKG.rglob("*.py") if p.name != "__main__.py" and "tasks" not in p.parts)
+
+
+def layer(module: str) -> str:
+    top = module.split(".")[0]
+    return "leaf" if top in LEAVES else top
+
+
+def harness_imports(path: Path, name: str | None = None) -> set[str]:
     """harness modules that `path` imports anywhere in its body (top level or in functions)."""
     out = set()
+    known = set(MODULES)
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from harness import ce` names a module; `from harness.ce import x` names ce
-            names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "harness" else [node.module]
+            names = [a.name.removeprefix("harness.") for a in node.names if a.name.startswith("harness.")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                (node.module + ".").startswith("harness."):
+            # `from harness.evals import ce` names the module evals.ce; `from harness.evals.ce import x` too
+            base = node.module.removeprefix("harness").lstrip(".")
+            names = [f"{base}.{a.name}".lstrip(".") if f"{base}.{a.name}".lstrip(".") in known else base
+                     for a in node.names]
         else:
             continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "harness" and len(parts) > 1 and (PKG / f"{parts[1]}.py").exists():
-                out.add(parts[1])
-    return out - {path.stem}
+        out |= {n for n in names if n in known}
+    return out - {name or module_name(path)}
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from harness.x import _name`: a private name taken from another module."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness"):
+            bad += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return bad
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {p.stem: harness_imports(p) for p in PKG.glob("*.py")}
+    return {module_name(p): harness_imports(p) for p in PKG.rglob("*.py")
+            if p.name != "__main__.py" and "tasks" not in p.parts}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -62,30 +93,58 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_function_level_imports_are_seen(tmp_path):
     f = tmp_path / "mod.py"
-    f.write_text("def f():\n    from harness.ce import evaluate\n    from harness import splice\n")
-    assert harness_imports(f) == {"ce", "splice"}
+    f.write_text("def f():\n    from harness.evals.ce import evaluate\n    from harness.splice import splicer\n")
+    assert harness_imports(f, "jobs.mod") == {"evals.ce", "splice.splicer"}
 
 
 def test_import_graph_has_no_cycle():
     graph = import_graph()
-    assert graph["cli"] and "pipeline" in graph["cli"]
+    assert "jobs.pipeline" in graph["cli.app"]
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
-def test_layers_point_one_way():
-    """Lower layers never reach up: backend/ce/splice do not import the orchestration."""
+def test_subpackages_import_in_one_direction():
+    """A module imports only its own subpackage and those below it: nothing reaches up."""
     graph = import_graph()
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps if rank[layer(b)] > rank[layer(a)]]
+    assert not upward, "imports that reach up a layer: " + ", ".join(sorted(upward))
+    for leaf in ("scaling", "errors", "files", "known_models"):  # pure leaves: no harness import at all
+        assert not graph[leaf], (leaf, graph[leaf])
+    assert graph["lawfit"] <= {"scaling"}
 
-    def reach(node, seen=None):
-        seen = set() if seen is None else seen
-        for nxt in graph[node] - seen:
-            seen.add(nxt)
-            reach(nxt, seen)
-        return seen
 
-    for low in ("backend", "ce", "splice", "saes", "models", "variants", "session", "runfolder", "references"):
-        assert not reach(low) & {"cli", "pipeline"}, low
-    assert not reach("models") & {"saes", "splice", "variants"}
+def test_no_module_imports_a_private_name_of_another():
+    bad = [f"{p.relative_to(ROOT)}: {name}" for p in [*PKG.rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
+           for name in private_imports(p)]
+    assert not bad, bad
+
+
+def layout_modules(design: str) -> set[str]:
+    """Modules named in docs/design.md's layout tree: `name.py` lines, inside `folder/` lines."""
+    block = design.split("## Layout", 1)[1].split("```")[1]
+    names, folder = set(), None
+    for line in block.splitlines():
+        entry = line.strip().split(" ", 1)[0] if line.strip() else ""
+        indent = len(line) - len(line.lstrip())
+        if indent <= 2:
+            folder = entry[:-1] if entry.endswith("/") and indent == 2 else None
+        if entry.endswith(".py"):
+            stem = entry[:-3]
+            names.add(f"{folder}.{stem}" if folder and indent > 2 else stem)
+    return names
+
+
+def test_design_doc_names_every_module():
+    """docs/design.md is the map of record: a module its layout does not name fails the test."""
+    named = layout_modules((ROOT / "docs" / "design.md").read_text())
+    missing = [m for m in MODULES if m not in named and m not in LAYERS and m != "__init__"]
+    assert not missing, f"docs/design.md does not name: {missing}"
+
+
+def test_layout_parser_sees_a_missing_module():
+    tree = "## Layout\n```\nharness/\n  errors.py   x\n  model/   y\n    loading.py   z\n```\n"
+    assert layout_modules(tree) == {"errors", "model.loading"}
 
 
 _IMPORT_EACH = """
@@ -96,7 +155,7 @@ for name in sys.argv[1:]:
     if "lm_eval.api.registry" in sys.modules:  # backend registers its model again on re-import
         sys.modules["lm_eval.api.registry"].model_registry._objs.pop("sae-spliced", None)
     try:
-        importlib.import_module("harness." + name)
+        importlib.import_module("harness." + name if name != "__init__" else "harness")
     except Exception as e:
         print(f"harness.{name}: {type(e).__name__}: {e}")
         raise SystemExit(1)
@@ -104,8 +163,8 @@ for name in sys.argv[1:]:
 
 
 def _python(*args):
-    env = {**os.environ, "PYTHONPATH": str(PKG.parent)}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=PKG.parent, env=env)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 def test_every_module_imports_on_its_own():

@@ -1,4 +1,4 @@
-"""Explainability (harness/interp.py): a planted latent is explained exactly, a random one is
+"""Explainability (harness/evals/interp.py): a planted latent is explained exactly, a random one is
 not, the records are what a plain loop finds, and sparse probing is an independent
 scikit-learn fit."""
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness import interp, sources
-from harness.models import UserError
-from harness.saes import _from_sae
-from harness.session import prepare
+from harness.evals import interp
+from harness.text import sources
+from harness.errors import UserError
+from harness.splice.replacements import from_sae
+from harness.splice.session import prepare
 
 PRE = "blocks.0.hook_resid_pre"  # a Llama's token embedding
 DEEP = "blocks.3.hook_resid_post"
@@ -29,7 +30,7 @@ def _relu_sae(w_enc: torch.Tensor, b_enc: torch.Tensor, hook: str):
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(w_enc)
         sae.b_dec.zero_()
-    return _from_sae("planted", f"planted@{hook}", sae, {})
+    return from_sae("planted", f"planted@{hook}", sae, {})
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_interp_command_on_a_run_folder(tiny_hf_dir, tmp_path):
     from typer.testing import CliRunner
 
     from conftest import make_topk_sae
-    from harness.cli import app
+    from harness.cli.app import app
 
     sae = tmp_path / "sae"
     make_topk_sae(32, 64, 4, DEEP, str(tiny_hf_dir)).save_model(sae)

@@ -1,4 +1,4 @@
-"""The LLM judge (harness/judge.py) against a real local server process (scripts/judge_server.py
+"""The LLM judge (harness/evals/judge.py) against a real local server process (scripts/judge_server.py
 serving the embedded model): the protocol, the on-disk cache, the scoring arithmetic, and bad
 input. A 135M model is no judge of explanations; the quality of its answers is not tested."""
 
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness import interp, judge
-from harness.models import UserError
+from harness.evals import interp
+from harness.evals import judge
+from harness.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -48,8 +49,8 @@ def records(tiny_hf_dir):
     _sys.path.insert(0, str(ROOT / "tests"))
     from test_interp import DEEP, _relu_sae
 
-    from harness import sources
-    from harness.session import prepare
+    from harness.text import sources
+    from harness.splice.session import prepare
 
     session = prepare(str(tiny_hf_dir), ctx=32, text=sources.TextRequest(sources.BUILTIN), eval_seqs=32)
     g = torch.Generator().manual_seed(3)

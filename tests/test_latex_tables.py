@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import tables
+from harness.output import tables
 
 pytestmark = pytest.mark.skipif(shutil.which("pdflatex") is None,
                                 reason="pdflatex not installed (apt-get install texlive-latex-recommended)")

@@ -1,4 +1,4 @@
-"""Logits a chunk of positions at a time (harness/logits.py): the same numbers as the unchunked
+"""Logits a chunk of positions at a time (harness/model/logits.py): the same numbers as the unchunked
 log-softmax at 1e-6, a budget too small for one position refused in one line, and the issue's
 262k-vocabulary CE run inside 6 GiB of resident memory."""
 
@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import ce, logits
-from harness.models import UserError, load_model
-from harness.session import prepare
+from harness.evals import ce
+from harness.model import logits
+from harness.model.loading import load_model
+from harness.errors import UserError
+from harness.splice.session import prepare
 
 
 def test_chunked_stats_equal_the_unchunked_log_softmax():
@@ -95,7 +97,7 @@ def test_ce_at_a_262k_vocabulary_stays_under_6_gib(embedded_dir, tmp_path):
 def test_a_gpu_index_past_the_last_gpu_and_bfloat16_without_support_are_one_line(monkeypatch):
     """What a machine with 2 GPUs (the second without bfloat16) answers; torch's own device
     queries are replaced so that the check runs on a CPU-only machine."""
-    from harness.models import check_device, check_dtype
+    from harness.model.loading import check_device, check_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -114,7 +116,7 @@ def test_a_gpu_index_past_the_last_gpu_and_bfloat16_without_support_are_one_line
 def test_cli_bad_budget_and_device_are_one_line(embedded_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from harness.cli import app
+    from harness.cli.app import app
 
     base = ["ce", "--model", "random:1x64", "--tokens", "64", "--ctx", "32", "--sae", "zero@blocks.0.hook_resid_post",
             "--dataset", "builtin", "--out", str(tmp_path / "out")]

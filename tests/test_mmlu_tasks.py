@@ -8,7 +8,8 @@ import lm_eval
 import pytest
 import yaml
 
-from harness import mmlu, samples
+from harness.lmeval import mmlu
+from harness.lmeval import samples
 
 LM_EVAL_MMLU = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
 
@@ -23,7 +24,7 @@ def lm_eval_categories() -> dict[str, str]:
 
 
 def load_questions(limit_per_subject=None):
-    """Every question as lm-eval's tasks receive it (harness.mmlu's parse), one row each."""
+    """Every question as lm-eval's tasks receive it (harness.lmeval.mmlu's parse), one row each."""
     import pandas as pd
 
     cats = mmlu.subjects()

@@ -5,16 +5,16 @@ import torch
 
 import plain_hf
 from conftest import make_topk_sae
-from harness import ce
-from harness.models import UserError
-from harness.saes import Replacement, _from_sae, wrap
-from harness.variants import Variant, build_variants
+from harness.evals import ce
+from harness.errors import UserError
+from harness.splice.replacements import Replacement, from_sae, wrap
+from harness.splice.variants import Variant, build_variants
 
 HOOK = "blocks.1.hook_resid_post"  # = the output of the HF model's decoder layer 1
 
 
 def _seed(seed, key, call):
-    """The documented seed of one noise draw (harness.saes.noise_seed), written out again."""
+    """The documented seed of one noise draw (harness.splice.replacements.noise_seed), written out again."""
     return ((seed * 1_000_003 + key) * 1_000_033 + call) % (2**63 - 1)
 
 
@@ -27,7 +27,7 @@ def setup(tiny_hf, tiny_hf_dir):
     from transformers import AutoModelForCausalLM
 
     raw = make_topk_sae(32, 96, 6, HOOK, str(tiny_hf_dir), seed=1)
-    sae = _from_sae("sae", "sae", raw, {})
+    sae = from_sae("sae", "sae", raw, {})
     hf = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
     torch.manual_seed(0)
     tokens = torch.randint(100, 2000, (6, 24))

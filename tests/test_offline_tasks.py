@@ -12,7 +12,8 @@ import datasets
 import lm_eval
 import pytest
 
-from harness import benchmarks, mmlu
+from harness.lmeval import task_data as benchmarks
+from harness.lmeval import mmlu
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 # our task -> lm-eval's YAML
@@ -169,7 +170,7 @@ def test_cli_clean_equals_hflm_on_lm_evals_own_task(embedded_dir, tmp_path, name
     from lm_eval.models.huggingface import HFLM
     from typer.testing import CliRunner
 
-    from harness.cli import app
+    from harness.cli.app import app
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["lm-eval", "--tasks", name, "--limit", "100", "--out", str(out)])

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import make_topk_sae
-from harness import ce, outliers
-from harness.ce import HookStats
-from harness.saes import _from_sae
-from harness.variants import Variant
+from harness.evals import ce
+from harness.evals import outliers
+from harness.evals.ce import HookStats
+from harness.splice.replacements import from_sae
+from harness.splice.variants import Variant
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -95,7 +96,7 @@ def test_ce_records_split_on_massive_positions(loud_model):
     """Count, variance share, EV with and without, dCE / KL on them vs elsewhere: plain hooks."""
     model = loud_model.model
     tokens = _tokens()
-    sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked"), {})
+    sae = from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked"), {})
     out = ce.evaluate(loud_model, [Variant("clean", {}), Variant("tiny", {HOOK: sae})], tokens, batch_size=4,
                       calib_tokens=tokens, n_boot=20)
     rec = out.by_variant()["tiny"]
@@ -147,7 +148,7 @@ def test_exclude_massive_treats_them_like_position_zero(loud_model):
     """Not spliced, not in T, for every variant and baseline: CE, KL and EV recomputed by hand."""
     model = loud_model.model
     tokens = _tokens()
-    sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked", seed=4), {})
+    sae = from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked", seed=4), {})
     out = ce.evaluate(loud_model, [Variant("clean", {}), Variant("tiny", {HOOK: sae})], tokens, batch_size=4,
                       calib_tokens=tokens, n_boot=20, exclude_massive=True)
     recs = out.by_variant()
@@ -190,7 +191,7 @@ def test_exclude_massive_treats_them_like_position_zero(loud_model):
 
 def test_no_detection_without_a_factor(loud_model):
     tokens = _tokens()
-    sae = _from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked"), {})
+    sae = from_sae("tiny", "tiny", make_topk_sae(32, 64, 4, HOOK, "tiny-hooked"), {})
     variants = [Variant("clean", {}), Variant("tiny", {HOOK: sae})]
     out = ce.evaluate(loud_model, variants, tokens, 4, tokens, 20, massive_factor=None)
     rec = out.by_variant()["tiny"]
@@ -219,7 +220,7 @@ def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path):
 
     from typer.testing import CliRunner
 
-    from harness.cli import app
+    from harness.cli.app import app
 
     args = ["ce", "--model", str(tiny_hf_dir), "--sae", "pca:4@blocks.1.hook_resid_post", "--dataset", "builtin", "--tokens", "64",
             "--ctx", "16"]
@@ -255,9 +256,9 @@ def test_embedded_default_detects_the_known_massive_positions(embedded_dir):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.models import load_model
-    from harness.variants import build_variants
-    from harness.saes import DEMO_DIR
+    from harness.model.loading import load_model
+    from harness.splice.variants import build_variants
+    from harness.splice.replacements import DEMO_DIR
     from test_embedded import plain_topk_sae
 
     tokens = torch.tensor(np.load(Path(__file__).parent / "data" / "massive_tokens.npy"))

@@ -4,16 +4,16 @@ lm-eval's own per-task progress bars stay silent."""
 from __future__ import annotations
 
 from conftest import make_topk_sae
-from harness import mmlu
-from harness.backend import evaluate_tasks
-from harness.saes import _from_sae
-from harness.variants import Variant
+from harness.lmeval import mmlu
+from harness.lmeval.backend import evaluate_tasks
+from harness.splice.replacements import from_sae
+from harness.splice.variants import Variant
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 def test_task_progress_counts_requests_times_variants(tiny_hf, tiny_hf_dir, capfd):
-    sae = _from_sae("tiny-sae", "tiny-sae", make_topk_sae(32, 64, 4, HOOK, str(tiny_hf_dir)), {})
+    sae = from_sae("tiny-sae", "tiny-sae", make_topk_sae(32, 64, 4, HOOK, str(tiny_hf_dir)), {})
     variants = [Variant("clean", {}), Variant("tiny-sae", {HOOK: sae})]
     calls = []
     tasks = ["mmlu_offline_anatomy"]

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness import references
+from harness.evals import references
 
 
 def test_reference_loss_is_the_models_own_cross_entropy(tiny_hf, tiny_hf_dir):
@@ -64,7 +64,7 @@ def test_checkpoint_curve_gives_d_eff(monkeypatch, tiny_hf):
 
 
 def test_other_tokenizer_is_refused(tiny_hf, tiny_hooked, monkeypatch):
-    from harness.models import UserError
+    from harness.errors import UserError
 
     monkeypatch.setattr(references, "load_model", lambda *a, **k: SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: {"a": 0})))
     with pytest.raises(UserError, match="another tokenizer"):

@@ -21,8 +21,11 @@ import pytest
 from typer.testing import CliRunner
 
 import browser  # tests/browser.py
-from harness import figures, layouts, report, saved_runs
-from harness.cli import app
+from harness.output import figures
+from harness.output import layouts
+from harness.output import report
+from harness.output import saved_runs
+from harness.cli.app import app
 
 MAIN = Path(__file__).resolve().parent.parent / "results" / "main"
 
@@ -156,7 +159,7 @@ def make_synthetic_run(folder: Path, model_spec: str = "smollm2-135m", seed: int
     for a in per_token.values():
         a[:, 0] = np.nan  # outside the token set
     np.savez_compressed(folder / "per_token_dce.npz", **per_token)
-    rows = []  # per_question.csv as the task stage writes it (harness.samples.COLUMNS)
+    rows = []  # per_question.csv as the task stage writes it (harness.lmeval.samples.COLUMNS)
     for variant in ("clean", "sae-a", "sae-b"):
         for task, subject, category, n in (("mmlu", "anatomy", "stem", 12), ("mmlu", "marketing", "other", 12),
                                            ("hellaswag_offline", "", "", 30)):
@@ -252,7 +255,7 @@ def test_page_is_self_contained_and_figures_saved(main_page, main_copy):
 
 
 def test_runner_records_the_command_line():
-    from harness.runfolder import command_line
+    from harness.jobs.runfolder import command_line
 
     import os
     import shlex

@@ -10,7 +10,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from conftest import make_topk_sae
-from harness.cli import app
+from harness.cli.app import app
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_topk_sae
-from harness import backend
-from harness.cli import app
-from harness.models import UserError
-from harness.pipeline import RunConfig, run_job, run_lm_eval
+from harness.lmeval import backend
+from harness.cli.app import app
+from harness.errors import UserError
+from harness.jobs.pipeline import RunConfig, run_job, run_lm_eval
 
 HOOK = "blocks.1.hook_resid_post"
 TASKS = ["mmlu_offline_anatomy", "mmlu_offline_virology"]

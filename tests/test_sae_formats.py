@@ -1,5 +1,5 @@
 """Every accepted SAE format: a small synthetic SAE saved in that format's own layout is loaded
-through harness.saes (which uses sae-lens' loader / converter for it), and its reconstruction
+through harness.splice.replacements (which uses sae-lens' loader / converter for it), and its reconstruction
 must equal the format's own formula, written here in plain PyTorch, within 1e-5."""
 
 import json
@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness.models import UserError, to_tl_hook_name
-from harness.saes import load_replacement
+from harness.model.loading import to_tl_hook_name
+from harness.errors import UserError
+from harness.splice.replacements import load_replacement
 
 D_IN, D_SAE, K = 16, 48, 5
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from harness import samples
+from harness.lmeval import samples
 
 
 def lm_eval_tasks_dir() -> Path:

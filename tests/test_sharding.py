@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import make_topk_sae
-from harness import ce
-from harness.models import hook_device
-from harness.session import prepare
+from harness.evals import ce
+from harness.model.loading import hook_device
+from harness.splice.session import prepare
 
 HOOK = "blocks.2.hook_resid_post"
 
@@ -69,8 +69,8 @@ def test_sae_dtype_casts_weights_and_activations(tiny_hf_dir, sae_dir):
 
 
 def test_bad_sae_dtype_is_one_line(sae_dir):
-    from harness.models import UserError
-    from harness.saes import load_replacement
+    from harness.errors import UserError
+    from harness.splice.replacements import load_replacement
 
     with pytest.raises(UserError, match="unknown dtype 'float8'"):
         load_replacement(str(sae_dir), sae_dtype="float8")
@@ -78,7 +78,7 @@ def test_bad_sae_dtype_is_one_line(sae_dir):
 
 def test_hook_device_follows_the_block(tiny_hf_dir):
     """A sharded model's blocks sit on different devices; each hook reports its own block's."""
-    from harness.models import load_model
+    from harness.model.loading import load_model
 
     lm = load_model(str(tiny_hf_dir))
     lm.model.blocks[3].to("meta")  # stands in for "a block on another device"
@@ -88,7 +88,8 @@ def test_hook_device_follows_the_block(tiny_hf_dir):
 
 
 def test_device_map_refuses_hooked_transformer_models():
-    from harness.models import UserError, load_model
+    from harness.model.loading import load_model
+    from harness.errors import UserError
 
     with pytest.raises(UserError, match=r"--device-map needs a Hugging Face model .*tl:gpt2"):
         load_model("tl:gpt2", device_map="auto")

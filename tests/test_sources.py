@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from harness import data, sources
-from harness.models import UserError
+from harness.text import builtin as data
+from harness.text import sources
+from harness.errors import UserError
 
 PARAGRAPHS = [f"Paragraph {i}: " + " ".join(f"word{j}" for j in range(i % 7, 30 + i % 11)) for i in range(40)]
 

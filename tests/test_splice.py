@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from conftest import make_topk_sae
-from harness.models import UserError, to_tl_hook_name
-from harness.saes import Replacement, _from_sae
-from harness.splice import Splicer, activation_widths, splice_hooks
-from harness.variants import Variant
+from harness.model.loading import to_tl_hook_name
+from harness.errors import UserError
+from harness.splice.replacements import Replacement, from_sae
+from harness.splice.splicer import Splicer, activation_widths, splice_hooks
+from harness.splice.variants import Variant
 
 
 def test_hook_name_translation():
@@ -69,7 +70,7 @@ def test_special_positions_keep_original_activation(tiny_hf):
     def grab(x, hook):
         seen["x"] = x.clone()
         return x
-    from harness.splice import splice_hooks
+    from harness.splice.splicer import splice_hooks
     pre = splicer.prefix(tokens)
     mask = splicer.splice_mask(tokens, None)
     splicer.tail(pre, splice_hooks(Variant("z", {zero.hook: zero}), mask) + [("blocks.3.hook_resid_pre", grab)])
@@ -91,7 +92,7 @@ def test_activation_widths(tiny_hf):
 
 # -- a resid_post splice starts after its block; tails sharing a layer run batched ---------------
 def _sae_variant(hook, seed, name="sae"):
-    return Variant(name, {hook: _from_sae(name, name, make_topk_sae(32, 64, 4, hook, "tiny", seed=seed), {})})
+    return Variant(name, {hook: from_sae(name, name, make_topk_sae(32, 64, 4, hook, "tiny", seed=seed), {})})
 
 
 def test_resid_post_splice_at_next_block_equals_replay_and_plain_hf(tiny_hf):

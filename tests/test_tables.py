@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy.stats import binomtest
 
-from harness import tables
+from harness.output import tables
 
 # 2 subjects (both stem, unequal sizes so the two category weightings differ), 12 questions
 CLEAN = {"abstract_algebra": [1, 1, 1, 0, 1, 0, 1, 1], "college_physics": [0, 1, 1, 0]}
@@ -35,7 +35,7 @@ def fixture_df(seed=0) -> pd.DataFrame:
     return pd.DataFrame(rows).sample(frac=1, random_state=seed).reset_index(drop=True)
 
 
-def arrays(d):  # questions in (subject, doc_id) order, the order tables.py resamples in
+def arrays(d):  # questions in (subject, doc_id) order, the order output/tables.py resamples in
     return np.array([x for s in sorted(d) for x in d[s]], dtype=float)
 
 
@@ -173,9 +173,11 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tables.os, "replace", boom)
+    from harness import files
+
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(OSError):
-        tables.write_atomic(path, "new\n")
+        files.write_atomic(path, "new\n")
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["table.csv"]
 
 
@@ -421,7 +423,7 @@ def test_task_table_bad_input(tmp_path):
 def test_table_command(tmp_path):
     from typer.testing import CliRunner
 
-    from harness.cli import app
+    from harness.cli.app import app
 
     run = tmp_path / "run"
     tables.save_per_question(tasks_df(), run)

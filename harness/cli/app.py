@@ -1,0 +1,778 @@
+"""The `sae-harness` command: thin commands over plain functions.
+
+Tables go to stdout, progress and diagnostics to stderr. A user error (bad hook, missing
+file, wrong width...) is one line on stderr and exit code 2, never a traceback. Heavy
+imports happen inside the commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Measure how much an SAE spliced into a language model damages it.")
+
+
+def _one_line_errors(value_errors: bool):
+    """Turn UserError (and, for the pure-library commands, ValueError) into one line + exit 2.
+    Under torchrun every process meets the same bad input; rank 0 alone prints the line."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            from harness.model import distributed
+            from harness.errors import UserError
+
+            try:
+                return fn(*args, **kwargs)
+            except (UserError, ValueError) if value_errors else UserError as e:
+                if distributed.is_main():
+                    typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2)
+            except KeyboardInterrupt:
+                if "resume" in kwargs:
+                    typer.echo("interrupted: the partial run folder is kept; add --resume to continue it", err=True)
+                else:
+                    typer.echo("interrupted", err=True)
+                raise typer.Exit(130)
+        return wrapper
+    return decorate
+
+
+user_errors = _one_line_errors(value_errors=False)
+# scaling and tables raise ValueError for bad input; nothing else runs inside those commands.
+_value_errors_as_user_errors = _one_line_errors(value_errors=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "transformer_lens", "sae_lens", "lm-eval", "lm_eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+class StageBar:
+    """One rich progress bar for one stage of a run, on stderr.
+
+    Called as bar(done) or bar(done, total) as the work advances (the total may grow while a
+    stage discovers its work, e.g. lm-eval's requests). close() leaves the finished bar on
+    screen; close(failed=True) removes it, so a failed stage ends in its one-line error alone."""
+
+    def __init__(self, label: str, total: int | None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        self.task = self.progress.add_task(label, total=total)
+        self.progress.start()
+        self.started = True
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self.progress.update(self.task, total=total)
+        self.progress.update(self.task, completed=done)
+
+    def close(self, failed: bool = False) -> None:
+        if self.started:
+            self.progress.live.transient = failed
+            self.progress.stop()
+            self.started = False
+
+
+def _frac_cell(r: dict, key: str, flag: str = "") -> str:
+    if r.get(key) is None or r.get(f"{key}_low") is None:
+        return "-"
+    return f"{r[key]:.3g}{flag} [{r[key + '_low']:.3g}, {r[key + '_high']:.3g}]"
+
+
+def _progress_factory():
+    return StageBar
+
+
+def print_ce_table(records: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    law = records[0].get("law")
+    cols = ["variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "EV w/o massive (n)", "L0"]
+    if law:
+        cols.append(f"C_eff/C frontier ({law}) [95% CI]")
+    extra = [(k, label) for k, label in (("n_eff_frac_fixed_d", f"N_eff/N at D ({law})"),
+                                         ("d_eff_frac_fixed_n", f"D_eff/D at N ({law})"),
+                                         ("n_eff_frac", "N_eff/N (family)"), ("d_eff_frac", "D_eff/D (ckpts)"))
+             if f"{k}_low" in records[0]]
+    cols += [label for _, label in extra]
+    ratios = [(k, label) for k, label in (("dce_over_noise", "dCE÷noise"), ("kl_over_noise", "KL÷noise"))
+              if any(k in r for r in records)]
+    cols += [label for _, label in ratios]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+
+    def f(x, p=3):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
+
+    for r in records:
+        row = [r["variant"], f(r["ce_spliced"]), f"{f(r['dce'])} [{f(r['dce_ci_low'])}, {f(r['dce_ci_high'])}]",
+               f(r["loss_recovered_zero"]), f(r["loss_recovered_mean"]), f(r["kl"]),
+               f(r["explained_variance"]), _robust_ev_cell(r), f(r["l0"], 1)]
+        if law:
+            row.append(_frac_cell(r, "compute_fraction"))
+        for k, _ in extra:  # ‡: an extrapolation beyond the fitted sizes / token counts
+            row.append(_frac_cell(r, k, "‡" if r.get(f"{k}_extrapolated") else ""))
+        for k, _ in ratios:
+            row.append(f"{f(r[k], 2)} [{f(r[k + '_low'], 2)}, {f(r[k + '_high'], 2)}]" if k in r else "-")
+        table.add_row(*row)
+    Console(width=220).print(table)
+
+
+def _robust_ev_cell(r: dict) -> str:
+    """EV without the massive positions, with their count: `0.801 (2)`."""
+    ev, n = r.get("explained_variance_robust"), r.get("n_massive")
+    if ev is None or n is None or math.isnan(ev) or math.isnan(n):
+        return "-"
+    return f"{ev:.3f} ({int(n)})"
+
+
+_DATASET_HELP = ("text for the CE suite: a Hugging Face dataset id (streamed), a .txt (paragraphs), .jsonl, "
+                 ".json, .parquet or .csv file, or a datasets.save_to_disk folder; a column of token ids "
+                 "(input_ids/tokens) is used as is. Default: the built-in prose for the embedded model, else "
+                 "the first SAE's own dataset_path")
+
+
+def _dataset_options(dataset, dataset_config, dataset_split, text_column) -> dict:
+    return {"dataset": dataset, "dataset_config": dataset_config, "dataset_split": dataset_split,
+            "text_column": text_column}
+
+
+def _run(cfg, stages, resume: bool = False) -> None:
+    import time
+
+    from harness.jobs.pipeline import run_job
+
+    from harness.model import distributed
+
+    t0 = time.perf_counter()
+    result = run_job(cfg, stages, _progress_factory(), resume)
+    if distributed.world_size() > 1:
+        typer.echo(f"rank {distributed.rank()} of {distributed.world_size()} done", err=True)
+    if not distributed.is_main():  # the tables and files are rank 0's
+        return
+    if result.ce is not None:
+        excluded = " (massive positions excluded from T)" if cfg.exclude_massive else ""
+        print_ce_table(result.ce.records,
+                       f"{cfg.model}: cross-entropy on {result.ce.n_tokens} held-out tokens{excluded}")
+    if result.tasks is not None:
+        if (result.tasks.per_question["task"] == "mmlu").any():
+            print_mmlu_table(result.tasks.per_question, cfg)
+        print_saved_table(Path(cfg.out) / "tasks.md")
+    typer.echo(f"wrote {cfg.out} in {time.perf_counter() - t0:.0f} s", err=True)
+
+
+def print_saved_table(path: Path) -> None:
+    """A table the run folder holds in Markdown (the task table: accuracy, deltas, intervals)."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    if path.is_file():
+        Console(width=220).print(Markdown(path.read_text()))
+
+
+def print_mmlu_table(per_question, cfg) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.output import tables
+
+    cat = tables.category_table(per_question, n_boot=cfg.n_boot, seed=cfg.seed)
+    cat = cat[cat["weighting"] == "question"]
+    n = int(cat[(cat["group"] == "all")]["n"].iloc[0])
+    table = Table(title=f"MMLU by category, {n} questions: accuracy, its change vs clean [95% paired bootstrap CI], "
+                        "McNemar p, and the change in log-prob of the right answer among the 4 choices")
+    table.add_column("variant")
+    groups = list(dict.fromkeys(cat["group"]))
+    for g in groups:
+        table.add_column(g, justify="right")
+    for v in dict.fromkeys(cat["variant"]):
+        rows = cat[cat["variant"] == v].set_index("group")
+        cells = []
+        for g in groups:
+            r = rows.loc[g]
+            if v == "clean":
+                cells.append(f"acc {r['acc']:.3f}\nlogp {r['logp']:.3f}")
+            else:
+                cells.append(f"{r['acc']:.3f} {r['delta']:+.3f} [{r['delta_lo']:+.3f},{r['delta_hi']:+.3f}]\n"
+                             f"p={r['p_mcnemar']:.2g} dlogp {r['delta_logp']:+.3f}")
+        table.add_row(v, *cells)
+    Console(width=200).print(table)
+
+
+MASSIVE_FACTOR_HELP = "a position is a massive activation at a hook when its clean norm exceeds this x the median over T"
+EXCLUDE_MASSIVE_HELP = ("treat massive activations like position 0 in the CE suite: not spliced, not in T "
+                        "(default: spliced and counted, and reported apart)")
+
+
+@app.command()
+@user_errors
+def ce(
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m, a local HF folder, a HF id, or tl:NAME"),
+    sae: List[str] = typer.Option(..., help="SAE folder, demo name, release/sae_id, or baseline "
+                                  "(identity|zero|mean|pca:K|neurons:K)[@HOOK]; A+B splices A and B jointly; noise@S, "
+                                  "noise-dir@S, S+error: S with its error replaced by random noise of its size, "
+                                  "rotated away from its direction, or added back"),
+    joint: bool = typer.Option(False, help="also splice all given SAEs together (one per hook)"),
+    tokens: int = typer.Option(8192, help="tokens to evaluate"),
+    ctx: int = typer.Option(128, help="sequence length"),
+    dataset: Optional[str] = typer.Option(None, help=_DATASET_HELP),
+    dataset_config: Optional[str] = typer.Option(None, help="the dataset's configuration (Hugging Face name)"),
+    dataset_split: str = typer.Option("train", help="split to read"),
+    text_column: Optional[str] = typer.Option(None, help="column to read (default: text, else input_ids/tokens)"),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
+                                                "KL, top-3 are computed in chunks within it; default 256 on "
+                                                "CPU, 2048 on CUDA)"),
+    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
+                                             "(transformers/accelerate); overrides --device"),
+    seed: int = typer.Option(0),
+    law: str = typer.Option("hoffmann", help="scaling law for compute-equivalents: preset or LAW.json"),
+    train_tokens: Optional[str] = typer.Option(None, help="the model's pre-training tokens D, for the "
+                                               "fixed-tokens reading N_eff/N (default: the known-models table; "
+                                               "unknown otherwise)"),
+    params: Optional[str] = typer.Option(None, help="the model's parameters N (default: counted on the "
+                                         "loaded model, embeddings included)"),
+    reference_models: str = typer.Option("", help="comma-separated models of the same family (same "
+                                         "tokenizer, same data): evaluated on the run's tokens, fitted, "
+                                         "and used for N_eff/N"),
+    reference_tokens: str = typer.Option("", help="comma-separated training tokens of each reference "
+                                         "model, then the main model's (omit when all equal)"),
+    reference_checkpoints: str = typer.Option("", help="comma-separated checkpoints of the main model"),
+    checkpoint_tokens: str = typer.Option("", help="tokens seen by each checkpoint, then the final model's"),
+    massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
+    exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
+    out: str = typer.Option("results/ce", help="run folder to write"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
+                                "(same configuration only); saved work is not recomputed"),
+):
+    """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
+    _quiet_libraries()
+    from harness.jobs.pipeline import RunConfig
+
+    _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
+                   batch_size=batch_size, device=device, dtype=dtype, sae_dtype=sae_dtype, logits_budget_mib=logits_budget,
+                   device_map=device_map, seed=seed, law=law, out=out,
+                   train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params"),
+                   reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
+                   reference_checkpoints=_csv(reference_checkpoints),
+                   checkpoint_tokens=_csv(checkpoint_tokens, float), massive_factor=massive_factor,
+                   exclude_massive=exclude_massive,
+                   **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce",), resume)
+
+
+def _positive(text: str | None, option: str) -> float | None:
+    """A positive number given as text (1e12, 2000000000000), or None; one error line otherwise."""
+    import math
+
+    from harness.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{option} must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{option} must be a positive number, got {text!r}")
+    return value
+
+
+def _csv(text: str, kind=str) -> list:
+    from harness.errors import UserError
+
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"expected a comma-separated list of numbers, got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def run(
+    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec, as for `ce` (repeat); default: the "
+                                            "embedded model's demo SAEs and baselines"),
+    ce_sae: Optional[List[str]] = typer.Option(None, help="spec for the CE suite only, not the tasks (repeat); "
+                                               "default with no --sae: noise@ each demo SAE"),
+    dataset: Optional[str] = typer.Option(None, help=_DATASET_HELP),
+    dataset_config: Optional[str] = typer.Option(None, help="the dataset's configuration (Hugging Face name)"),
+    dataset_split: str = typer.Option("train", help="split to read"),
+    text_column: Optional[str] = typer.Option(None, help="column to read (default: text, else input_ids/tokens)"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks or groups; default: the main "
+                                        "job's mmlu_offline, hellaswag_offline, arc_easy_offline, piqa_offline, "
+                                        "winogrande_offline"),
+    limit: Optional[float] = typer.Option(None, help="documents per task (MMLU: per subject) for every task; "
+                                          "default: the main job's per-task limits, all documents for other tasks"),
+    mmlu_limit: Optional[int] = typer.Option(None, help="MMLU questions per subject (overrides --limit for MMLU)"),
+    full: bool = typer.Option(False, "--full", help="every document of every task (no limits)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "--num_fewshot"),
+    tokens: int = typer.Option(4096, help="tokens for the CE suite (32 rows of 128: the main job fits 10 minutes on 2 CPU cores)"),
+    ctx: int = typer.Option(128, help="sequence length for the CE suite"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
+                                                "KL, top-3 are computed in chunks within it; default 256 on "
+                                                "CPU, 2048 on CUDA)"),
+    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
+                                             "(transformers/accelerate); overrides --device"),
+    batch_size: int = typer.Option(8),
+    train_tokens: Optional[str] = typer.Option(None, help="the model's pre-training tokens D, for the "
+                                               "fixed-tokens reading N_eff/N (default: the known-models table; "
+                                               "unknown otherwise)"),
+    params: Optional[str] = typer.Option(None, help="the model's parameters N (default: counted on the "
+                                         "loaded model, embeddings included)"),
+    massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
+    exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
+    out: str = typer.Option("results/main", help="run folder to write"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
+                                "(same configuration only); saved work is not recomputed"),
+    family: bool = typer.Option(True, "--family/--no-family", help="main job only: also the family run "
+                                "(`sae-harness family`, into results/family beside --out)"),
+    interp: bool = typer.Option(True, "--interp/--no-interp", help="main job only: also `sae-harness interp` on "
+                                "the run (explainability table and frontier, judge-free)"),
+):
+    """CE suite + lm-eval tasks (tables per task, MMLU by category) for any model, one run folder.
+    With no options: the main job (embedded default, its demo SAEs and two baselines)."""
+    _quiet_libraries()
+    from harness.model.loading import EMBEDDED_DEFAULT
+    from harness.errors import UserError
+    from harness.jobs.pipeline import DEFAULT_CE_SAES, DEFAULT_SAES, RunConfig, task_limits
+
+    from harness.lmeval.options import check_limit, check_task_list
+
+    if not sae and model != EMBEDDED_DEFAULT:
+        raise UserError(f"--sae is needed for {model!r} (the default SAEs belong to {EMBEDDED_DEFAULT})")
+    names = check_task_list(tasks, "--tasks") if tasks is not None else None
+    for value, option in ((limit, "--limit"), (mmlu_limit, "--mmlu-limit")):
+        if value is not None:
+            check_limit(value, option)
+    ce_saes = list(ce_sae) if ce_sae is not None else ([] if sae else list(DEFAULT_CE_SAES))
+    main_job = not sae and model == EMBEDDED_DEFAULT
+    _run(RunConfig(model=model, saes=list(sae) if sae else list(DEFAULT_SAES), ce_saes=ce_saes, out=out,
+                   tokens=tokens, ctx=ctx,
+                   device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, batch_size=batch_size,
+                   logits_budget_mib=logits_budget,
+                   num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
+                   massive_factor=massive_factor, exclude_massive=exclude_massive,
+                   train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params"),
+                   **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks", "generations"), resume)
+    if main_job and interp:
+        from harness.jobs.interp import InterpConfig
+
+        _interp_into_run(Path(out), InterpConfig(), lambda m: typer.echo(m, err=True))
+        print_saved_table(Path(out) / "interp.md")
+    if main_job and family:
+        _family(str(Path(out).parent / "family"))
+
+
+def _family(out: str, **kw) -> None:
+    import time
+
+    from harness.jobs.family import FamilyConfig, run as run_family
+
+    t0 = time.perf_counter()
+    details = run_family(FamilyConfig(out=out, **kw), _progress_factory(), say=lambda m: typer.echo(m, err=True))
+    print_family_table(details)
+    typer.echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s", err=True)
+
+
+def print_family_table(details: dict) -> None:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from harness.jobs.family import table
+
+    Console(width=220).print(Markdown("Compute-equivalents from the family's own curves, beside the presets\n\n"
+                                      + table(details)))
+
+
+@app.command()
+@user_errors
+def interp(
+    run_or_specs: List[str] = typer.Argument(..., help="a run folder (its model, SAEs, text and metrics), "
+                                             "or SAE / baseline specs with --model"),
+    model: Optional[str] = typer.Option(None, help="model spec, when SAE specs are given"),
+    latents: int = typer.Option(32, help="live latents sampled per SAE / baseline"),
+    tokens: int = typer.Option(8192, help="held-out tokens for the activation records"),
+    probe_questions: int = typer.Option(100, help="MMLU questions per category for sparse probing"),
+    judge: Optional[str] = typer.Option(None, help="an OpenAI-compatible API base URL (e.g. http://host:8000/v1) "
+                                        "for delphi-style explanation + detection scoring"),
+    judge_model: Optional[str] = typer.Option(None, help="the judge's model name"),
+    judge_key_env: str = typer.Option("SAE_HARNESS_JUDGE_KEY", help="environment variable holding the API key"),
+    judge_latents: int = typer.Option(8, help="latents per SAE sent to the judge"),
+    out: Optional[str] = typer.Option(None, help="folder for specs (default results/interp); a run folder is "
+                                      "written into"),
+):
+    """Explainability beside fidelity: n-gram explanations of sampled latents (precision, recall,
+    F1), sparse probing on MMLU categories, optionally an LLM judge; interp.md / interp.json and
+    the frontier figure (frontier.png), added to the run's report.html."""
+    _quiet_libraries()
+    from harness.jobs import interp as interp_job
+    from harness.errors import UserError
+
+    cfg = interp_job.InterpConfig(latents=latents, tokens=tokens, probe_questions=probe_questions, judge=judge,
+                                judge_model=judge_model, judge_key_env=judge_key_env, judge_latents=judge_latents)
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    first = Path(run_or_specs[0])
+    if len(run_or_specs) == 1 and first.is_dir() and (first / "config.json").is_file():
+        if model is not None:
+            raise UserError("--model is read from the run folder; give SAE specs to choose one")
+        folder = first
+        _interp_into_run(folder, cfg, say)
+    else:
+        if model is None:
+            raise UserError(f"{run_or_specs[0]!r} is not a run folder: give one, or SAE specs with --model")
+        folder = Path(out or "results/interp")
+        _via_scratch(folder, lambda tmp: interp_job.run(model, list(run_or_specs), cfg, tmp, say=say))
+    print_saved_table(folder / "interp.md")
+
+
+INTERP_FILES = ("interp.json", "interp.md", "frontier.png", "frontier.pdf")
+
+
+def _via_scratch(folder: Path, compute):
+    """Compute into a scratch folder beside `folder`, then move the results in: bad input or a
+    failure leaves nothing half-written. The judge's cache is kept either way (it is what an
+    interrupted judge run resumes from)."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.interp") as tmp:
+        tmp = Path(tmp)
+        if (folder / "judge_cache").is_dir():
+            shutil.copytree(folder / "judge_cache", tmp / "judge_cache")
+        try:
+            details = compute(tmp)
+        finally:
+            if (tmp / "judge_cache").is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(tmp / "judge_cache", folder / "judge_cache", dirs_exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in INTERP_FILES:
+            os.replace(tmp / name, folder / name)
+    return details
+
+
+def _interp_into_run(folder: Path, cfg, say):
+    """interp for a saved run, written beside its files, and its report.html redrawn with it."""
+    from harness.jobs import interp as interp_job
+    from harness.output.report import write_report
+
+    details = _via_scratch(folder, lambda tmp: interp_job.run_folder(folder, cfg, say, out=tmp))
+    if (folder / "report.html").is_file():
+        write_report([folder])
+    return details
+
+
+@app.command()
+@user_errors
+def family(
+    sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec for the family's SAE member "
+                                            "(repeat); default: the family's SAEs, pca:16 and neurons:16"),
+    tokens: int = typer.Option(32768, help="tokens of the family's held-out text to evaluate"),
+    ctx: int = typer.Option(256, help="sequence length (at most the family's training context, 256)"),
+    batch_size: int = typer.Option(8),
+    out: str = typer.Option("results/family", help="run folder to write"),
+):
+    """The family run: the CE suite on the SAE member of harness/family with its SAEs, every
+    annealed run evaluated on the same held-out tokens, and compute-equivalents from the
+    least-squares L(N), L(D) and L(N, D) (profile-likelihood ranges) beside the presets."""
+    _quiet_libraries()
+    kw = {"saes": list(sae)} if sae else {}
+    _family(out, tokens=tokens, ctx=ctx, batch_size=batch_size, **kw)
+
+
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def lm_eval_command(
+    ctx: typer.Context,
+    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    sae: List[str] = typer.Option([], help="SAE or baseline spec (repeat; A+B = joint); none = clean only"),
+    dtype: str = typer.Option("float32"),
+    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
+    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
+                                                "KL, top-3 are computed in chunks within it; default 256 on "
+                                                "CPU, 2048 on CUDA)"),
+    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
+                                             "(transformers/accelerate); overrides --device"),
+    dataset: Optional[str] = typer.Option(None, help="text for the mean/PCA baselines' calibration (as for `ce`)"),
+    out: str = typer.Option("results/lm-eval", help="run folder to write (tables, per-question results)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
+                                "(same configuration only); saved work is not recomputed"),
+):
+    """Any lm-eval task on the clean model and every SAE variant in one pass.
+
+    Every option of `lm-eval run` works, read by lm-eval's own parser: --tasks (default
+    mmlu_offline), --limit, --samples, --num_fewshot, --batch_size, --device, --seed,
+    --include_path, --output_path (lm-eval's results JSON per variant), --log_samples,
+    --apply_chat_template, --fewshot_as_multiturn, --system_instruction, --gen_kwargs,
+    --use_cache, --cache_requests, --metadata ..."""
+    _quiet_libraries()
+    from harness.lmeval.options import parse
+    from harness.jobs.pipeline import RunConfig, run_lm_eval
+
+    opts = parse(ctx.args)
+    cfg = RunConfig(model=model, saes=list(sae), batch_size=opts.batch_size, device=opts.device, dtype=dtype,
+                    sae_dtype=sae_dtype, device_map=device_map, out=out, num_fewshot=opts.num_fewshot,
+                    logits_budget_mib=logits_budget,
+                    dataset=dataset)
+    res = run_lm_eval(cfg, opts.tasks, opts.limit, opts.include_path, opts.evaluate_kwargs, StageBar,
+                      resume=resume, options=opts)
+    if res is None:  # under torchrun, a process other than rank 0: rank 0 prints and writes
+        return
+    _print_task_results(res.aggregate)
+    typer.echo(f"wrote {out}" + (f" and lm-eval's results under {opts.output_path}" if opts.output_path else ""),
+               err=True)
+
+
+MMLU_CATEGORY_SUFFIXES = ("_stem", "_humanities", "_social_sciences", "_other")
+
+
+def _print_task_results(aggregate: dict) -> None:
+    """One row per task or group (MMLU's categories kept); a group's member tasks (MMLU's 57
+    subjects) are left out. Every row is in the run folder's tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    variants = list(aggregate)
+    table = Table(title="lm-eval results (primary metric per task/group; members of a group: see the run's tables)")
+    table.add_column("task")
+    for v in variants:
+        table.add_column(v, justify="right")
+    first = aggregate[variants[0]]
+    for task, metrics in first.items():
+        key = next((k for k in metrics if k.endswith(",none") and "stderr" not in k), None)
+        in_group = any(task.startswith(g + "_") for g in first if g != task)
+        if key is None or (in_group and not task.endswith(MMLU_CATEGORY_SUFFIXES)):
+            continue
+        cells = []
+        for v in variants:
+            value = aggregate[v].get(task, {}).get(key)
+            cells.append("-" if not isinstance(value, (int, float)) else f"{value:.4f}")
+        table.add_row(f"{task} ({key.split(',')[0]})", *cells)
+    Console(width=200).print(table)
+
+
+@app.command()
+@user_errors
+def talk(
+    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    sae: List[str] = typer.Option([], help="SAE or baseline spec, as for `ce` (repeat; A+B = joint)"),
+    joint: bool = typer.Option(False, help="also splice all given SAEs together (one per hook)"),
+    prompt: List[str] = typer.Option([], help="prompt text (repeat); with no prompt: interactive"),
+    prompts: Optional[str] = typer.Option(None, help="file with one prompt per line (\\n = newline)"),
+    chat: bool = typer.Option(False, "--chat", help="apply the tokenizer's chat template (history when interactive)"),
+    max_new_tokens: int = typer.Option(40),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass (with --temperature > 0)"),
+    seed: int = typer.Option(0, help="sampling seed: the same seed gives the same text"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+):
+    """The clean model and every variant continue the same prompts, side by side; the first
+    token where a variant departs from the clean continuation is marked."""
+    _quiet_libraries()
+    from rich.console import Console
+
+    from harness.splice.generate import Sampling
+    from harness.jobs.talk import check_options, run_talk
+
+    todo = check_options(list(prompt), prompts, max_new_tokens, temperature, top_p)
+    console = Console()
+
+    def ask():
+        try:
+            return console.input("[bold]prompt>[/bold] ")
+        except (EOFError, KeyboardInterrupt):
+            return None
+    run_talk(model, list(sae), todo, chat, max_new_tokens, Sampling(temperature, top_p, seed), as_json, joint,
+             device, dtype, ask=ask, echo=typer.echo, console=console)
+
+
+@app.command()
+@user_errors
+def damage(run_dir: str = typer.Argument(..., help="a run folder written by `ce` or `run`")):
+    """Where the damage lives: rebuild damage.json / damage.md from a run's per-token data."""
+    from harness.evals.damage import write_damage
+
+    report = write_damage(run_dir)
+    for name, s in report["variants"].items():
+        typer.echo(f"{name}: worst 1% of tokens carry {s['share_worst_1pct']:.1%} of dCE, worst 10% "
+                   f"{s['share_worst_10pct']:.1%}; {s['frac_worse']:.1%} of tokens worse, {s['frac_better']:.1%} better")
+    typer.echo(f"wrote {run_dir}/damage.json and damage.md", err=True)
+
+
+@app.command()
+@_value_errors_as_user_errors
+def table(
+    run_dirs: List[str] = typer.Argument(..., help="run folders (per_question.csv, metrics.json)"),
+    level: str = typer.Option("category", help="category or subject (MMLU), task (every multiple-choice "
+                              "task), or ce (CE suite)"),
+    format: str = typer.Option("md", "--format", help="md, csv, latex or json"),
+    layout: Optional[str] = typer.Option(None, help="paper (rows = variants, one formatted cell per group), "
+                                         "wide (every statistic per variant) or long (a row per variant and "
+                                         "group); default paper for md/latex (subjects: wide), long for csv/json"),
+    metric: str = typer.Option("auto", help="paper task table: acc, acc_norm, or auto (acc_norm where the task "
+                               "has it)"),
+    baseline: str = typer.Option("clean"),
+    n_boot: int = typer.Option(1000),
+    seed: int = typer.Option(0),
+    out: Optional[str] = typer.Option(None, help="write here instead of stdout (with --write: a folder)"),
+    write: bool = typer.Option(False, "--write", help="rewrite every table file of the run folder (or of --out)"),
+):
+    """Rebuild tables from saved results (no model run)."""
+    from harness.output import tables
+
+    if write:
+        for path in tables.write_tables(run_dirs, out, n_boot, seed, baseline):
+            typer.echo(f"wrote {path}", err=True)
+        return
+    text = tables.build_table(run_dirs, level, format, baseline, n_boot, seed, layout=layout, metric=metric)
+    if out:
+        from harness.files import write_atomic
+
+        write_atomic(out, text)
+        typer.echo(f"wrote {out}", err=True)
+    else:
+        typer.echo(text)
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: List[str] = typer.Argument(..., help="run folders (one or several runs of the same model)"),
+    out: Optional[str] = typer.Option(None, help="folder for report.html and the figures (default: the run "
+                                      "folder for one run, `comparison` beside the first run for several)"),
+):
+    """Rebuild report.html from saved results, or compare several runs on one page (no model run)."""
+    _quiet_libraries()
+    from harness.output.report import write_report
+
+    path = write_report(run_dirs, out)
+    typer.echo(f"wrote {path}", err=True)
+
+
+@app.command()
+@user_errors
+def bench(
+    model: str = typer.Option("random:6x512", help="random:LAYERSxWIDTH (no download) or a model spec"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    saes: int = typer.Option(4, help="number of random TopK SAEs at one hook"),
+    tokens: int = typer.Option(4096),
+    ctx: int = typer.Option(128),
+    batch_size: int = typer.Option(8),
+    mmlu_questions: int = typer.Option(40, help="offline MMLU questions for the lm-eval comparison (0 skips)"),
+    blocks_model: str = typer.Option("random:12x512:v4096", help="a second shape for the CE rows, where the "
+                                     "blocks rather than the unembedding dominate ('' skips)"),
+    seed: int = typer.Option(0),
+):
+    """Speed, memory and agreement side by side with sae-lens run_evals and lm-eval's HFLM."""
+    _quiet_libraries()
+    from harness.jobs.bench import print_report, run_bench
+
+    result = run_bench(model=model, device=device, dtype=dtype, saes=saes, tokens=tokens, ctx=ctx,
+                       batch_size=batch_size, mmlu_questions=mmlu_questions, seed=seed,
+                       blocks_model=blocks_model or None,
+                       log=lambda msg: typer.echo(msg, err=True))
+    from rich.console import Console
+
+    print_report(result, console=Console(width=200))
+
+
+@app.command("fit-law")
+@_value_errors_as_user_errors
+def fit_law(
+    points: str = typer.Argument(..., help="CSV with columns N, D (or C) and loss"),
+    out: Optional[str] = typer.Option(None, help="write the law as JSON here"),
+    lowest: Optional[int] = typer.Option(None, help="keep the K lowest-loss points"),
+    n_boot: int = typer.Option(200, help="bootstrap resamples for the intervals"),
+    seed: int = typer.Option(0),
+):
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al.'s procedure) with bootstrap intervals."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness import scaling
+    from harness.files import write_atomic
+
+    N, D, loss = scaling.read_points(points, lowest)
+    law = scaling.fit_law(N, D, loss, n_boot=n_boot, seed=seed, name=points)
+    d = law.to_json()
+    table = Table(title=f"L(N, D) = E + A/N^alpha + B/D^beta fitted on {len(loss)} points (95% bootstrap)")
+    for col in ("param", "value", "low", "high"):
+        table.add_column(col, justify="left" if col == "param" else "right")
+    for p in scaling.PARAMS:
+        table.add_row(p, f"{d[p]:.6g}", f"{d[p + '_low']:.6g}", f"{d[p + '_high']:.6g}")
+    Console().print(table)
+    if out:
+        write_atomic(out, json.dumps(d, indent=2) + "\n")
+        typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+@_value_errors_as_user_errors
+def equiv(
+    clean: float = typer.Option(..., help="clean model's loss (nats/token)"),
+    spliced: float = typer.Option(..., help="spliced model's loss (nats/token)"),
+    law: str = typer.Option("hoffmann", help="hoffmann, hoffmann-exact, epoch, kaplan, or a LAW.json"),
+    params: Optional[float] = typer.Option(None, help="model parameters N"),
+    tokens: Optional[float] = typer.Option(None, help="training tokens D"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Compute-equivalents of a loss increase: fraction of training compute (and N_eff/N, D_eff/D)."""
+    import json
+
+    from harness import scaling
+
+    result = scaling.equivalents(scaling.load_law(law), clean, spliced, params, tokens)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"law {result['law']}: clean {clean:.4f} -> spliced {spliced:.4f} nats/token")
+    for key, label in (("compute_fraction", "compute fraction C_eff/C"), ("n_eff_frac", "N_eff/N (fixed tokens)"),
+                       ("d_eff_frac", "D_eff/D (fixed size)")):
+        if key in result:
+            typer.echo(f"  {label:<26} {result[key]:.4g}")
+    for row in result.get("compute_fraction_over_E", []):
+        f = "-" if row["fraction"] is None else f"{row['fraction']:.4g}"
+        typer.echo(f"  if E were {row['E']:.3f}: compute fraction {f}")
+    for name, text in result["assumptions"].items():
+        typer.echo(f"[{name}] {text}", err=True)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="sae-harness")
