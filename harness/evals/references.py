@@ -20,8 +20,7 @@ from harness.splice.variants import CLEAN, Variant
 
 def parameter_count(lm: LoadedModel) -> int:
     """All parameters, embeddings included (Hoffmann et al.'s N), tied weights counted once."""
-    module = lm.model.original_model if lm.kind == "bridge" else lm.model
-    return sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in lm.runner.parameters_module().parameters())
 
 
 def clean_loss(lm: LoadedModel, tokens: torch.Tensor, batch_size: int) -> float:

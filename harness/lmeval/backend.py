@@ -250,7 +250,7 @@ def hf_tokenizer(lm: LoadedModel):
     TransformerBridge configures its tokenizer to prepend BOS; lm-eval's HFLM does not, and
     its numbers are the reference, so requests are tokenised with the plain HF tokenizer."""
     source = lm.load_info.get("source")
-    if lm.kind == "bridge" and source:
+    if lm.runner.hf_model() is not None and source:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(source)

@@ -32,7 +32,6 @@ from pathlib import Path
 TASKS_DIR = Path(str(importlib.resources.files("harness.tasks")))
 MMLU_TASKS_DIR = TASKS_DIR / "mmlu_offline"
 PREFIX = "mmlu_offline"
-LETTERS = "ABCD"
 
 # lm-eval's grouping (lm_eval/tasks/mmlu/default/*.yaml tags); tests check it against those files.
 CATEGORIES = {

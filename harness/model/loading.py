@@ -48,6 +48,15 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def runner(self):
+        """The model run in pieces (prefix, tail, head) whatever its kind (model/runners.py)."""
+        if "runner" not in self.__dict__:
+            from harness.model.runners import runner_for
+
+            self.__dict__["runner"] = runner_for(self.kind, self.model)
+        return self.__dict__["runner"]
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 

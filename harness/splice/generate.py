@@ -190,7 +190,7 @@ def generate(lm: LoadedModel, variants: list[Variant], prompt_ids: list[int], ma
     eos = tokenizer.eos_token_id
     tracker = StopTracker(len(prompt_ids), eos, tokenizer, until)
     prompt = torch.tensor([prompt_ids] * len(variants), device=lm.device)
-    if lm.kind == "bridge":
+    if lm.runner.hf_model() is not None:
         with plain_hf(lm) as hf:
             paths = _module_paths(hf, variants)
             if paths is not None:

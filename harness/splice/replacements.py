@@ -56,7 +56,6 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_saes"
 FAMILY_SAE_DIR = Path(__file__).resolve().parents[1] / "family" / "saes"  # harness/jobs/family.py
 BASELINES = ("identity", "zero", "mean", "pca", "neurons")
 _BASELINE_SPEC = re.compile(rf"^({'|'.join(BASELINES)})(?::(\d+))?(?:@(.+))?$")
-WRAPPERS = ("noise", "noise-dir", "error")  # around another replacement (`inner`)
 _NOISE_SPEC = re.compile(r"^(noise|noise-dir)@(.+)$")
 ERROR_SUFFIX = "+error"
 

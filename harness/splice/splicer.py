@@ -35,10 +35,8 @@ from typing import Callable
 
 import torch
 
-from harness.model import replay
 from harness.model.loading import LoadedModel, hook_device, hook_layer
 from harness.errors import UserError
-from harness.model.replay import take_positions as _take
 from harness.splice.replacements import Replacement
 from harness.splice.variants import Variant
 
@@ -90,7 +88,7 @@ def branch_layer(lm: LoadedModel, hook: str) -> int:
     layer = hook_layer(hook)
     point = lm.model.hook_dict.get(hook)
     if point is not None and point is entering_hook(lm, layer + 1):
-        if layer + 1 < lm.n_layers or lm.kind == "hooked" or replay.starts_at_head(lm.model):
+        if layer + 1 < lm.n_layers or lm.runner.starts_at_head():
             return layer + 1
     return min(layer, lm.n_layers - 1)
 
@@ -111,8 +109,7 @@ def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
             raise UserError(f"unknown hook {hook!r}; valid hooks: {describe_valid_hooks(sorted(valid))}")
         if hook.endswith(_NOT_PER_POSITION):
             raise UserError(f"{hook} is [batch, head, query, key]: splices need one activation per position")
-    if lm.kind == "bridge":
-        replay.check_supported(lm.model, branch_layers(lm, hooks))
+    lm.runner.check_supported(branch_layers(lm, hooks))
 
 
 class Splicer:
@@ -171,22 +168,13 @@ class Splicer:
     @torch.no_grad()
     def advance(self, pre: Prefix, layer: int) -> Prefix:
         """Run the clean blocks [pre.layer, layer) and return the prefix at `layer`."""
-        model = self.lm.model
-        if self.lm.kind == "hooked":
-            resid = model(pre.resid, start_at_layer=pre.layer, stop_at_layer=layer, tokens=pre.tokens,
-                          attention_mask=pre.attention_mask)
-            return Prefix(layer, resid, tokens=pre.tokens, attention_mask=pre.attention_mask)
-        resid = replay.run_to(model, pre.tokens, pre.attention_mask, layer, pre.layer, pre.resid)
+        resid = self.lm.runner.run_to(pre.tokens, pre.attention_mask, layer, pre.layer, pre.resid)
         return Prefix(layer, resid, pre.tokens, pre.attention_mask)
 
     @torch.no_grad()
     def prefix(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Prefix:
         layer = self.start_layer
-        model = self.lm.model
-        if self.lm.kind == "hooked":
-            resid = model(tokens, stop_at_layer=layer, attention_mask=attention_mask)
-            return Prefix(layer, resid, tokens=tokens, attention_mask=attention_mask)
-        resid = replay.run_to(model, tokens, attention_mask, layer)
+        resid = self.lm.runner.run_to(tokens, attention_mask, layer)
         return Prefix(layer, resid, tokens, attention_mask)
 
     @torch.no_grad()
@@ -222,30 +210,19 @@ class Splicer:
         return resid, rest
 
     def _run_tail(self, pre: Prefix, fwd_hooks, positions, hidden: bool = False) -> torch.Tensor:
-        model = self.lm.model
-        with model.hooks(fwd_hooks=list(fwd_hooks)):
-            if self.lm.kind == "hooked":
-                if hidden:
-                    resid = model(pre.resid, start_at_layer=pre.layer, stop_at_layer=self.lm.n_layers,
-                                  tokens=pre.tokens, attention_mask=pre.attention_mask)
-                    return model.ln_final(resid) if hasattr(model, "ln_final") else resid
-                logits = model(pre.resid, start_at_layer=pre.layer, tokens=pre.tokens,
-                               attention_mask=pre.attention_mask)
-                return logits if positions is None else _take(logits, positions)
-            return replay.run_from(model, pre.tokens, pre.attention_mask, pre.layer, pre.resid, positions, hidden)
+        with self.lm.model.hooks(fwd_hooks=list(fwd_hooks)):
+            return self.lm.runner.run_from(pre.tokens, pre.attention_mask, pre.layer, pre.resid, positions, hidden)
 
     @property
     def splits_head(self) -> bool:
         """Whether tails can stop at the head (`hidden=True`) and `head` finish them in chunks."""
-        return self.lm.kind == "hooked" or replay.has_head_module(self.lm.model)
+        return self.lm.runner.splits_head
 
     @torch.no_grad()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, P, vocab] of the model's head (its own logit processing included) on the head
         inputs `hidden` [N, P, d] of a `hidden=True` tail."""
-        if self.lm.kind == "hooked":
-            return self.lm.model.unembed(hidden)
-        return replay.run_head(self.lm.model, hidden)
+        return self.lm.runner.run_head(hidden)
 
     @torch.no_grad()
     def batched_tail(self, pre: Prefix, hook_sets: list[list[tuple[str, Callable]]],
@@ -415,10 +392,7 @@ def activation_widths(lm: LoadedModel, hooks: list[str]) -> dict[str, int]:
 def run_below(lm: LoadedModel, tokens: torch.Tensor, layer: int, attention_mask=None) -> None:
     """A clean forward of the blocks below `layer` only (hooks there fire), never the head: for a
     hook in the last block that is the whole stack without the [batch, pos, vocab] logits."""
-    if lm.kind == "hooked":
-        lm.model(tokens, stop_at_layer=layer, attention_mask=attention_mask)
-    else:
-        replay.run_to(lm.model, tokens, attention_mask, min(layer, lm.n_layers))
+    lm.runner.run_to(tokens, attention_mask, min(layer, lm.n_layers))
 
 
 @torch.no_grad()
