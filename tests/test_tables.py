@@ -447,3 +447,31 @@ def test_a_variant_without_a_task_gets_an_empty_cell(tmp_path):
     assert md[3].startswith(f"| {SAE_NAME} |") and md[3].endswith("| – |")
     with pytest.raises(ValueError, match="baseline variant 'clean' has no results for task 'winogrande_offline'"):
         tables.task_table(tasks_df()[lambda d: ~((d.variant == "clean") & (d.task == "winogrande_offline"))])
+
+
+def test_a_ce_column_defined_once_appears_in_all_three_outputs(monkeypatch, tmp_path, capsys):
+    """Add one column to harness/output/ce_columns.py: the terminal table, ce.md / ce.tex and
+    report.html all show it, with its value."""
+    import shutil
+
+    from harness.cli.app import print_ce_table
+    from harness.output import ce_columns
+    from harness.output.report import Labels, headline_section
+    from harness.output.saved_runs import load_runs
+
+    run = tmp_path / "main"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "results" / "main", run)
+    records = json.loads((run / "metrics.json").read_text())
+    for r in records:
+        r["probe_column"] = 0.25
+    (run / "metrics.json").write_text(json.dumps(records))
+    new = ce_columns.Column("probe_column", "Probe column", "Probe column", "probe column html", "ratio")
+    monkeypatch.setattr(ce_columns, "COLUMNS", [*ce_columns.COLUMNS, new])
+    print_ce_table(records, "t")
+    assert "Probe column" in capsys.readouterr().out
+    md = tables.build_table(run, level="ce", fmt="md")
+    assert md.splitlines()[0].endswith("| Probe column |") and md.splitlines()[2].endswith("| 0.25 |")
+    assert "Probe column" in tables.build_table(run, level="ce", fmt="latex")
+    runs = load_runs([run])
+    page = headline_section(runs, Labels(runs))
+    assert "probe column html" in page and "<td>0.25</td>" in page

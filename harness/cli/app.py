@@ -96,59 +96,26 @@ class StageBar:
             self.started = False
 
 
-def _frac_cell(r: dict, key: str, flag: str = "") -> str:
-    if r.get(key) is None or r.get(f"{key}_low") is None:
-        return "-"
-    return f"{r[key]:.3g}{flag} [{r[key + '_low']:.3g}, {r[key + '_high']:.3g}]"
-
-
 def _progress_factory():
     return StageBar
 
 
 def print_ce_table(records: list[dict], title: str) -> None:
+    """The CE table on the terminal: the columns of harness/output/ce_columns.py."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    from harness.output.ce_columns import columns
+
     law = records[0].get("law")
-    cols = ["variant", "CE", "dCE [95% CI]", "LR zero", "LR mean", "KL", "EV", "EV w/o massive (n)", "L0"]
-    if law:
-        cols.append(f"C_eff/C frontier ({law}) [95% CI]")
-    extra = [(k, label) for k, label in (("n_eff_frac_fixed_d", f"N_eff/N at D ({law})"),
-                                         ("d_eff_frac_fixed_n", f"D_eff/D at N ({law})"),
-                                         ("n_eff_frac", "N_eff/N (family)"), ("d_eff_frac", "D_eff/D (ckpts)"))
-             if f"{k}_low" in records[0]]
-    cols += [label for _, label in extra]
-    ratios = [(k, label) for k, label in (("dce_over_noise", "dCE÷noise"), ("kl_over_noise", "KL÷noise"))
-              if any(k in r for r in records)]
-    cols += [label for _, label in ratios]
+    table = Table(title=title + (f" (compute-equivalents: {law})" if law else ""))
+    cols = columns(records, "terminal")
+    table.add_column("variant", justify="left")
     for col in cols:
-        table.add_column(col, justify="left" if col == "variant" else "right")
-
-    def f(x, p=3):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
-
+        table.add_column(col.text, justify="right")
     for r in records:
-        row = [r["variant"], f(r["ce_spliced"]), f"{f(r['dce'])} [{f(r['dce_ci_low'])}, {f(r['dce_ci_high'])}]",
-               f(r["loss_recovered_zero"]), f(r["loss_recovered_mean"]), f(r["kl"]),
-               f(r["explained_variance"]), _robust_ev_cell(r), f(r["l0"], 1)]
-        if law:
-            row.append(_frac_cell(r, "compute_fraction"))
-        for k, _ in extra:  # ‡: an extrapolation beyond the fitted sizes / token counts
-            row.append(_frac_cell(r, k, "‡" if r.get(f"{k}_extrapolated") else ""))
-        for k, _ in ratios:
-            row.append(f"{f(r[k], 2)} [{f(r[k + '_low'], 2)}, {f(r[k + '_high'], 2)}]" if k in r else "-")
-        table.add_row(*row)
+        table.add_row(r["variant"], *[col.text_cell(r) for col in cols])
     Console(width=220).print(table)
-
-
-def _robust_ev_cell(r: dict) -> str:
-    """EV without the massive positions, with their count: `0.801 (2)`."""
-    ev, n = r.get("explained_variance_robust"), r.get("n_massive")
-    if ev is None or n is None or math.isnan(ev) or math.isnan(n):
-        return "-"
-    return f"{ev:.3f} ({int(n)})"
 
 
 _DATASET_HELP = ("text for the CE suite: a Hugging Face dataset id (streamed), a .txt (paragraphs), .jsonl, "
@@ -290,7 +257,6 @@ def ce(
 
 def _positive(text: str | None, option: str) -> float | None:
     """A positive number given as text (1e12, 2000000000000), or None; one error line otherwise."""
-    import math
 
     from harness.errors import UserError
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from harness.output import ce_columns
+
 SIGNIFICANT = 0.05
 CATEGORY_LABEL = {"stem": "STEM", "humanities": "Humanities", "social_sciences": "Social sci.",
                   "other": "Other", "all": "All"}
@@ -253,41 +255,13 @@ def _frac(x) -> str:
 def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
     """One row per spliced variant (the clean model is the reference, named in the caption)."""
     clean = next((r for r in records if _is_clean(r)), records[0])
-    columns = [("L0", "$L_0$"), ("dCE [95% CI]", r"$\Delta$CE [95\% CI]"), ("KL", "KL"),
-               ("LR zero", r"LR\textsubscript{zero}"), ("LR mean", r"LR\textsubscript{mean}"),
-               ("C_eff/C frontier [95% CI]", r"$C_{\mathrm{eff}}/C$ frontier [95\% CI]")]
-    extra = [(k, h, t) for k, h, t in (("n_eff_frac_fixed_d", "N_eff/N at D [95% CI]",
-                                        r"$N_{\mathrm{eff}}/N$ at $D$ [95\% CI]"),
-                                       ("d_eff_frac_fixed_n", "D_eff/D at N [95% CI]",
-                                        r"$D_{\mathrm{eff}}/D$ at $N$ [95\% CI]"),
-                                       ("n_eff_frac", "N_eff/N [95% CI]", r"$N_{\mathrm{eff}}/N$ [95\% CI]"),
-                                       ("d_eff_frac", "D_eff/D [95% CI]", r"$D_{\mathrm{eff}}/D$ [95\% CI]"))
-             if any(f"{k}_low" in r for r in records)]
-    columns += [(h, t) for _, h, t in extra]
-    ratios = [(k, h, t) for k, h, t in (("dce_over_noise", "dCE ÷ noise [95% CI]", r"$\Delta$CE $\div$ noise [95\% CI]"),
-                                        ("kl_over_noise", "KL ÷ noise [95% CI]", r"KL $\div$ noise [95\% CI]"))
-              if any(k in r for r in records)]
-    columns += [(h, t) for _, h, t in ratios]
-    robust = any("explained_variance_robust" in r for r in records)
-    columns += [("EV", "EV")] + ([("EV w/o massive (n)", r"EV w/o massive ($n$)")] if robust else [])
-    rows = []
-    for r in records:
-        if r is clean:
-            continue
-        ev = [Cell(num(r.get("explained_variance"), ".3f"))]
-        if robust:
-            ev_robust, n = num(r.get("explained_variance_robust"), ".3f"), num(r.get("n_massive"), ".0f")
-            ev.append(Cell(f"{ev_robust} ({n})" if ev_robust and n else ev_robust))
-        cells = [Cell(num(r.get("l0"), ".3g")),
-                 Cell(num(r["dce"], ".3f"), num(r["dce_ci_low"], ".3f"), num(r["dce_ci_high"], ".3f")),
-                 Cell(num(r.get("kl"), ".3f")), Cell(num(r.get("loss_recovered_zero"), ".3f")),
-                 Cell(num(r.get("loss_recovered_mean"), ".3f")),
-                 Cell(_frac(r.get("compute_fraction")), _frac(r.get("compute_fraction_low")),
-                      _frac(r.get("compute_fraction_high")))]
-        cells += [Cell(_frac(r.get(k)), _frac(r.get(f"{k}_low")), _frac(r.get(f"{k}_high"))) for k, _, _ in extra]
-        cells += [Cell(num(r.get(k), ".2f"), num(r.get(f"{k}_low"), ".2f"), num(r.get(f"{k}_high"), ".2f"))
-                  for k, _, _ in ratios]
-        rows.append(([r["variant"]], cells + ev))
+    cols = ce_columns.columns(records, "grid")
+    keys = {c.key for c in cols}
+    extra = [(c.key, c.text, c.tex) for c in cols if c.key.startswith(("n_eff", "d_eff"))]
+    ratios = [c.key for c in cols if c.key.endswith(("over_noise", "over_noise_dir"))]
+    robust = "explained_variance_robust" in keys
+    columns = [(c.text, c.tex) for c in cols]
+    rows = [([r["variant"]], [Cell(*c.parts(r)) for c in cols]) for r in records if r is not clean]
     law = law_text(clean["law"]) if clean.get("law") else ("no scaling law", "no scaling law")
     n_tokens = clean.get("n_tokens")
     tokens = f" on {n_tokens:,} tokens" if isinstance(n_tokens, int) else ""

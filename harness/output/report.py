@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from harness.output import figures
+from harness.output.ce_columns import columns
 from harness import scaling
 from harness.errors import UserError
 from harness.files import write_atomic
@@ -97,6 +98,15 @@ def _ci(x, lo, hi, fmt) -> str:
     return f"{fmt(x)}<br><span class=ci>[{fmt(lo)}, {fmt(hi)}]</span>"
 
 
+def _column_cell(col, rec: dict) -> str:
+    """One cell of a CE-table column (harness/output/ce_columns.py), its interval below it."""
+    value, lo, hi = col.parts(rec, html=True)
+    if not value:
+        return "&ndash;"
+    value = _esc(value)
+    return value if lo is None else f"{value}<br><span class=ci>[{_esc(lo)}, {_esc(hi)}]</span>"
+
+
 def _name(variant: str) -> str:
     """A variant name that may break after each + of a joint splice."""
     return "+<wbr>".join(_esc(p) for p in variant.split("+"))
@@ -116,10 +126,6 @@ def _esc(x) -> str:
 
 # ---------------------------------------------------------------- sections
 
-NOISE_RATIOS = (("dce_over_noise", "dCE &divide; noise@"), ("kl_over_noise", "KL &divide; noise@"),
-                ("dce_over_noise_dir", "dCE &divide; noise-dir@"), ("kl_over_noise_dir", "KL &divide; noise-dir@"))
-
-
 def headline_section(runs: list[Run], label: Labels) -> str:
     """Two tables: what each splice costs (dCE [CI], C_eff/C [CI] with its law, loss recovered
     against zero and mean side by side, KL), then how it reconstructs (EV, L0, dead latents) and
@@ -129,19 +135,12 @@ def headline_section(runs: list[Run], label: Labels) -> str:
     if not runs:
         return "<p class=note>No CE suite in these runs (no metrics.json).</p>"
     laws = list(dict.fromkeys(r.law for r in runs if r.law))
-    law_head = (f"C_eff/C [95% CI]<br><span class=n>{_esc(', '.join(laws))} frontier</span>" if laws else "C_eff/C")
     recs = [rec for r in runs for rec in r.metrics]
-    extra = [(k, h) for k, h in (("n_eff_frac_fixed_d", "N_eff/N at D<br><span class=n>same tokens [CI]</span>"),
-                                 ("d_eff_frac_fixed_n", "D_eff/D at N<br><span class=n>same size [CI]</span>"),
-                                 ("n_eff_frac", "N_eff/N<br><span class=n>family fit [CI]</span>"),
-                                 ("d_eff_frac", "D_eff/D<br><span class=n>checkpoints [CI]</span>"))
-             if any(f"{k}_low" in rec for rec in recs)]
-    ratios = [(k, h) for k, h in NOISE_RATIOS if any(k in rec for rec in recs)]
-    headers = ["variant<br><span class=n>hooks</span>", "CE<br><span class=n>nats/token</span>",
-               "dCE [95% CI]<br><span class=n>nats/token</span>", law_head] + [h for _, h in extra] + [
-               "loss recovered<br>vs zero", "loss recovered<br>vs mean", "KL<br><span class=n>nats/token</span>"]
-    recon_headers = (["variant", "explained<br>variance", "EV without<br>massive (n)", "L0", "dead<br>latents"]
-                     + [f"{h}<br><span class=n>[95% CI]</span>" for _, h in ratios])
+    cost, recon_cols = columns(recs, "html", "cost"), columns(recs, "html", "recon")
+    ratios = [c for c in recon_cols if c.kind == "ratio"]
+    law = ", ".join(laws) if laws else "no law"
+    headers = ["variant<br><span class=n>hooks</span>"] + [c.html.replace("{law}", _esc(law)) for c in cost]
+    recon_headers = ["variant"] + [c.html for c in recon_cols]
     rows, recon, ablations, seen = [], [], [], set()
     for run in runs:
         for rec in run.metrics:
@@ -158,17 +157,9 @@ def headline_section(runs: list[Run], label: Labels) -> str:
             hooks = "+".join(h.replace("blocks.", "").replace("hook_", "") for h in rec.get("hooks", []))
             if hooks and hooks not in rec["variant"]:
                 name += f"<br><span class=n>{_esc(hooks)}</span>"
-            frac = _ci(rec.get("compute_fraction"), rec.get("compute_fraction_low"),
-                       rec.get("compute_fraction_high"), _g)
-            rows.append([name, _f(rec.get("ce_spliced")), dce, frac]
-                        + [_ci(rec.get(k), rec.get(f"{k}_low"), rec.get(f"{k}_high"), _g) for k, _ in extra]
-                        + [_pct(rec.get("loss_recovered_zero")), _pct(rec.get("loss_recovered_mean")),
-                           _f(rec.get("kl"))])
+            rows.append([name] + [_column_cell(c, rec) for c in cost])
             if rec["variant"] != "clean":
-                recon.append([name, _f(rec.get("explained_variance")), _robust_ev(rec), _f(rec.get("l0"), 1),
-                              _pct(rec.get("dead_frac"))]
-                             + [_ci(rec.get(k), rec.get(f"{k}_low"), rec.get(f"{k}_high"), lambda x: _f(x, 2))
-                                for k, _ in ratios])
+                recon.append([name] + [_column_cell(c, rec) for c in recon_cols])
     tokens = "; ".join(f"{_esc(r.label) + ': ' if label.multi else ''}{r.metrics[0].get('n_tokens', '?')} tokens"
                        for r in runs)
     out = ["<h2>Headline: how much each splice costs</h2>",
