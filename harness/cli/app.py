@@ -13,6 +13,10 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
+from harness.cli.options import (BatchSize, Dataset, DatasetConfig, DatasetSplit, DeviceMap, Device, Dtype,
+                                 ExcludeMassive, LogitsBudget, MassiveFactor, Model, Params, Resume, SaeDtype,
+                                 Seed, TextColumn, TrainTokens)
+
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -118,10 +122,6 @@ def print_ce_table(records: list[dict], title: str) -> None:
     Console(width=220).print(table)
 
 
-_DATASET_HELP = ("text for the CE suite: a Hugging Face dataset id (streamed), a .txt (paragraphs), .jsonl, "
-                 ".json, .parquet or .csv file, or a datasets.save_to_disk folder; a column of token ids "
-                 "(input_ids/tokens) is used as is. Default: the built-in prose for the embedded model, else "
-                 "the first SAE's own dataset_path")
 
 
 def _dataset_options(dataset, dataset_config, dataset_split, text_column) -> dict:
@@ -191,15 +191,12 @@ def print_mmlu_table(per_question, cfg) -> None:
     Console(width=200).print(table)
 
 
-MASSIVE_FACTOR_HELP = "a position is a massive activation at a hook when its clean norm exceeds this x the median over T"
-EXCLUDE_MASSIVE_HELP = ("treat massive activations like position 0 in the CE suite: not spliced, not in T "
-                        "(default: spliced and counted, and reported apart)")
 
 
 @app.command()
 @user_errors
 def ce(
-    model: str = typer.Option("smollm2-135m", help="smollm2-135m, a local HF folder, a HF id, or tl:NAME"),
+    model: Model = "smollm2-135m",
     sae: List[str] = typer.Option(..., help="SAE folder, demo name, release/sae_id, or baseline "
                                   "(identity|zero|mean|pca:K|neurons:K)[@HOOK]; A+B splices A and B jointly; noise@S, "
                                   "noise-dir@S, S+error: S with its error replaced by random noise of its size, "
@@ -207,26 +204,20 @@ def ce(
     joint: bool = typer.Option(False, help="also splice all given SAEs together (one per hook)"),
     tokens: int = typer.Option(8192, help="tokens to evaluate"),
     ctx: int = typer.Option(128, help="sequence length"),
-    dataset: Optional[str] = typer.Option(None, help=_DATASET_HELP),
-    dataset_config: Optional[str] = typer.Option(None, help="the dataset's configuration (Hugging Face name)"),
-    dataset_split: str = typer.Option("train", help="split to read"),
-    text_column: Optional[str] = typer.Option(None, help="column to read (default: text, else input_ids/tokens)"),
-    batch_size: int = typer.Option(8),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
-    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
-    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
-                                                "KL, top-3 are computed in chunks within it; default 256 on "
-                                                "CPU, 2048 on CUDA)"),
-    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
-                                             "(transformers/accelerate); overrides --device"),
-    seed: int = typer.Option(0),
+    dataset: Dataset = None,
+    dataset_config: DatasetConfig = None,
+    dataset_split: DatasetSplit = "train",
+    text_column: TextColumn = None,
+    batch_size: BatchSize = 8,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    sae_dtype: SaeDtype = "float32",
+    logits_budget: LogitsBudget = None,
+    device_map: DeviceMap = None,
+    seed: Seed = 0,
     law: str = typer.Option("hoffmann", help="scaling law for compute-equivalents: preset or LAW.json"),
-    train_tokens: Optional[str] = typer.Option(None, help="the model's pre-training tokens D, for the "
-                                               "fixed-tokens reading N_eff/N (default: the known-models table; "
-                                               "unknown otherwise)"),
-    params: Optional[str] = typer.Option(None, help="the model's parameters N (default: counted on the "
-                                         "loaded model, embeddings included)"),
+    train_tokens: TrainTokens = None,
+    params: Params = None,
     reference_models: str = typer.Option("", help="comma-separated models of the same family (same "
                                          "tokenizer, same data): evaluated on the run's tokens, fitted, "
                                          "and used for N_eff/N"),
@@ -234,11 +225,10 @@ def ce(
                                          "model, then the main model's (omit when all equal)"),
     reference_checkpoints: str = typer.Option("", help="comma-separated checkpoints of the main model"),
     checkpoint_tokens: str = typer.Option("", help="tokens seen by each checkpoint, then the final model's"),
-    massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
-    exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
+    massive_factor: MassiveFactor = 10.0,
+    exclude_massive: ExcludeMassive = False,
     out: str = typer.Option("results/ce", help="run folder to write"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
-                                "(same configuration only); saved work is not recomputed"),
+    resume: Resume = False,
 ):
     """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
     _quiet_libraries()
@@ -283,15 +273,15 @@ def _csv(text: str, kind=str) -> list:
 @app.command()
 @user_errors
 def run(
-    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    model: Model = "smollm2-135m",
     sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec, as for `ce` (repeat); default: the "
                                             "embedded model's demo SAEs and baselines"),
     ce_sae: Optional[List[str]] = typer.Option(None, help="spec for the CE suite only, not the tasks (repeat); "
                                                "default with no --sae: noise@ each demo SAE"),
-    dataset: Optional[str] = typer.Option(None, help=_DATASET_HELP),
-    dataset_config: Optional[str] = typer.Option(None, help="the dataset's configuration (Hugging Face name)"),
-    dataset_split: str = typer.Option("train", help="split to read"),
-    text_column: Optional[str] = typer.Option(None, help="column to read (default: text, else input_ids/tokens)"),
+    dataset: Dataset = None,
+    dataset_config: DatasetConfig = None,
+    dataset_split: DatasetSplit = "train",
+    text_column: TextColumn = None,
     tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks or groups; default: the main "
                                         "job's mmlu_offline, hellaswag_offline, arc_easy_offline, piqa_offline, "
                                         "winogrande_offline"),
@@ -302,25 +292,18 @@ def run(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "--num_fewshot"),
     tokens: int = typer.Option(4096, help="tokens for the CE suite (32 rows of 128: the main job fits 10 minutes on 2 CPU cores)"),
     ctx: int = typer.Option(128, help="sequence length for the CE suite"),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
-    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
-    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
-                                                "KL, top-3 are computed in chunks within it; default 256 on "
-                                                "CPU, 2048 on CUDA)"),
-    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
-                                             "(transformers/accelerate); overrides --device"),
-    batch_size: int = typer.Option(8),
-    train_tokens: Optional[str] = typer.Option(None, help="the model's pre-training tokens D, for the "
-                                               "fixed-tokens reading N_eff/N (default: the known-models table; "
-                                               "unknown otherwise)"),
-    params: Optional[str] = typer.Option(None, help="the model's parameters N (default: counted on the "
-                                         "loaded model, embeddings included)"),
-    massive_factor: float = typer.Option(10.0, help=MASSIVE_FACTOR_HELP),
-    exclude_massive: bool = typer.Option(False, "--exclude-massive", help=EXCLUDE_MASSIVE_HELP),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    sae_dtype: SaeDtype = "float32",
+    logits_budget: LogitsBudget = None,
+    device_map: DeviceMap = None,
+    batch_size: BatchSize = 8,
+    train_tokens: TrainTokens = None,
+    params: Params = None,
+    massive_factor: MassiveFactor = 10.0,
+    exclude_massive: ExcludeMassive = False,
     out: str = typer.Option("results/main", help="run folder to write"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
-                                "(same configuration only); saved work is not recomputed"),
+    resume: Resume = False,
     family: bool = typer.Option(True, "--family/--no-family", help="main job only: also the family run "
                                 "(`sae-harness family`, into results/family beside --out)"),
     interp: bool = typer.Option(True, "--interp/--no-interp", help="main job only: also `sae-harness interp` on "
@@ -467,7 +450,7 @@ def family(
                                             "(repeat); default: the family's SAEs, pca:16 and neurons:16"),
     tokens: int = typer.Option(32768, help="tokens of the family's held-out text to evaluate"),
     ctx: int = typer.Option(256, help="sequence length (at most the family's training context, 256)"),
-    batch_size: int = typer.Option(8),
+    batch_size: BatchSize = 8,
     out: str = typer.Option("results/family", help="run folder to write"),
 ):
     """The family run: the CE suite on the SAE member of harness/family with its SAEs, every
@@ -482,19 +465,15 @@ def family(
 @user_errors
 def lm_eval_command(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    model: Model = "smollm2-135m",
     sae: List[str] = typer.Option([], help="SAE or baseline spec (repeat; A+B = joint); none = clean only"),
-    dtype: str = typer.Option("float32"),
-    sae_dtype: str = typer.Option("float32", help="dtype of the SAE weights (activations are cast in and out)"),
-    logits_budget: Optional[int] = typer.Option(None, help="MiB of memory for logits at a time (log-softmax, "
-                                                "KL, top-3 are computed in chunks within it; default 256 on "
-                                                "CPU, 2048 on CUDA)"),
-    device_map: Optional[str] = typer.Option(None, help="'auto': shard the model over all visible GPUs "
-                                             "(transformers/accelerate); overrides --device"),
+    dtype: Dtype = "float32",
+    sae_dtype: SaeDtype = "float32",
+    logits_budget: LogitsBudget = None,
+    device_map: DeviceMap = None,
     dataset: Optional[str] = typer.Option(None, help="text for the mean/PCA baselines' calibration (as for `ce`)"),
     out: str = typer.Option("results/lm-eval", help="run folder to write (tables, per-question results)"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run into the same folder "
-                                "(same configuration only); saved work is not recomputed"),
+    resume: Resume = False,
 ):
     """Any lm-eval task on the clean model and every SAE variant in one pass.
 
@@ -552,7 +531,7 @@ def _print_task_results(aggregate: dict) -> None:
 @app.command()
 @user_errors
 def talk(
-    model: str = typer.Option("smollm2-135m", help="model spec, as for `ce`"),
+    model: Model = "smollm2-135m",
     sae: List[str] = typer.Option([], help="SAE or baseline spec, as for `ce` (repeat; A+B = joint)"),
     joint: bool = typer.Option(False, help="also splice all given SAEs together (one per hook)"),
     prompt: List[str] = typer.Option([], help="prompt text (repeat); with no prompt: interactive"),
@@ -563,8 +542,8 @@ def talk(
     top_p: float = typer.Option(1.0, help="nucleus sampling mass (with --temperature > 0)"),
     seed: int = typer.Option(0, help="sampling seed: the same seed gives the same text"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
 ):
     """The clean model and every variant continue the same prompts, side by side; the first
     token where a variant departs from the clean continuation is marked."""
@@ -613,7 +592,7 @@ def table(
                                "has it)"),
     baseline: str = typer.Option("clean"),
     n_boot: int = typer.Option(1000),
-    seed: int = typer.Option(0),
+    seed: Seed = 0,
     out: Optional[str] = typer.Option(None, help="write here instead of stdout (with --write: a folder)"),
     write: bool = typer.Option(False, "--write", help="rewrite every table file of the run folder (or of --out)"),
 ):
@@ -653,16 +632,16 @@ def report(
 @user_errors
 def bench(
     model: str = typer.Option("random:6x512", help="random:LAYERSxWIDTH (no download) or a model spec"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     saes: int = typer.Option(4, help="number of random TopK SAEs at one hook"),
     tokens: int = typer.Option(4096),
     ctx: int = typer.Option(128),
-    batch_size: int = typer.Option(8),
+    batch_size: BatchSize = 8,
     mmlu_questions: int = typer.Option(40, help="offline MMLU questions for the lm-eval comparison (0 skips)"),
     blocks_model: str = typer.Option("random:12x512:v4096", help="a second shape for the CE rows, where the "
                                      "blocks rather than the unembedding dominate ('' skips)"),
-    seed: int = typer.Option(0),
+    seed: Seed = 0,
 ):
     """Speed, memory and agreement side by side with sae-lens run_evals and lm-eval's HFLM."""
     _quiet_libraries()
@@ -684,7 +663,7 @@ def fit_law(
     out: Optional[str] = typer.Option(None, help="write the law as JSON here"),
     lowest: Optional[int] = typer.Option(None, help="keep the K lowest-loss points"),
     n_boot: int = typer.Option(200, help="bootstrap resamples for the intervals"),
-    seed: int = typer.Option(0),
+    seed: Seed = 0,
 ):
     """Fit L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al.'s procedure) with bootstrap intervals."""
     import json
