@@ -34,6 +34,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.text.builtin import chunks as paragraph_chunks  # noqa: E402
+
 PACKAGES = {
     "python3.11-doc": ("usr/share/doc/python3.11/html/_sources", "*.txt", "text"),
     "perl-doc": ("usr/share/perl", "*.pod", "text"),
@@ -56,18 +60,6 @@ def _strip_html(page: str) -> str:
     page = html.unescape(page)
     page = re.sub(r"[ \t]+", " ", page)
     return re.sub(r"\n\s*\n+", "\n\n", page).strip()
-
-
-def _chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    out, current = [], ""
-    for para in re.split(r"\n\s*\n", text):
-        if current and len(current) + len(para) > size:
-            out.append(current)
-            current = ""
-        current = f"{current}\n\n{para}" if current else para
-    if current.strip():
-        out.append(current)
-    return out
 
 
 def _sha256(path: Path) -> str:
@@ -105,7 +97,7 @@ def build(cache: Path = CACHE) -> dict:
                 seen.add(digest)
                 kept += 1
                 chars += len(text)
-                for chunk in _chunks(text):
+                for chunk in paragraph_chunks(text, CHUNK_CHARS, r"\n\s*\n"):
                     bucket = int(hashlib.sha256(chunk.encode()).hexdigest()[:8], 16) % 1000
                     splits["eval" if bucket < EVAL_PER_MILLE else "train"].append(chunk)
             sources[package] = {"deb": deb.name, "deb_sha256": _sha256(deb), "files": len(files),

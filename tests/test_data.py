@@ -72,7 +72,7 @@ def test_train_and_eval_chunks_are_disjoint_and_hash_assigned():
     eval chunk is in any training split."""
     from pydoc_data.topics import topics
 
-    chunks = [c for key in sorted(topics) for c in data._chunks(topics[key])]
+    chunks = [c for key in sorted(topics) for c in data.chunks(topics[key])]
     assert "".join(chunks).replace("\n", "") == "".join(topics[k] for k in sorted(topics)).replace("\n", "")
     train, evaluation = data.prose_split()
     assert train == [c for c in chunks if _bucket(c) >= 20]

@@ -17,6 +17,7 @@ remain).
 from __future__ import annotations
 
 import hashlib
+import re
 import sysconfig
 from pathlib import Path
 
@@ -26,9 +27,11 @@ EVAL_PERCENT = 20
 CHUNK_CHARS = 2000
 
 
-def _chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+def chunks(text: str, size: int = CHUNK_CHARS, separator: str = r"\n\n") -> list[str]:
+    """Paragraph-aligned pieces of about `size` characters (paragraphs split on the regex
+    `separator`, joined back with a blank line); a paragraph longer than `size` stays whole."""
     out, current = [], ""
-    for para in text.split("\n\n"):
+    for para in re.split(separator, text):
         if current and len(current) + len(para) > size:
             out.append(current)
             current = ""
@@ -48,7 +51,7 @@ def prose_split() -> tuple[list[str], list[str]]:
 
     train, evaluation = [], []
     for key in sorted(topics):
-        for chunk in _chunks(topics[key]):
+        for chunk in chunks(topics[key]):
             (evaluation if _bucket(chunk) < EVAL_PERCENT else train).append(chunk)
     return train, _unseen(evaluation, train + stdlib_sources())
 
