@@ -193,3 +193,29 @@ def test_train_tokens_and_params_must_be_positive_numbers(tiny_hf_dir, tmp_path,
                         "--dataset", "builtin", option, value], out)
     assert code == 2 and len(lines) == 1 and lines[0] == f"error: {option} must be a positive number, got {value!r}"
     assert not out.exists()
+
+
+def test_sae_for_another_model_says_what_to_do_and_the_override_accepts_it(tiny_hf_dir, tmp_path):
+    sae = _save_sae(tmp_path / "other", tiny_hf_dir, model_name="gpt2-small")
+    assert _ce(tiny_hf_dir, sae, tmp_path).endswith("pass --allow-model-mismatch")
+    out = tmp_path / "accepted"
+    result = CliRunner().invoke(app, ["ce", "--model", str(tiny_hf_dir), "--sae", str(sae), "--tokens", "64",
+                                      "--ctx", "16", "--dataset", "builtin", "--allow-model-mismatch",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: SAE")]
+    assert len(warnings) == 1 and "'gpt2-small'" in warnings[0]
+    assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_sae_naming_the_embedded_models_hub_id_runs_without_edits(tmp_path):
+    """What sae-lens writes for SmolLM2-135M-Instruct as model_name is the embedded default."""
+    sae = make_topk_sae(576, 1152, 16, "blocks.15.hook_resid_post", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    sae.save_model(tmp_path / "mine")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["ce", "--sae", str(tmp_path / "mine"), "--tokens", "256", "--ctx", "64",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if line.startswith(("warning", "error"))]
+    assert json.loads((out / "metrics.json").read_text())[1]["variant"].endswith("mine")

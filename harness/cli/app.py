@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from harness.cli.options import (BatchSize, Dataset, DatasetConfig, DatasetSplit, DeviceMap, Device, Dtype,
+from harness.cli.options import (AllowModelMismatch, BatchSize, Dataset, DatasetConfig, DatasetSplit, DeviceMap, Device, Dtype,
                                  ExcludeMassive, LogitsBudget, MassiveFactor, Model, Params, Resume, SaeDtype,
                                  Seed, TextColumn, TrainTokens)
 
@@ -218,6 +218,7 @@ def ce(
     law: str = typer.Option("hoffmann", help="scaling law for compute-equivalents: preset or LAW.json"),
     train_tokens: TrainTokens = None,
     params: Params = None,
+    allow_model_mismatch: AllowModelMismatch = False,
     reference_models: str = typer.Option("", help="comma-separated models of the same family (same "
                                          "tokenizer, same data): evaluated on the run's tokens, fitted, "
                                          "and used for N_eff/N"),
@@ -238,7 +239,7 @@ def ce(
                    batch_size=batch_size, device=device, dtype=dtype, sae_dtype=sae_dtype, logits_budget_mib=logits_budget,
                    device_map=device_map, seed=seed, law=law, out=out,
                    train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params"),
-                   reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
+                   allow_model_mismatch=allow_model_mismatch, reference_models=_csv(reference_models), reference_tokens=_csv(reference_tokens, float),
                    reference_checkpoints=_csv(reference_checkpoints),
                    checkpoint_tokens=_csv(checkpoint_tokens, float), massive_factor=massive_factor,
                    exclude_massive=exclude_massive,
@@ -300,6 +301,7 @@ def run(
     batch_size: BatchSize = 8,
     train_tokens: TrainTokens = None,
     params: Params = None,
+    allow_model_mismatch: AllowModelMismatch = False,
     massive_factor: MassiveFactor = 10.0,
     exclude_massive: ExcludeMassive = False,
     out: str = typer.Option("results/main", help="run folder to write"),
@@ -333,6 +335,7 @@ def run(
                    num_fewshot=num_fewshot, tasks=task_limits(names, limit, mmlu_limit, full),
                    massive_factor=massive_factor, exclude_massive=exclude_massive,
                    train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params"),
+                   allow_model_mismatch=allow_model_mismatch,
                    **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks", "generations"), resume)
     if main_job and interp:
         from harness.jobs.interp import InterpConfig
@@ -469,6 +472,7 @@ def lm_eval_command(
     sae: List[str] = typer.Option([], help="SAE or baseline spec (repeat; A+B = joint); none = clean only"),
     dtype: Dtype = "float32",
     sae_dtype: SaeDtype = "float32",
+    allow_model_mismatch: AllowModelMismatch = False,
     logits_budget: LogitsBudget = None,
     device_map: DeviceMap = None,
     dataset: Optional[str] = typer.Option(None, help="text for the mean/PCA baselines' calibration (as for `ce`)"),
@@ -487,7 +491,7 @@ def lm_eval_command(
     from harness.jobs.pipeline import RunConfig, run_lm_eval
 
     opts = parse(ctx.args)
-    cfg = RunConfig(model=model, saes=list(sae), batch_size=opts.batch_size, device=opts.device, dtype=dtype,
+    cfg = RunConfig(model=model, saes=list(sae), allow_model_mismatch=allow_model_mismatch, batch_size=opts.batch_size, device=opts.device, dtype=dtype,
                     sae_dtype=sae_dtype, device_map=device_map, out=out, num_fewshot=opts.num_fewshot,
                     logits_budget_mib=logits_budget,
                     dataset=dataset)

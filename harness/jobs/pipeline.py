@@ -74,6 +74,7 @@ class RunConfig:
     law: str = "hoffmann"  # scaling law for compute-equivalents: preset name or LAW.json
     train_tokens: float | None = None  # the model's pre-training tokens D (None: harness/known_models.py)
     params: float | None = None  # its parameters N (None: counted on the loaded model)
+    allow_model_mismatch: bool = False  # accept SAEs that name another model (one warning line)
     reference_models: list[str] = field(default_factory=list)  # a family on the same data
     reference_tokens: list[float] = field(default_factory=list)  # their D, then the main model's
     reference_checkpoints: list[str] = field(default_factory=list)  # the main model's checkpoints
@@ -156,7 +157,7 @@ def session_for(cfg: RunConfig, eval_seqs: int = 0) -> Session:
     return prepare(cfg.model, cfg.saes + [s for s in cfg.ce_saes if s not in cfg.saes], joint=cfg.joint, device=cfg.device, dtype=cfg.dtype,
                    sae_dtype=cfg.sae_dtype, device_map=cfg.device_map,
                    calib_seqs=cfg.calib_seqs, ctx=cfg.ctx, batch_size=cfg.batch_size, text=text,
-                   eval_seqs=eval_seqs, seed=cfg.seed)
+                   eval_seqs=eval_seqs, seed=cfg.seed, allow_model_mismatch=cfg.allow_model_mismatch)
 
 
 def task_variants(session: Session, cfg: RunConfig) -> Session:

@@ -29,6 +29,9 @@ import torch
 from harness.errors import UserError
 
 EMBEDDED_DEFAULT = "smollm2-135m"
+# The embedded default is this checkpoint (what sae-lens writes as an SAE's model_name for it).
+# TransformerLens has no official name for SmolLM2.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -59,6 +62,12 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def names(self) -> set[str]:
+        """Every name this model goes by, normalised (`model_name_key`): its spec, its hub id,
+        the folder it was loaded from; an SAE naming any of them was trained on it."""
+        names = {self.spec, str(self.load_info.get("source") or ""), str(self.load_info.get("hub_id") or "")}
+        return {model_name_key(n) for n in names if n}
 
     def hook_names(self) -> list[str]:
         return sorted(self.model.hook_dict.keys())
@@ -200,6 +209,12 @@ def check_dtype(device: str, dtype: str) -> None:
                         "use --dtype float16 or float32")
 
 
+def model_name_key(name: str) -> str:
+    """A model name as compared: `tl:gpt2` ~ `gpt2`, a path or hub id ~ its last component,
+    case ignored (hub ids are case-insensitive)."""
+    return Path(name.removeprefix("tl:").rstrip("/")).name.lower()
+
+
 def _looks_like_path(spec: str) -> bool:
     """A hub id is `name` or `org/name`; anything else with a slash (or ~, ./, ../) is a path."""
     return spec.startswith(("/", ".", "~")) or spec.endswith("/") or spec.count("/") > 1
@@ -228,9 +243,10 @@ def load_model(
         path, shape = random_checkpoint(spec, dtype)
         info.update(loader="TransformerBridge.boot_transformers", source=str(path), random=shape)
         return _boot_bridge(spec, str(path), device, torch_dtype, info, device_map)
-    if spec == EMBEDDED_DEFAULT:
+    if spec == EMBEDDED_DEFAULT or spec.lower() == EMBEDDED_HUB_ID.lower():  # its hub id stays offline
         path = embedded_checkpoint()
-        info.update(loader="TransformerBridge.boot_transformers", source=str(path), gguf=_GGUF_NAME)
+        info.update(loader="TransformerBridge.boot_transformers", source=str(path), gguf=_GGUF_NAME,
+                    hub_id=EMBEDDED_HUB_ID)
         return _boot_bridge(spec, str(path), device, torch_dtype, info, device_map)
     local = Path(spec).expanduser()
     if spec.startswith("tl:") or (not local.exists() and _is_tl_official(spec)):

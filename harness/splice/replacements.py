@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from harness.model.loading import to_dtype, to_tl_hook_name
+from harness.model.loading import model_name_key, to_dtype, to_tl_hook_name
 from harness.errors import UserError
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_saes"
@@ -457,15 +457,10 @@ def resolve_hooks(replacements: list[Replacement]) -> None:
             r.hook = default
 
 
-def same_model(sae_model: str | None, model_spec: str) -> bool:
-    """Loose name match: `tl:gpt2` ~ `gpt2`, a folder path ~ its last component."""
-    if not sae_model:
-        return True
-
-    def norm(s: str) -> str:
-        return Path(s.removeprefix("tl:").rstrip("/")).name.lower()
-
-    return norm(sae_model) == norm(model_spec)
+def same_model(sae_model: str | None, model_names: set[str]) -> bool:
+    """Whether an SAE's model_name is one of the names the loaded model goes by
+    (`LoadedModel.names`: spec, hub id, folder); no name at all is no evidence against it."""
+    return not sae_model or model_name_key(sae_model) in model_names
 
 
 def describe(r: Replacement) -> dict:

@@ -11,6 +11,7 @@ batch are cut from the same source, the calibration from documents after the eva
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,7 +43,7 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
             calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
             make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None,
             text: sources.TextRequest | None = None, eval_seqs: int = 0, seed: int = 0,
-            calib_tokens: torch.Tensor | None = None) -> Session:
+            calib_tokens: torch.Tensor | None = None, allow_model_mismatch: bool = False) -> Session:
     """Load `model` and the `saes` specs, check they fit together, calibrate baselines.
 
     `make_replacements(lm)` adds replacements built in memory for the loaded model (the
@@ -64,7 +65,7 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
         extra = make_replacements(lm)
         repls = repls + extra
         variants = variants + variants_of([[r] for r in extra])[1:]
-    check_compatible(lm, repls)
+    check_compatible(lm, repls, allow_model_mismatch)
     if text is not None and (eval_seqs or any(r.needs_calibration for r in repls)):
         src = sources.open_source(text.dataset, model, repls, text.config, text.split, text.column)
         tokens, calib, info = sources.tokens_for_run(src, lm.tokenizer, int(lm.model.cfg.d_vocab), eval_seqs,
@@ -84,11 +85,18 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
     return Session(lm, variants, repls, calib, how)
 
 
-def check_compatible(lm: LoadedModel, repls: list[Replacement]) -> None:
-    """Every SAE was trained on this model, at an existing hook of the width it expects."""
+def check_compatible(lm: LoadedModel, repls: list[Replacement], allow_model_mismatch: bool = False) -> None:
+    """Every SAE was trained on this model (by any name it goes by: `LoadedModel.names`), at an
+    existing hook of the width it expects. With `allow_model_mismatch` a name that differs is one
+    warning line; the hook and width checks still apply."""
+    names = lm.names()
     for r in repls:
-        if r.base.kind == "sae" and not same_model(r.model_name, lm.spec):
-            raise UserError(f"SAE {r.spec!r} was trained on {r.model_name!r}, not on {lm.spec!r}")
+        if r.base.kind == "sae" and not same_model(r.model_name, names):
+            if not allow_model_mismatch:
+                raise UserError(f"SAE {r.spec!r} was trained on {r.model_name!r}, not on {lm.spec!r}; if that is "
+                                "this model under another name, pass --allow-model-mismatch")
+            print(f"warning: SAE {r.spec!r} names {r.model_name!r}, not {lm.spec!r}; accepted "
+                  "(--allow-model-mismatch), hooks and widths checked", file=sys.stderr)
     check_hooks(lm, sorted({r.hook for r in repls}))
     widths = activation_widths(lm, sorted({r.hook for r in repls if r.base.kind == "sae"}))
     for r in repls:
