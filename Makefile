@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/sae-harness run
+	$(VENV)/bin/sae-harness run --out results/main --overwrite
 
 # Two pytest workers (pytest-xdist), one torch thread each: the suite is mostly tiny models and
 # lm-eval bookkeeping, which one thread per worker runs faster than two threads in one process.

@@ -219,3 +219,27 @@ def test_sae_naming_the_embedded_models_hub_id_runs_without_edits(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert not [line for line in result.stderr.splitlines() if line.startswith(("warning", "error"))]
     assert json.loads((out / "metrics.json").read_text())[1]["variant"].endswith("mine")
+
+
+def test_an_existing_run_folder_is_never_replaced_unasked(tiny_hf_dir, tmp_path, monkeypatch):
+    """ce / run / lm-eval into an existing folder: one line naming --overwrite and --resume, exit
+    2, the folder untouched, and no model loaded (checked first); --overwrite replaces it."""
+    import harness.splice.session as session
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    loads = []
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    for cmd in (["ce", "--sae", f"zero@{HOOK}"], ["run", "--sae", f"zero@{HOOK}", "--no-family"],
+                ["lm-eval", "--sae", f"zero@{HOOK}", "--tasks", "mmlu_offline_anatomy"]):
+        code, lines = _run([*cmd, "--model", str(tiny_hf_dir)], out)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0] == (f"error: {out} already exists: pass --overwrite to replace it (once the new run is "
+                            "complete), or --resume to continue an interrupted run, or choose another --out")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not loads
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, ["ce", "--model", str(tiny_hf_dir), "--sae", f"zero@{HOOK}", "--tokens", "64",
+                                      "--ctx", "16", "--dataset", "builtin", "--overwrite", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert (out / "metrics.json").is_file() and not (out / "keep.txt").exists()

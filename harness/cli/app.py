@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from harness.cli.options import (AllowModelMismatch, BatchSize, Dataset, DatasetConfig, DatasetSplit, DeviceMap, Device, Dtype,
+from harness.cli.options import (AllowModelMismatch, BatchSize, Overwrite, Dataset, DatasetConfig, DatasetSplit, DeviceMap, Device, Dtype,
                                  ExcludeMassive, LogitsBudget, MassiveFactor, Model, Params, Resume, SaeDtype,
                                  Seed, TextColumn, TrainTokens)
 
@@ -228,14 +228,15 @@ def ce(
     checkpoint_tokens: str = typer.Option("", help="tokens seen by each checkpoint, then the final model's"),
     massive_factor: MassiveFactor = 10.0,
     exclude_massive: ExcludeMassive = False,
-    out: str = typer.Option("results/ce", help="run folder to write"),
+    out: str = typer.Option("runs/ce", help="run folder to write"),
     resume: Resume = False,
+    overwrite: Overwrite = False,
 ):
     """Cross-entropy, KL, loss recovered and reconstruction metrics for each SAE (and joint splices)."""
     _quiet_libraries()
     from harness.jobs.pipeline import RunConfig
 
-    _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx,
+    _run(RunConfig(model=model, saes=list(sae), joint=joint, tokens=tokens, ctx=ctx, overwrite=overwrite,
                    batch_size=batch_size, device=device, dtype=dtype, sae_dtype=sae_dtype, logits_budget_mib=logits_budget,
                    device_map=device_map, seed=seed, law=law, out=out,
                    train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params"),
@@ -304,8 +305,10 @@ def run(
     allow_model_mismatch: AllowModelMismatch = False,
     massive_factor: MassiveFactor = 10.0,
     exclude_massive: ExcludeMassive = False,
-    out: str = typer.Option("results/main", help="run folder to write"),
+    out: str = typer.Option("runs/main", help="run folder to write (`make run` regenerates the committed "
+                                              "results/main with --out results/main --overwrite)"),
     resume: Resume = False,
+    overwrite: Overwrite = False,
     family: bool = typer.Option(True, "--family/--no-family", help="main job only: also the family run "
                                 "(`sae-harness family`, into results/family beside --out)"),
     interp: bool = typer.Option(True, "--interp/--no-interp", help="main job only: also `sae-harness interp` on "
@@ -328,7 +331,12 @@ def run(
             check_limit(value, option)
     ce_saes = list(ce_sae) if ce_sae is not None else ([] if sae else list(DEFAULT_CE_SAES))
     main_job = not sae and model == EMBEDDED_DEFAULT
+    if main_job and family:  # the family folder beside --out: refused now, not after the main job
+        from harness.jobs.runfolder import check_out
+
+        check_out(Path(out).parent / "family", overwrite)
     _run(RunConfig(model=model, saes=list(sae) if sae else list(DEFAULT_SAES), ce_saes=ce_saes, out=out,
+                   overwrite=overwrite,
                    tokens=tokens, ctx=ctx,
                    device=device, dtype=dtype, sae_dtype=sae_dtype, device_map=device_map, batch_size=batch_size,
                    logits_budget_mib=logits_budget,
@@ -343,7 +351,7 @@ def run(
         _interp_into_run(Path(out), InterpConfig(), lambda m: typer.echo(m, err=True))
         print_saved_table(Path(out) / "interp.md")
     if main_job and family:
-        _family(str(Path(out).parent / "family"))
+        _family(str(Path(out).parent / "family"), overwrite=overwrite)
 
 
 def _family(out: str, **kw) -> None:
@@ -403,7 +411,7 @@ def interp(
     else:
         if model is None:
             raise UserError(f"{run_or_specs[0]!r} is not a run folder: give one, or SAE specs with --model")
-        folder = Path(out or "results/interp")
+        folder = Path(out or "runs/interp")
         _via_scratch(folder, lambda tmp: interp_job.run(model, list(run_or_specs), cfg, tmp, say=say))
     print_saved_table(folder / "interp.md")
 
@@ -454,14 +462,15 @@ def family(
     tokens: int = typer.Option(32768, help="tokens of the family's held-out text to evaluate"),
     ctx: int = typer.Option(256, help="sequence length (at most the family's training context, 256)"),
     batch_size: BatchSize = 8,
-    out: str = typer.Option("results/family", help="run folder to write"),
+    out: str = typer.Option("runs/family", help="run folder to write"),
+    overwrite: Overwrite = False,
 ):
     """The family run: the CE suite on the SAE member of harness/family with its SAEs, every
     annealed run evaluated on the same held-out tokens, and compute-equivalents from the
     least-squares L(N), L(D) and L(N, D) (profile-likelihood ranges) beside the presets."""
     _quiet_libraries()
     kw = {"saes": list(sae)} if sae else {}
-    _family(out, tokens=tokens, ctx=ctx, batch_size=batch_size, **kw)
+    _family(out, tokens=tokens, ctx=ctx, batch_size=batch_size, overwrite=overwrite, **kw)
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -476,8 +485,9 @@ def lm_eval_command(
     logits_budget: LogitsBudget = None,
     device_map: DeviceMap = None,
     dataset: Optional[str] = typer.Option(None, help="text for the mean/PCA baselines' calibration (as for `ce`)"),
-    out: str = typer.Option("results/lm-eval", help="run folder to write (tables, per-question results)"),
+    out: str = typer.Option("runs/lm-eval", help="run folder to write (tables, per-question results)"),
     resume: Resume = False,
+    overwrite: Overwrite = False,
 ):
     """Any lm-eval task on the clean model and every SAE variant in one pass.
 
@@ -491,7 +501,8 @@ def lm_eval_command(
     from harness.jobs.pipeline import RunConfig, run_lm_eval
 
     opts = parse(ctx.args)
-    cfg = RunConfig(model=model, saes=list(sae), allow_model_mismatch=allow_model_mismatch, batch_size=opts.batch_size, device=opts.device, dtype=dtype,
+    cfg = RunConfig(model=model, saes=list(sae), allow_model_mismatch=allow_model_mismatch, overwrite=overwrite,
+                    batch_size=opts.batch_size, device=opts.device, dtype=dtype,
                     sae_dtype=sae_dtype, device_map=device_map, out=out, num_fewshot=opts.num_fewshot,
                     logits_budget_mib=logits_budget,
                     dataset=dataset)

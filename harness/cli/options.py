@@ -41,6 +41,8 @@ Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted 
 TrainTokens = Annotated[Optional[str], typer.Option(
     help="the model's pre-training tokens D, for the fixed-tokens reading N_eff/N (default: the known-models "
          "table; unknown otherwise)")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace --out if it exists (only once the new run "
+                                                          "is complete); without it an existing folder is refused")]
 AllowModelMismatch = Annotated[bool, typer.Option(
     "--allow-model-mismatch", help="accept SAEs whose model_name names another model (one warning line); "
                                    "hooks and widths are still checked")]

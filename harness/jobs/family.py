@@ -72,7 +72,8 @@ class FamilyConfig:
     calib_seqs: int = 16
     seed: int = 0
     n_boot: int = 1000
-    out: str = "results/family"
+    out: str = "runs/family"
+    overwrite: bool = False  # replace an existing --out (else refused)
 
     def __post_init__(self):
         if self.tokens < self.ctx or self.ctx < 2:
@@ -193,9 +194,10 @@ def run(cfg: FamilyConfig, progress_factory=None, say=print) -> dict:
     import torch
 
     from harness.jobs.pipeline import stage
-    from harness.jobs.runfolder import command_line, machine, staging, versions, write_json
+    from harness.jobs.runfolder import check_out, command_line, machine, staging, versions, write_json
     from harness.splice.session import prepare
 
+    check_out(cfg.out, cfg.overwrite)
     m = manifest()
     member = next(r for r in m["runs"] if r["name"] == m["sae_member"])
     rows = torch.from_numpy(eval_rows())

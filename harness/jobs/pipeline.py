@@ -37,7 +37,7 @@ from harness.lmeval.backend import evaluate_tasks
 from harness.model.loading import EMBEDDED_DEFAULT
 from harness.errors import UserError
 from harness.evals.references import add_reference_equivalents
-from harness.jobs.runfolder import (Checkpoint, command_line, machine, model_hash, staging, versions, write_ce,
+from harness.jobs.runfolder import (Checkpoint, check_out, command_line, machine, model_hash, staging, versions, write_ce,
                                write_compute_equivalents, write_json, write_report, write_tasks)
 from harness.splice.replacements import describe
 from harness.splice.session import Session, prepare
@@ -75,6 +75,7 @@ class RunConfig:
     train_tokens: float | None = None  # the model's pre-training tokens D (None: harness/known_models.py)
     params: float | None = None  # its parameters N (None: counted on the loaded model)
     allow_model_mismatch: bool = False  # accept SAEs that name another model (one warning line)
+    overwrite: bool = False  # replace an existing --out (else refused; --resume continues one)
     reference_models: list[str] = field(default_factory=list)  # a family on the same data
     reference_tokens: list[float] = field(default_factory=list)  # their D, then the main model's
     reference_checkpoints: list[str] = field(default_factory=list)  # the main model's checkpoints
@@ -87,7 +88,7 @@ class RunConfig:
     dataset_config: str | None = None
     dataset_split: str = "train"
     text_column: str | None = None  # None = text, else input_ids / tokens
-    out: str = "results/latest"
+    out: str = "runs/latest"
 
     def __post_init__(self):
         if self.ctx < 2:
@@ -187,6 +188,7 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
 
     An interrupted run keeps its partial folder; `resume=True` continues it (same identity
     only: see `identity`) without recomputing the saved CE batches or task requests."""
+    check_out(cfg.out, cfg.overwrite, resume)  # an existing folder is never replaced unasked
     law = load_law(cfg.law) if "ce" in stages else None  # a bad law file fails before any model work
     tm = checked_task_manager(list(cfg.tasks)) if "tasks" in stages else None  # unknown tasks: before the model
     session = session_for(cfg, cfg.n_seq if "ce" in stages else 0)
@@ -421,6 +423,7 @@ def run_lm_eval(cfg: RunConfig, tasks: list[str], limit=None, include_path=None,
     """The `lm-eval` command: any tasks, clean + every variant, one run folder; with
     `options.output_path` also lm-eval's own results files per variant (harness.lmeval.options)."""
     extra = dict(extra or {})
+    check_out(cfg.out, cfg.overwrite, resume)
     tm = checked_task_manager(tasks, include_path)  # unknown tasks fail before the model loads
     session = session_for(cfg)
     hashes = model_hash(session.lm)

@@ -34,6 +34,18 @@ from harness.splice.variants import short_hook
 RESUME_DIR = ".resume"  # inside a partial folder: what --resume needs; removed when the run completes
 
 
+def check_out(out, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse (one line) to replace an existing run folder unless asked: --overwrite replaces it
+    once the new run is complete, --resume continues an interrupted run. Checked before any
+    model work."""
+    out = Path(out)
+    if out.exists() and not (overwrite or resume):
+        raise UserError(f"{out} already exists: pass --overwrite to replace it (once the new run is complete), "
+                        "or --resume to continue an interrupted run, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+
+
 class staging:
     """Build a run folder under a temporary name (`.NAME.partial` beside it); rename it into
     place only on success, so the final folder only ever appears complete.
