@@ -4,6 +4,8 @@ through here."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -36,3 +38,28 @@ def write_atomic(path, data: str | bytes) -> Path:
             os.fsync(f.fileno())
 
     return replace_via(path, write)
+
+
+def strict(obj):
+    """`obj` with every NaN or infinity replaced by None (null): strict JSON readers
+    (JSON.parse, jq, Go, Rust) reject NaN. Tuples become lists, numpy scalars plain numbers."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_text(obj, indent: int | None = 2, **options) -> str:
+    """Strict JSON text (no NaN / Infinity: null), anything else as its str(); `options` go to
+    json.dumps (ensure_ascii, sort_keys)."""
+    return json.dumps(strict(obj), indent=indent, default=str, allow_nan=False, **options) + "\n"
+
+
+def write_json(path, obj, indent: int | None = 2) -> Path:
+    """A JSON file, strict and atomic: every JSON a run writes goes through here."""
+    return write_atomic(path, json_text(obj, indent))

@@ -243,3 +243,27 @@ def test_an_existing_run_folder_is_never_replaced_unasked(tiny_hf_dir, tmp_path,
                                       "--ctx", "16", "--dataset", "builtin", "--overwrite", "--out", str(out)])
     assert result.exit_code == 0, result.stderr
     assert (out / "metrics.json").is_file() and not (out / "keep.txt").exists()
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_a_run_writes_is_strict(tiny_hf_dir, tmp_path):
+    """No NaN / Infinity anywhere (JSON.parse and other strict readers reject them): a value the
+    run cannot give is null. The zero ablation's compute fraction is not finite: null."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["ce", "--model", str(tiny_hf_dir), "--sae", f"zero@{HOOK}", "--sae",
+                                      f"pca:4@{HOOK}", "--tokens", "64", "--ctx", "16", "--dataset", "builtin",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    found = sorted(out.rglob("*.json"))
+    assert {p.name for p in found} >= {"metrics.json", "config.json", "compute_equivalents.json", "damage.json"}
+    for path in found:
+        _strict(path.read_text())
+    assert _strict("[1.0]") == [1.0]
+    with pytest.raises(ValueError, match="not strict"):
+        _strict("[NaN]")

@@ -280,10 +280,10 @@ def _cell(s: str) -> str:
 
 def write_damage(folder: str | Path) -> dict:
     """Compute and write damage.json and damage.md in a run folder (atomically each)."""
-    from harness.files import write_atomic
+    from harness.files import write_atomic, write_json
 
     folder = Path(folder)
     report = analyse(load_run(folder))
-    write_atomic(folder / "damage.json", json.dumps(report, indent=2) + "\n")
+    write_json(folder / "damage.json", report)
     write_atomic(folder / "damage.md", markdown(report))
     return report

@@ -435,7 +435,8 @@ def _write_ce_files(result, tokens, lm) -> None:
     from pathlib import Path
 
     from harness.evals.damage import write_damage
-    from harness.jobs.runfolder import write_ce, write_json
+    from harness.files import write_json
+    from harness.jobs.runfolder import write_ce
 
     with tempfile.TemporaryDirectory() as tmp:
         write_ce(Path(tmp), result.records, result.per_token_dce, tokens, result.per_token_top3, lm.tokenizer)

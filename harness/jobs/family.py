@@ -194,7 +194,8 @@ def run(cfg: FamilyConfig, progress_factory=None, say=print) -> dict:
     import torch
 
     from harness.jobs.pipeline import stage
-    from harness.jobs.runfolder import check_out, command_line, machine, staging, versions, write_json
+    from harness.files import write_json
+    from harness.jobs.runfolder import check_out, command_line, machine, staging, versions
     from harness.splice.session import prepare
 
     check_out(cfg.out, cfg.overwrite)

@@ -10,11 +10,11 @@ interp.md / interp.json hold the frontier and frontier.png draws it. Definitions
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.files import write_json
 from harness.evals import interp
 from harness.output.explainability import points, table  # noqa: F401 (table: the CLI's)
 from harness.errors import UserError
@@ -111,7 +111,7 @@ def run(model: str, saes: list[str], cfg: InterpConfig, out: Path, metrics: list
                "judge_requests": None if judge is None else judge.requests,
                "variants": rows}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "interp.json").write_text(json.dumps(details, indent=2))
+    write_json(out / "interp.json", details)
     (out / "interp.md").write_text(table(details) + "\n")
     save(frontier_figure(points(details)), out, "frontier")
     return details

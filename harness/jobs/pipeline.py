@@ -38,7 +38,8 @@ from harness.model.loading import EMBEDDED_DEFAULT
 from harness.errors import UserError
 from harness.evals.references import add_reference_equivalents
 from harness.jobs.runfolder import (Checkpoint, check_out, command_line, machine, model_hash, staging, versions, write_ce,
-                               write_compute_equivalents, write_json, write_report, write_tasks)
+                               write_compute_equivalents, write_report, write_tasks)
+from harness.files import write_json
 from harness.splice.replacements import describe
 from harness.splice.session import Session, prepare
 

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harness.files import replace_via, write_json
 from harness.model import distributed
 from harness.output import tables
 from harness.model.loading import LoadedModel
 from harness.errors import UserError
-from harness.files import replace_via
 from harness.splice.replacements import sha256
 from harness.splice.variants import short_hook
 
@@ -128,14 +128,6 @@ class Checkpoint:
         return torch.load(self.path, weights_only=False) if self.path.is_file() else None
 
 
-def write_text(path: Path, text: str) -> None:
-    path.write_text(text)
-
-
-def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=str))
-
-
 # ---------------------------------------------------------------- provenance
 
 def versions() -> dict:
@@ -185,7 +177,7 @@ def ce_frame(records: list[dict]) -> pd.DataFrame:
 
 def write_ce(folder: Path, records: list[dict], per_token_dce: dict, tokens: torch.Tensor,
              per_token_top3: dict | None = None, tokenizer=None) -> None:
-    write_text(folder / "metrics.json", json.dumps(records, indent=2))
+    write_json(folder / "metrics.json", records)
     np.save(folder / "tokens.npy", tokens.numpy())
     np.savez_compressed(folder / "per_token_dce.npz", **per_token_dce)
     if per_token_top3:
@@ -193,14 +185,15 @@ def write_ce(folder: Path, records: list[dict], per_token_dce: dict, tokens: tor
     if tokenizer is not None:  # the token texts damage.json shows (written after config.json: see write_damage)
         from harness.evals import damage
 
-        write_text(folder / "token_text.json", json.dumps(damage.token_text(tokenizer, tokens.numpy(), per_token_top3)))
+        write_json(folder / "token_text.json", damage.token_text(tokenizer, tokens.numpy(), per_token_top3),
+                         indent=None)
     ce_frame(records).to_csv(folder / "ce.csv", index=False)
     tables.write_tables(folder, which=("ce",))  # ce.md, ce.tex: the paper-sized CE table
 
 
 def write_compute_equivalents(folder: Path, details: dict) -> None:
     """compute_equivalents.json (the report draws the loss-against-compute figure from it)."""
-    write_text(folder / "compute_equivalents.json", json.dumps(details, indent=2))
+    write_json(folder / "compute_equivalents.json", details)
 
 
 # ---------------------------------------------------------------- lm-eval tasks

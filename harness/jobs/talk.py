@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.files import write_json
 from harness.splice.generate import Sampling, first_divergence, generate, score_continuation
 from harness.model.loading import LoadedModel
 from harness.errors import UserError
@@ -153,8 +154,8 @@ def write_generations(folder: Path, lm: LoadedModel, variants: list[Variant], to
         records.append({"kind": kind, "prompt": prompt, "chat": chat, "variants": result})
         if progress is not None:
             progress(len(records))
-    (folder / "generations.json").write_text(json.dumps({"max_new_tokens": max_new_tokens, "sampling": "greedy",
-                                                         "prompts": records}, indent=2))
+    write_json(folder / "generations.json", {"max_new_tokens": max_new_tokens, "sampling": "greedy",
+                                             "prompts": records})
     (folder / "generations.md").write_text(markdown(records, tokenizer))
     return records
 

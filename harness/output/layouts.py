@@ -16,12 +16,12 @@ label stub, sized to fit an A4 text block (16 cm); a joint splice's name breaks 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 import pandas as pd
 
+from harness.files import json_text
 from harness.output import ce_columns
 
 SIGNIFICANT = 0.05
@@ -361,8 +361,8 @@ def to_csv(g: Grid) -> str:
 
 
 def to_json(g: Grid) -> str:
-    return json.dumps({"caption": g.caption[0], "rows": to_frame(g).to_dict(orient="records")},
-                      indent=1, ensure_ascii=False) + "\n"
+    return json_text({"caption": g.caption[0], "rows": to_frame(g).to_dict(orient="records")},
+                      indent=1, ensure_ascii=False)
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

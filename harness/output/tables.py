@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binom
 
-from harness.files import write_atomic
+from harness.files import json_text, write_atomic
 from harness.lmeval.samples import COLUMNS, MMLU
 
 PER_QUESTION_FILE = "per_question.csv"
@@ -359,7 +359,7 @@ def to_csv(table: pd.DataFrame, path=None) -> str:
 
 def to_json(table: pd.DataFrame, path=None) -> str:
     records = json.loads(_flat(table).to_json(orient="records", double_precision=15))  # NaN -> null
-    return _emit(json.dumps(records, indent=1) + "\n", path)
+    return _emit(json_text(records, indent=1), path)
 
 
 def to_markdown(table: pd.DataFrame, path=None) -> str:
