@@ -267,3 +267,14 @@ def test_every_json_a_run_writes_is_strict(tiny_hf_dir, tmp_path):
     assert _strict("[1.0]") == [1.0]
     with pytest.raises(ValueError, match="not strict"):
         _strict("[NaN]")
+
+
+def test_a_missing_dataset_file_is_refused_before_the_model_loads(tiny_hf_dir, tmp_path, monkeypatch):
+    import harness.splice.session as session
+
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    out = tmp_path / "run"
+    code, lines = _run(["ce", "--model", str(tiny_hf_dir), "--sae", f"zero@{HOOK}", "--dataset",
+                        str(tmp_path / "nowhere.jsonl")], out)
+    assert code == 2 and lines == [f"error: no such file or folder: {tmp_path / 'nowhere.jsonl'}"]
+    assert not out.exists()

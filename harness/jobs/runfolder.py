@@ -7,6 +7,7 @@ failed or interrupted run leaves no half-written results behind. Nothing here ru
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -137,13 +138,20 @@ def versions() -> dict:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    out["git"] = git_commit()
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The source tree's commit, asked once per process and quietly (an installed wheel has
+    none); lm-eval's own question is answered from here too (lmeval/backend.py)."""
     try:
         root = Path(__file__).resolve().parents[2]
-        out["git"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                    text=True, timeout=5).stdout.strip() or None
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        out["git"] = None
-    return out
+        return None
 
 
 def command_line() -> dict:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import subprocess
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -257,6 +258,26 @@ def hf_tokenizer(lm: LoadedModel):
     return lm.tokenizer
 
 
+@functools.lru_cache(maxsize=1)
+def quiet_git_hash() -> str | None:
+    """What lm-eval records as `git_hash` (`git describe --always` in the working folder), asked
+    once and quietly: lm-eval's own call lets git print "fatal: not a git repository" once per
+    evaluation outside a checkout (once per variant here)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _quiet_lm_eval_git() -> None:
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+
+    lm_eval.evaluator.get_git_commit_hash = quiet_git_hash
+    lm_eval.loggers.utils.get_git_commit_hash = quiet_git_hash
+
+
 @register_model("sae-spliced")
 class SplicedLM(TemplateLM):
     """One variant of a SpliceEngine as an lm-eval model.
@@ -454,6 +475,7 @@ def evaluate_tasks(lm: LoadedModel, variants: list[Variant], tasks: list[str], t
     progress(done, total), if given, is called as requests are scored, counting each request
     once per variant. Under torchrun every process calls this; rank 0 gets the results
     (samples in document order), the others None for every variant."""
+    _quiet_lm_eval_git()
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -58,6 +58,8 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
     batch where the caller has its own held-out text (the family run)."""
     device = distributed.setup(device, device_map)
     check_device(device)
+    if text is not None:
+        sources.check_local(text.dataset)  # a missing file fails before the model loads
     variants, repls = build_variants(list(saes), joint, device, sae_dtype, seed) if saes else ([Variant(CLEAN, {})], [])
     kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
     lm = load_model(model, device, dtype, kwargs, device_map=device_map)

@@ -81,9 +81,18 @@ def load_text_source(spec: str, config: str | None = None, split: str | None = "
                               builder=FILE_BUILDERS[path.suffix], data_files=str(path))
     if path.is_dir():
         return _from_disk(path, split, column)
-    if path.suffix in (".txt", *FILE_BUILDERS) or spec.startswith((".", "/", "~")):
-        raise UserError(f"no such file or folder: {spec}")
+    check_local(spec)
     return _from_datasets(spec, "hf", config, split, column, builder=spec)
+
+
+def check_local(spec: str | None) -> None:
+    """A --dataset that names a local file or folder must exist: checked before any model work
+    (a hub id is checked when it is opened)."""
+    if not spec or spec == BUILTIN:
+        return
+    path = Path(spec).expanduser()
+    if not path.exists() and (path.suffix in (".txt", *FILE_BUILDERS) or spec.startswith((".", "/", "~"))):
+        raise UserError(f"no such file or folder: {spec}")
 
 
 def _paragraphs(path: Path) -> Iterator[str]:
