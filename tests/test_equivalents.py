@@ -179,9 +179,14 @@ def test_fit_law_and_equiv_commands(tmp_path):
     # the text output of a preset, on stdout, with the assumptions on stderr
     res = CliRunner().invoke(app, ["equiv", "--clean", "3.0", "--spliced", "3.2", "--law", "epoch"])
     assert res.exit_code == 0, res.stderr
-    line = next(l for l in res.stdout.splitlines() if "compute fraction C_eff/C" in l)
+    line = next(l for l in res.stdout.splitlines() if "C_eff/C on the frontier" in l)
     assert float(line.split()[-1]) == pytest.approx(frontier_fraction(S.preset("epoch"), 3.0, 3.2), rel=1e-3)
     assert "[frontier]" in res.stderr and "[over_E]" in res.stderr
+    # --dce is the same question asked as a loss increase
+    by_dce = CliRunner().invoke(app, ["equiv", "--clean", "3.0", "--dce", "0.2", "--law", "epoch"])
+    assert by_dce.exit_code == 0 and by_dce.stdout == res.stdout
+    both = CliRunner().invoke(app, ["equiv", "--clean", "3.0", "--dce", "0.2", "--spliced", "3.2"])
+    assert both.exit_code == 2 and both.stderr.strip().startswith("error: give the spliced loss")
 
 
 # --------------------------------------------------------------------------- in the pipeline

@@ -309,8 +309,11 @@ def run(
                                               "results/main with --out results/main --overwrite)"),
     resume: Resume = False,
     overwrite: Overwrite = False,
+    generations: bool = typer.Option(True, "--generations/--no-generations",
+                                     help="every variant continues the built-in prompts (generations.md; about "
+                                          "40 s of the main job on 2 CPU cores)"),
     family: bool = typer.Option(True, "--family/--no-family", help="main job only: also the family run "
-                                "(`sae-harness family`, into results/family beside --out)"),
+                                "(`sae-harness family`, into a folder `family` beside --out)"),
     interp: bool = typer.Option(True, "--interp/--no-interp", help="main job only: also `sae-harness interp` on "
                                 "the run (explainability table and frontier, judge-free)"),
 ):
@@ -344,7 +347,8 @@ def run(
                    massive_factor=massive_factor, exclude_massive=exclude_massive,
                    train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params"),
                    allow_model_mismatch=allow_model_mismatch,
-                   **_dataset_options(dataset, dataset_config, dataset_split, text_column)), ("ce", "tasks", "generations"), resume)
+                   **_dataset_options(dataset, dataset_config, dataset_split, text_column)),
+         ("ce", "tasks") + (("generations",) if generations else ()), resume)
     if main_job and interp:
         from harness.jobs.interp import InterpConfig
 
@@ -707,7 +711,8 @@ def fit_law(
 @_value_errors_as_user_errors
 def equiv(
     clean: float = typer.Option(..., help="clean model's loss (nats/token)"),
-    spliced: float = typer.Option(..., help="spliced model's loss (nats/token)"),
+    spliced: Optional[float] = typer.Option(None, help="spliced model's loss (nats/token); or give --dce"),
+    dce: Optional[float] = typer.Option(None, help="the loss increase (nats/token), instead of --spliced"),
     law: str = typer.Option("hoffmann", help="hoffmann, hoffmann-exact, epoch, kaplan, or a LAW.json"),
     params: Optional[float] = typer.Option(None, help="model parameters N"),
     tokens: Optional[float] = typer.Option(None, help="training tokens D"),
@@ -717,14 +722,18 @@ def equiv(
     import json
 
     from harness import scaling
+    from harness.errors import UserError
 
+    if (spliced is None) == (dce is None):
+        raise UserError("give the spliced loss (--spliced) or the loss increase (--dce), one of the two")
+    spliced = clean + dce if spliced is None else spliced
     result = scaling.equivalents(scaling.load_law(law), clean, spliced, params, tokens)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(f"law {result['law']}: clean {clean:.4f} -> spliced {spliced:.4f} nats/token")
-    for key, label in (("compute_fraction", "compute fraction C_eff/C"), ("n_eff_frac", "N_eff/N (fixed tokens)"),
-                       ("d_eff_frac", "D_eff/D (fixed size)")):
+    for key, label in (("compute_fraction", "C_eff/C on the frontier"), ("n_eff_frac", "N_eff/N at fixed D"),
+                       ("d_eff_frac", "D_eff/D at fixed N")):
         if key in result:
             typer.echo(f"  {label:<26} {result[key]:.4g}")
     for row in result.get("compute_fraction_over_E", []):

@@ -424,8 +424,8 @@ def save_per_question(df: pd.DataFrame, run_dir) -> Path:
 def _read_per_question(d: Path) -> pd.DataFrame:
     f = next((d / n for n in (PER_QUESTION_FILE, LEGACY_PER_QUESTION_FILE) if (d / n).is_file()), None)
     if f is None:
-        raise ValueError(f"{PER_QUESTION_FILE} / {LEGACY_PER_QUESTION_FILE} not found in {d} "
-                         "(the run has no per-question task results)")
+        hint = "; it has CE results: use --level ce" if (d / "metrics.json").is_file() else ""
+        raise ValueError(f"{d} has no per-question task results ({PER_QUESTION_FILE}){hint}")
     try:
         t = pd.read_csv(f, dtype={"variant": str, "task": str, "subject": str, "category": str})
     except Exception as err:
