@@ -475,3 +475,18 @@ def test_a_ce_column_defined_once_appears_in_all_three_outputs(monkeypatch, tmp_
     runs = load_runs([run])
     page = headline_section(runs, Labels(runs))
     assert "probe column html" in page and "<td>0.25</td>" in page
+
+
+@pytest.mark.parametrize("width", [100, 250])
+def test_the_terminal_ce_table_fits_the_terminal(monkeypatch, capsys, width):
+    """At 100 columns the CE table drops to its essential columns, says where the full one is and
+    stays within the width; at 250 it shows every column. A legend follows either way."""
+    from harness.cli.app import print_ce_table
+
+    monkeypatch.setenv("COLUMNS", str(width))
+    records = json.loads((Path(__file__).resolve().parent.parent / "results" / "main" / "metrics.json").read_text())
+    print_ce_table(records, "t", Path("runs/x"))
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= width
+    assert "C_eff/C frontier" in out and "LR zero" in out and "dCE: CE increase" in out
+    assert ("Essential columns only" in out) == (width == 100) and ("EV w/o massive" in out) == (width == 250)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,7 +20,10 @@ from harness.cli.options import (AllowModelMismatch, BatchSize, Overwrite, Datas
 
 import typer
 
+# Rich's help panels cut long option names below ~100 columns; there, click's plain help wraps
+# the descriptions and keeps every name whole.
 app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  rich_markup_mode="rich" if shutil.get_terminal_size().columns >= 100 else None,
                   help="Measure how much an SAE spliced into a language model damages it.")
 
 
@@ -104,22 +108,55 @@ def _progress_factory():
     return StageBar
 
 
-def print_ce_table(records: list[dict], title: str) -> None:
-    """The CE table on the terminal: the columns of harness/output/ce_columns.py."""
+def fit_to_terminal(build, pointer: str = "", legend: str = "") -> None:
+    """Print a rich table that fits the terminal: build(full=True) first; where that is wider
+    than the terminal, build(full=False) (the essential columns) and a one-line pointer to the
+    full table. A short legend goes under it."""
     from rich.console import Console
+
+    from rich.measure import Measurement
+
+    console = Console()
+    table = build(True)
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    if natural > console.width:
+        table = build(False)
+        if pointer:
+            legend = f"{pointer} {legend}".strip()
+    console.print(table)
+    if legend:
+        console.print(legend, style="dim", highlight=False)
+
+
+CE_LEGEND = ("dCE: CE increase over clean (nats/token) [95% CI]; LR zero / mean: loss recovered against the zero / "
+             "mean ablation; C_eff/C frontier: compute a compute-optimal model reaching the spliced loss needs, "
+             "over one reaching the clean loss; N_eff/N at D: parameters a model trained on this model's own tokens "
+             "would need, over its own (D_eff/D at N likewise for tokens); ‡ outside the fitted range.")
+CE_ESSENTIAL = {"dce", "kl", "loss_recovered_zero", "compute_fraction", "n_eff_frac_fixed_d", "n_eff_frac"}
+
+
+def print_ce_table(records: list[dict], title: str, folder: Path | None = None) -> None:
+    """The CE table on the terminal: the columns of harness/output/ce_columns.py, the essential
+    ones where the terminal is too narrow for all."""
     from rich.table import Table
 
     from harness.output.ce_columns import columns
 
     law = records[0].get("law")
-    table = Table(title=title + (f" (compute-equivalents: {law})" if law else ""))
-    cols = columns(records, "terminal")
-    table.add_column("variant", justify="left")
-    for col in cols:
-        table.add_column(col.text, justify="right")
-    for r in records:
-        table.add_row(r["variant"], *[col.text_cell(r) for col in cols])
-    Console(width=220).print(table)
+
+    def build(full: bool):
+        cols = [c for c in columns(records, "terminal") if full or c.key in CE_ESSENTIAL]
+        table = Table(title=title + (f" (compute-equivalents: {law})" if law else ""))
+        table.add_column("variant", justify="left", overflow="fold")
+        for col in cols:
+            table.add_column(col.text, justify="right")
+        for r in records:
+            table.add_row(r["variant"], *[col.text_cell(r) for col in cols])
+        return table
+
+    where = f"{folder / 'ce.md'}" if folder else "ce.md in the run folder"
+    fit_to_terminal(build, f"Essential columns only (the terminal is narrow): the full table is {where}.",
+                    CE_LEGEND)
 
 
 
@@ -145,7 +182,7 @@ def _run(cfg, stages, resume: bool = False) -> None:
     if result.ce is not None:
         excluded = " (massive positions excluded from T)" if cfg.exclude_massive else ""
         print_ce_table(result.ce.records,
-                       f"{cfg.model}: cross-entropy on {result.ce.n_tokens} held-out tokens{excluded}")
+                       f"{cfg.model}: cross-entropy on {result.ce.n_tokens} held-out tokens{excluded}", Path(cfg.out))
     if result.tasks is not None:
         if (result.tasks.per_question["task"] == "mmlu").any():
             print_mmlu_table(result.tasks.per_question, cfg)
@@ -159,11 +196,10 @@ def print_saved_table(path: Path) -> None:
     from rich.markdown import Markdown
 
     if path.is_file():
-        Console(width=220).print(Markdown(path.read_text()))
+        Console().print(Markdown(path.read_text()))
 
 
 def print_mmlu_table(per_question, cfg) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from harness.output import tables
@@ -171,24 +207,30 @@ def print_mmlu_table(per_question, cfg) -> None:
     cat = tables.category_table(per_question, n_boot=cfg.n_boot, seed=cfg.seed)
     cat = cat[cat["weighting"] == "question"]
     n = int(cat[(cat["group"] == "all")]["n"].iloc[0])
-    table = Table(title=f"MMLU by category, {n} questions: accuracy, its change vs clean [95% paired bootstrap CI], "
-                        "McNemar p, and the change in log-prob of the right answer among the 4 choices")
-    table.add_column("variant")
-    groups = list(dict.fromkeys(cat["group"]))
-    for g in groups:
-        table.add_column(g, justify="right")
-    for v in dict.fromkeys(cat["variant"]):
-        rows = cat[cat["variant"] == v].set_index("group")
-        cells = []
+
+    def build(full: bool):
+        table = Table(title=f"MMLU by category, {n} questions")
+        table.add_column("variant", overflow="fold")
+        groups = list(dict.fromkeys(cat["group"])) if full else ["all"]
         for g in groups:
-            r = rows.loc[g]
-            if v == "clean":
-                cells.append(f"acc {r['acc']:.3f}\nlogp {r['logp']:.3f}")
-            else:
-                cells.append(f"{r['acc']:.3f} {r['delta']:+.3f} [{r['delta_lo']:+.3f},{r['delta_hi']:+.3f}]\n"
-                             f"p={r['p_mcnemar']:.2g} dlogp {r['delta_logp']:+.3f}")
-        table.add_row(v, *cells)
-    Console(width=200).print(table)
+            table.add_column(g, justify="right")
+        for v in dict.fromkeys(cat["variant"]):
+            rows = cat[cat["variant"] == v].set_index("group")
+            cells = []
+            for g in groups:
+                r = rows.loc[g]
+                if v == "clean":
+                    cells.append(f"acc {r['acc']:.3f}\nlogp {r['logp']:.3f}")
+                else:
+                    cells.append(f"{r['acc']:.3f} {r['delta']:+.3f} [{r['delta_lo']:+.3f},{r['delta_hi']:+.3f}]\n"
+                                 f"p={r['p_mcnemar']:.2g} dlogp {r['delta_logp']:+.3f}")
+            table.add_row(v, *cells)
+        return table
+
+    fit_to_terminal(build, f"All questions only (the terminal is narrow): by category in "
+                           f"{Path(cfg.out) / 'mmlu_category.md'}.",
+                    "Cells: accuracy, its change vs clean [95% paired bootstrap CI], McNemar p, and dlogp, the "
+                    "change in log-prob of the right answer among the 4 choices.")
 
 
 
@@ -375,8 +417,8 @@ def print_family_table(details: dict) -> None:
 
     from harness.jobs.family import table
 
-    Console(width=220).print(Markdown("Compute-equivalents from the family's own curves, beside the presets\n\n"
-                                      + table(details)))
+    Console().print(Markdown("Compute-equivalents from the family's own curves, beside the presets\n\n"
+                             + table(details)))
 
 
 @app.command()
@@ -525,26 +567,31 @@ MMLU_CATEGORY_SUFFIXES = ("_stem", "_humanities", "_social_sciences", "_other")
 def _print_task_results(aggregate: dict) -> None:
     """One row per task or group (MMLU's categories kept); a group's member tasks (MMLU's 57
     subjects) are left out. Every row is in the run folder's tables."""
-    from rich.console import Console
     from rich.table import Table
 
     variants = list(aggregate)
-    table = Table(title="lm-eval results (primary metric per task/group; members of a group: see the run's tables)")
-    table.add_column("task")
-    for v in variants:
-        table.add_column(v, justify="right")
     first = aggregate[variants[0]]
-    for task, metrics in first.items():
-        key = next((k for k in metrics if k.endswith(",none") and "stderr" not in k), None)
-        in_group = any(task.startswith(g + "_") for g in first if g != task)
-        if key is None or (in_group and not task.endswith(MMLU_CATEGORY_SUFFIXES)):
-            continue
-        cells = []
-        for v in variants:
-            value = aggregate[v].get(task, {}).get(key)
-            cells.append("-" if not isinstance(value, (int, float)) else f"{value:.4f}")
-        table.add_row(f"{task} ({key.split(',')[0]})", *cells)
-    Console(width=200).print(table)
+
+    def build(full: bool):
+        shown = variants if full else variants[:2]
+        table = Table(title="lm-eval results (primary metric per task/group; members of a group: see the run's "
+                            "tables)")
+        table.add_column("task", overflow="fold")
+        for v in shown:
+            table.add_column(v, justify="right", overflow="fold")
+        for task, metrics in first.items():
+            key = next((k for k in metrics if k.endswith(",none") and "stderr" not in k), None)
+            in_group = any(task.startswith(g + "_") for g in first if g != task)
+            if key is None or (in_group and not task.endswith(MMLU_CATEGORY_SUFFIXES)):
+                continue
+            cells = []
+            for v in shown:
+                value = aggregate[v].get(task, {}).get(key)
+                cells.append("-" if not isinstance(value, (int, float)) else f"{value:.4f}")
+            table.add_row(f"{task} ({key.split(',')[0]})", *cells)
+        return table
+
+    fit_to_terminal(build, "Two variants only (the terminal is narrow): every variant is in the run's tables.")
 
 
 @app.command()
