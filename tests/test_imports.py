@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "harness"
 # the layers, lowest first; a module may import its own layer and any layer below
-LAYERS = ["leaf", "model", "text", "splice", "lmeval", "evals", "output", "jobs", "cli"]
+LAYERS = ["leaf", "model", "text", "splice", "lmeval", "evals", "output", "jobs", "api", "cli"]
 LEAVES = {"errors", "files", "scaling", "lawfit", "known_models", "__init__"}
 
 

@@ -278,6 +278,33 @@ def _quiet_lm_eval_git() -> None:
     lm_eval.loggers.utils.get_git_commit_hash = quiet_git_hash
 
 
+def _offline_tasks_by_default() -> None:
+    """lm_eval.simple_evaluate builds `TaskManager(metadata=...)` when given no task manager;
+    importing this module (which registers `sae-spliced`) teaches that default the offline
+    tasks in tasks/ as well, so `simple_evaluate(model="sae-spliced", ..., tasks=["arc_easy_offline"])`
+    works as written. lm-eval's own tasks are unaffected."""
+    import lm_eval.evaluator
+    from lm_eval.tasks import TaskManager
+
+    from harness.lmeval.mmlu import TASKS_DIR
+
+    if getattr(lm_eval.evaluator.TaskManager, "adds_offline_tasks", False):
+        return
+
+    class WithOfflineTasks(TaskManager):
+        adds_offline_tasks = True
+
+        def __init__(self, *args, include_path=None, **kwargs):
+            given = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) \
+                else [include_path]
+            super().__init__(*args, include_path=[str(TASKS_DIR), *given], **kwargs)
+
+    lm_eval.evaluator.TaskManager = WithOfflineTasks
+
+
+_offline_tasks_by_default()
+
+
 @register_model("sae-spliced")
 class SplicedLM(TemplateLM):
     """One variant of a SpliceEngine as an lm-eval model.

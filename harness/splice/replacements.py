@@ -98,7 +98,7 @@ class Replacement:
     def d_in(self) -> int | None:
         if self.inner is not None:
             return self.inner.d_in
-        return int(self.sae.cfg.d_in) if self.sae is not None else None
+        return int(self.sae.cfg.d_in) if self.sae is not None and self.kind == "sae" else None
 
     @property
     def base(self) -> "Replacement":
@@ -137,7 +137,8 @@ class Replacement:
         if self.inner is not None:
             self.inner.to(device, dtype)
         if self.sae is not None:
-            self.sae = self.sae.to(device=device, dtype=self.sae_dtype)
+            self.sae = self.sae.to(device=device, dtype=self.sae_dtype) if self.kind == "sae" else \
+                self.sae.to(device)
         if self.mean is not None:
             self.mean = self.mean.to(device, dtype)
         if self.components is not None:
@@ -186,6 +187,9 @@ class Replacement:
             idx = x.abs().topk(self.k, dim=-1).indices
             latents = torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
             return latents, latents
+        if self.kind == "module":  # a user's module: activation -> reconstruction (or, latents)
+            out = self.sae(x)
+            return (out[0].to(x.dtype), out[1]) if isinstance(out, tuple) else (out.to(x.dtype), None)
         # sae-lens' own encode/decode: TopK SAEs may rescale by decoder norms, JumpReLU has
         # thresholds, etc.; re-deriving that arithmetic here would drift from sae-lens.
         sae_dtype = self.sae.W_dec.dtype
@@ -444,6 +448,16 @@ def from_sae(name: str, spec: str, sae: Any, files: dict) -> Replacement:
     )
 
 
+def module_replacement(name: str, hook: str, module: Any) -> Replacement:
+    """Any torch module that maps an activation [..., d] to its reconstruction (or to a pair
+    (reconstruction, latents)), spliced at `hook` (a TransformerLens name or a module path)."""
+    if not callable(module):
+        raise UserError(f"{name}: the module is not callable")
+    if isinstance(module, torch.nn.Module):
+        module.eval()
+    return Replacement(name=name, spec=name, kind="module", hook=to_tl_hook_name(hook), sae=module)
+
+
 def resolve_hooks(replacements: list[Replacement]) -> None:
     """Give hook-less baselines the first SAE's hook; error if there is none to borrow."""
     default = next((r.hook for r in replacements if r.hook), None)
@@ -467,7 +481,7 @@ def describe(r: Replacement) -> dict:
     d = {"name": r.name, "spec": r.spec, "kind": r.kind, "hook": r.hook, "k": r.k, "files": r.files}
     if r.inner is not None:
         d.update(wraps=r.inner.spec, seed=r.seed)
-    if r.sae is not None:
+    if r.sae is not None and r.kind == "sae":
         d.update(d_in=r.d_in, d_sae=int(r.sae.cfg.d_sae), architecture=r.sae.cfg.architecture(),
                  dtype=str(r.sae_dtype).removeprefix("torch."),
                  model_name=r.model_name, model_from_pretrained_kwargs=r.model_kwargs)

@@ -38,7 +38,7 @@ class Session:
     data_info: dict | None = None  # provenance of tokens / calibration (sources.tokens_for_run)
 
 
-def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: str = "cpu",
+def prepare(model: str | LoadedModel, saes: list[str] = (), *, joint: bool = False, device: str = "cpu",
             dtype: str = "float32", sae_dtype: str = "float32", device_map: str | None = None,
             calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
             make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None,
@@ -62,7 +62,8 @@ def prepare(model: str, saes: list[str] = (), *, joint: bool = False, device: st
         sources.check_local(text.dataset)  # a missing file fails before the model loads
     variants, repls = build_variants(list(saes), joint, device, sae_dtype, seed) if saes else ([Variant(CLEAN, {})], [])
     kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
-    lm = load_model(model, device, dtype, kwargs, device_map=device_map)
+    # a LoadedModel (the Python API's objects in memory) is used as it is
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, kwargs, device_map=device_map)
     if make_replacements is not None:
         extra = make_replacements(lm)
         repls = repls + extra
