@@ -89,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "harness" / "family")
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed, for reproducibility)")
     p.add_argument("--smoke", action="store_true", help="tiny run into a scratch folder (for testing the script)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1],
+                   help="train these seeds only (two processes can share the work: each run is its own unit)")
     args = p.parse_args()
     args.widths, args.budgets, args.seeded = WIDTHS, BUDGETS, SEEDED_WIDTHS
     args.batch_rows, args.warmup, args.eval_tokens, args.cache = BATCH_ROWS, WARMUP, EVAL_TOKENS, CACHE
@@ -374,7 +376,7 @@ def main() -> None:
     order = batch_order(len(data), max(args.budgets) // (args.batch_rows * CONTEXT), args.batch_rows)
     log(f"tokenizer {len(tok)} entries; train {data.numel():,} tokens, eval {eval_rows.numel():,}; "
         f"longest budget {max(args.budgets) / data.numel():.2f} epochs")
-    plan = [(w, 0) for w in args.widths] + [(w, 1) for w in args.seeded]
+    plan = [(w, 0) for w in args.widths if 0 in args.seeds] + [(w, 1) for w in args.seeded if 1 in args.seeds]
     for width, seed in plan:
         train_width(width, seed, args, tok, data, eval_rows, order)
         write_manifest(args, tok, streams, eval_rows)

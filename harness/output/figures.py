@@ -200,9 +200,10 @@ def profile_figure(rows, colour: dict | None = None):
         for edge in np.arange(len(groups) - 1) + 0.5:
             ax.axvline(edge, color="0.88", lw=0.8)
         ax.set_xlim(-0.5, len(groups) - 0.5)
+        crowded = len(groups) > 4  # two panels of 11 inches: more than 4 labels a panel collide flat
         ax.set_xticks(np.arange(len(groups)), [g.replace(" (", "\n(") for g in groups],
-                      rotation=30 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center",
-                      fontsize=8)
+                      rotation=35 if crowded else 0, ha="right" if crowded else "center", fontsize=8,
+                      rotation_mode="anchor")
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", color="0.92")
     _legend_right(fig, axes)

@@ -173,7 +173,8 @@ def headline_section(runs: list[Run], label: Labels) -> str:
            "Loss recovered is shown against both the zero and the "
            "mean ablation: a linear score that flatters every SAE, read it beside C_eff/C.</p>",
            _table(headers, rows, "headline"),
-           "<h3>Reconstruction, and is the damage the error's size or its direction?</h3>",
+           "<h3>Reconstruction, and is the damage the error's size or its direction?</h3>" if ratios else
+           "<h3>Reconstruction</h3>",
            "<p class=note>EV without massive leaves out the massive activations (positions whose clean norm "
            "exceeds the run's factor, 10 by default, times the median; their count in brackets): where it parts "
            "from the explained variance, a few positions carry the EV."
@@ -366,6 +367,8 @@ def provenance_section(runs: list[Run]) -> str:
                           ("mmlu_questions", "MMLU questions per variant"), ("mmlu_seconds", "MMLU / tasks stage (s)")):
             if key in c:
                 val = f"{c[key]:.0f}" if isinstance(c[key], float) else c[key]
+                if isinstance(val, dict):  # the text's provenance: one "key: value" per field given
+                    val = "; ".join(f"{k}: {v}" for k, v in val.items() if v not in (None, "", [], {}))
                 rows.append([name, f"<code>{_esc(val)}</code>" if "sha" in key else _esc(val)])
         title = f"<h3>{_esc(run.label)}</h3>" if len(runs) > 1 else ""
         parts.append(title + _table(["", ""], rows, "prov"))
@@ -449,7 +452,9 @@ def build_figures(runs: list[Run], label: Labels, out: Path) -> dict[str, tuple[
         done["damage"] = (figures.save(figures.damage_figure(per_token, colour), out, "damage"),
                           "(d) Where the damage lives: distribution of per-token dCE (log density), and the share "
                           "of the total dCE carried by the worst tokens (concentration curve; the dotted line is "
-                          "damage spread evenly; thin verticals at 1% and 10%).")
+                          "damage spread evenly; thin verticals at 1% and 10%). The share can pass 1: tokens the "
+                          "splice improves (negative dCE) pay back part of the total, so the worst tokens alone "
+                          "carry more than all of it.")
     else:
         done["damage"] = "(d) not drawn: no per-token data (per_token_dce.npz) in these runs."
 
