@@ -174,6 +174,16 @@ PRESETS = {
 }
 
 
+# The runs each preset was fitted on (Hoffmann et al. 2022: 70M-16B parameters, 5B-500B tokens;
+# Epoch's replication refits the same runs): a reading outside them is an extrapolation.
+FITTED_RANGE = {name: {"N": (7e7, 1.6e10), "D": (5e9, 5e11)} for name in ("hoffmann", "hoffmann-exact", "epoch")}
+
+
+def outside(x: float, lo: float, hi: float) -> bool:
+    """Whether x lies outside [lo, hi] (0.1% slack: a fitted point itself sits at an end)."""
+    return bool(x < lo * 0.999 or x > hi * 1.001)
+
+
 def preset(name: str):
     """A literature law by name (see PRESETS); a fresh copy so callers can't mutate ours."""
     if name not in PRESETS:

@@ -343,6 +343,11 @@ def test_long_and_wide_layouts(tmp_path):
     assert r"\addlinespace" in long_tex and "McNemar $p$" in long_tex
 
 
+def _dagger(r: dict, key: str) -> str:
+    """The table's mark for a reading outside the runs its law was fitted on."""
+    return "‡" if r.get(f"{key}_extrapolated") else ""
+
+
 def test_ce_table_from_a_real_run():
     main = Path(__file__).resolve().parent.parent / "results" / "main"
     records = json.loads((main / "metrics.json").read_text())
@@ -359,9 +364,10 @@ def test_ce_table_from_a_real_run():
     r = next(x for x in records if x["variant"] == "l15-w2304-k32")
     expect = [r["variant"], f"{r['l0']:g}", f"{r['dce']:.3f} [{r['dce_ci_low']:.3f}, {r['dce_ci_high']:.3f}]",
               f"{r['kl']:.3f}", f"{r['loss_recovered_zero']:.3f}", f"{r['loss_recovered_mean']:.3f}",
-              f"{r['compute_fraction']:.3f} [{r['compute_fraction_low']:.3f}, {r['compute_fraction_high']:.3f}]"]
+              f"{r['compute_fraction']:.3f}{_dagger(r, 'compute_fraction')} [{r['compute_fraction_low']:.3f}, "
+              f"{r['compute_fraction_high']:.3f}]"]
     if fixed:
-        expect += [f"{r[k]:.3f} [{r[k + '_low']:.3f}, {r[k + '_high']:.3f}]"
+        expect += [f"{r[k]:.3f}{_dagger(r, k)} [{r[k + '_low']:.3f}, {r[k + '_high']:.3f}]"
                    for k in ("n_eff_frac_fixed_d", "d_eff_frac_fixed_n")]
     if ratios:
         expect += [f"{r[k]:.2f} [{r[k + '_low']:.2f}, {r[k + '_high']:.2f}]" for k in ("dce_over_noise", "kl_over_noise")]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from harness.evals import ce
-from harness import lawfit
+from harness import lawfit, scaling
 from harness.model.loading import LoadedModel, load_model
 from harness.errors import UserError
 from harness.splice.variants import CLEAN, Variant
@@ -68,12 +68,6 @@ def checkpoint_law(points: list[dict]):
         raise UserError(f"cannot fit the checkpoint curve: {e}") from None
 
 
-def extrapolated(effective: float, lo: float, hi: float) -> bool:
-    """Whether an effective size / token count / compute lies outside the fitted points' range
-    [lo, hi] (0.1% slack for rounding: the clean model itself sits at an end)."""
-    return bool(effective < lo * 0.999 or effective > hi * 1.001)
-
-
 def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torch.Tensor, cfg) -> dict:
     """n_eff_frac (family) and d_eff_frac (checkpoints) columns, each with its profile-likelihood
     range at the ends of the dCE interval and whether the fit identified its parameters.
@@ -116,5 +110,5 @@ def add_reference_equivalents(records: list[dict], lm: LoadedModel, tokens: torc
             rec.update({key: r["value"], f"{key}_low": r["low"], f"{key}_high": r["high"],
                         f"{key}_identified": r["identified"],
                         # allowed, but outside the fitted sizes / token counts
-                        f"{key}_extrapolated": extrapolated(r["value"] * unit, lo, hi)})
+                        f"{key}_extrapolated": scaling.outside(r["value"] * unit, lo, hi)})
     return out

@@ -40,8 +40,6 @@ FAMILY_DIR = Path(__file__).resolve().parents[1] / "family"
 SAE_DIR = FAMILY_DIR / "saes"
 HOOK = "blocks.2.hook_resid_post"  # the family SAEs' hook: block 2 of the member's 4
 PRESETS = ("hoffmann", "epoch")
-# Hoffmann et al. 2022 trained 70M-16B parameters on 5B-500B tokens (their approach 3 data)
-PRESET_RANGE = {"N": (7e7, 1.6e10), "D": (5e9, 5e11)}
 # scripts/train_demo_saes.py --family: a good SAE (4x wide, k 16) and a small sparse one (2x, k 4)
 FAMILY_SAES = ("l2-w384-k16", "l2-w192-k4")
 
@@ -142,10 +140,6 @@ def fit_all(points: list[dict], member: dict) -> dict:
         raise UserError(f"cannot fit the family: {e}") from None
 
 
-def _outside(x: float, lo: float, hi: float) -> bool:
-    return bool(x < lo * (1 - 1e-9) or x > hi * (1 + 1e-9))
-
-
 def readings(records: list[dict], fits: dict, points: list[dict], member: dict) -> dict:
     """Per variant, every reading with its interval, identification and extrapolation flags."""
     clean = records[0]["ce_clean"]
@@ -164,7 +158,7 @@ def readings(records: list[dict], fits: dict, points: list[dict], member: dict) 
                 raise UserError(f"{rec['variant']}: {key}: {e}") from None
             row[key] = r["value"]
             row.update({f"{key}_low": r["low"], f"{key}_high": r["high"], f"{key}_identified": r["identified"],
-                        f"{key}_extrapolated": _outside(r["low"] * unit, *rng)})
+                        f"{key}_extrapolated": scaling.outside(r["value"] * unit, *rng)})
 
         put("n_eff_frac_family", fits["family"], "n_eff", member["N"], n_rng)
         put("d_eff_frac_budgets", fits["budgets"], "d_eff_curve", member["D"], d_rng)
@@ -173,7 +167,7 @@ def readings(records: list[dict], fits: dict, points: list[dict], member: dict) 
         put("c_eff_frac_full", fits["full"], "frontier", 1.0, (0, np.inf))
         # the frontier's optimal sizes at the clean and spliced losses must lie among the runs
         opt = [full.optimal_allocation(full.frontier_compute(L)) for L in (clean, rec["ce_spliced"])]
-        row["c_eff_frac_full_extrapolated"] = any(_outside(n, *n_rng) or _outside(d, *d_rng) for n, d in opt)
+        row["c_eff_frac_full_extrapolated"] = any(scaling.outside(n, *n_rng) or scaling.outside(d, *d_rng) for n, d in opt)
         row["frontier_N_opt_clean"], row["frontier_D_opt_clean"] = map(float, opt[0])
         for name in PRESETS:
             law = scaling.preset(name)
@@ -226,7 +220,7 @@ def run(cfg: FamilyConfig, progress_factory=None, say=print) -> dict:
                    "clean_ce_suite": res.records[0]["ce_clean"], "seed_noise": seed_noise(points),
                    "fits": {k: f.to_json() for k, f in fits.items()}, "variants": variants,
                    "method": lawfit.__doc__.strip().split("\n\n")[0]},
-        "presets": {name: scaling.preset(name).to_json() | {"fitted_range": PRESET_RANGE} for name in PRESETS},
+        "presets": {name: scaling.preset(name).to_json() | {"fitted_range": scaling.FITTED_RANGE[name]} for name in PRESETS},
     }
     with staging(Path(cfg.out)) as folder:
         np.save(folder / "tokens.npy", tokens.numpy())

@@ -332,6 +332,16 @@ def compute_equivalents(records: list[dict], law, law_spec: str, size: dict | No
                 rec[f"{key}_low"], rec[f"{key}_high"] = iv["low"], iv["high"]
             except ValueError as e:  # the clean loss is below the law's floor at this N or D
                 detail[f"{key}_error"] = str(e)
+        rng = scaling.FITTED_RANGE.get(law_spec)
+        if rng and isinstance(law, scaling.Law):  # readings outside the runs the law was fitted on: flagged
+            opt = [law.optimal_allocation(law.frontier_compute(L)) for L in (clean, rec["ce_spliced"])]
+            rec["compute_fraction_extrapolated"] = any(scaling.outside(n, *rng["N"]) or scaling.outside(d, *rng["D"])
+                                                       for n, d in opt)
+            for key, size_now in (("n_eff_frac_fixed_d", N), ("d_eff_frac_fixed_n", D)):
+                if rec.get(key) is not None and N and D:
+                    eff = rec[key] * size_now
+                    rec[f"{key}_extrapolated"] = (scaling.outside(N, *rng["N"]) or scaling.outside(D, *rng["D"])
+                                                  or scaling.outside(eff, *rng["N" if key.startswith("n") else "D"]))
         if "n_eff" in curves:
             detail["n_eff_frac_fixed_d_over_E"] = scaling.fixed_tokens_over_E(law, clean, rec["ce_spliced"], D,
                                                                               E_values)

@@ -65,16 +65,21 @@ class Column:
         x = _finite(rec.get(self.key))
         if x is None:
             return "", None, None
-        value = fmt(x) + ("‡" if self.flag and rec.get(self.flag) else "")
+        value = fmt(x)
         lo, hi = (_finite(rec.get(k)) for k in self.low_high) if self.interval else (None, None)
         if lo is None or hi is None:
             return value, None, None
         return value, fmt(lo), fmt(hi)
 
+    def mark(self, rec: dict) -> str:
+        """‡ where the reading lies outside the runs its law was fitted on (an extrapolation)."""
+        return "‡" if self.flag and rec.get(self.flag) and _finite(rec.get(self.key)) is not None else ""
+
     def text_cell(self, rec: dict) -> str:
         value, lo, hi = self.parts(rec)
         if not value:
             return "-"
+        value += self.mark(rec)
         return value if lo is None else f"{value} [{lo}, {hi}]"
 
 

@@ -261,7 +261,7 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
     ratios = [c.key for c in cols if c.key.endswith(("over_noise", "over_noise_dir"))]
     robust = "explained_variance_robust" in keys
     columns = [(c.text, c.tex) for c in cols]
-    rows = [([r["variant"]], [Cell(*c.parts(r)) for c in cols]) for r in records if r is not clean]
+    rows = [([r["variant"]], [Cell(*c.parts(r), marks=c.mark(r)) for c in cols]) for r in records if r is not clean]
     law = law_text(clean["law"]) if clean.get("law") else ("no scaling law", "no scaling law")
     n_tokens = clean.get("n_tokens")
     tokens = f" on {n_tokens:,} tokens" if isinstance(n_tokens, int) else ""
@@ -294,6 +294,11 @@ def ce_grid(records: list[dict], info: dict | None = None) -> Grid:
                           rf"tokens ({_tex_text(where)}) would need to reach the spliced loss, as a fraction of $N$; "
                           r"$D_{\mathrm{eff}}/D$ at $N$: the tokens a model of this size would need; both on the "
                           r"same law, anchored on the measured clean loss."))
+    if any(r.get(f"{c.key}_extrapolated") for r in records for c in cols):
+        sentences.append(("‡: outside the runs the law or curve was fitted on (for the Hoffmann and Epoch laws, "
+                          "Chinchilla's 70M-16B parameters on 5B-500B tokens): an extrapolation.",
+                          r"$\ddagger$: outside the runs the law or curve was fitted on (for the Hoffmann and Epoch "
+                          r"laws, Chinchilla's 70M--16B parameters on 5B--500B tokens): an extrapolation."))
     if any(k in ("n_eff_frac", "d_eff_frac") for k, _, _ in extra):
         sentences.append(("N_eff/N, D_eff/D: the same reading on the reference family / checkpoint curve "
                           "fitted on these tokens.", r"$N_{\mathrm{eff}}/N$, $D_{\mathrm{eff}}/D$: the same "
@@ -385,7 +390,7 @@ def _tex_number(s: str) -> str:
 def _tex_cell(c: Cell) -> str:
     if not c.value:
         return "--"
-    sup = "".join({"*": "*", "†": r"\dagger"}[m] for m in c.marks)
+    sup = "".join({"*": "*", "†": r"\dagger", "‡": r"\ddagger"}[m] for m in c.marks)
     main = _tex_number(c.value)
     if sup:
         main = main[:-1] + f"^{{{sup}}}$"

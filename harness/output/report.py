@@ -103,7 +103,7 @@ def _column_cell(col, rec: dict) -> str:
     value, lo, hi = col.parts(rec, html=True)
     if not value:
         return "&ndash;"
-    value = _esc(value)
+    value = _esc(value + col.mark(rec))
     return value if lo is None else f"{value}<br><span class=ci>[{_esc(lo)}, {_esc(hi)}]</span>"
 
 
