@@ -383,3 +383,20 @@ def test_browser_check_catches_a_broken_page(tmp_path):
     assert any("missing.png" in url for url in seen["requests"])
     assert seen["scrollWidth"] > seen["clientWidth"] and seen["overflowing"]
     assert seen["tables"][0]["scrolls"] and seen["tables"][0]["width"] > seen["tables"][0]["container"]
+
+
+def test_report_flaws_stay_fixed(main_page, synthetic, tmp_path):
+    """The evaluated text reads as fields, not a Python dict; a run without noise@ variants has
+    no size-or-direction heading; the concentration curve's caption says why it passes 1."""
+    _, page = main_page
+    prov = re.search(r'<table class="prov">(.*?)</table>', page, re.S).group(1)
+    text_row = re.search(r"<td>evaluated text</td><td>(.*?)</td>", prov, re.S).group(1)
+    assert "{" not in text_row and "source: builtin" in text_row
+    assert "the error's size or its direction?" in page  # the main job has noise@ twins
+    assert "can pass 1" in page
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "metrics.json"):
+        shutil.copy(synthetic / name, bare / name)
+    other = report.write_report([bare]).read_text()
+    assert "<h3>Reconstruction</h3>" in other and "size or its direction" not in other

@@ -201,7 +201,8 @@ def profile_figure(rows, colour: dict | None = None):
             ax.axvline(edge, color="0.88", lw=0.8)
         ax.set_xlim(-0.5, len(groups) - 0.5)
         crowded = len(groups) > 4  # two panels of 11 inches: more than 4 labels a panel collide flat
-        ax.set_xticks(np.arange(len(groups)), [g.replace(" (", "\n(") for g in groups],
+        # rotated labels stay on one line (a second line would run into the next label)
+        ax.set_xticks(np.arange(len(groups)), [g if crowded else g.replace(" (", "\n(") for g in groups],
                       rotation=35 if crowded else 0, ha="right" if crowded else "center", fontsize=8,
                       rotation_mode="anchor")
         ax.set_ylabel(ylabel)
