@@ -92,7 +92,8 @@ def test_the_family_fit_is_least_squares_on_the_saved_points():
         assert v["n_eff_frac_family"] == pytest.approx(closed, rel=1e-9), name
         assert v["n_eff_frac_family"] == pytest.approx(np.exp(n_at(v["ce_spliced"]) - n_at(clean)), rel=1e-6)
         for key, _ in family_run.READINGS:
-            assert v[f"{key}_low"] <= v[key] <= v[f"{key}_high"], (name, key)
+            if v[key] is not None:
+                assert v[f"{key}_low"] <= v[key] <= v[f"{key}_high"], (name, key)
 
 
 def test_full_law_refit_gives_the_saved_law():
@@ -133,6 +134,9 @@ def test_family_run_end_to_end(tmp_path):
     assert np.load(out / "tokens.npy").shape == (8, 256)
     good, small = fam["variants"]["l2-w384-k16"], fam["variants"]["l2-w192-k4"]
     for key, _ in family_run.READINGS:
+        if good[key] is None:  # a preset whose floor at the family's D lies above the loss
+            assert key.endswith(family_run.PRESETS) and "irreducible" in good[f"{key}_why"]
+            continue
         assert 0 < small[key] < good[key] <= 1, key
     for name in ("compute_equivalents.json", "metrics.json", "equivalents.md", "family.png", "config.json"):
         assert (out / name).is_file()

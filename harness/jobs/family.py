@@ -171,11 +171,14 @@ def readings(records: list[dict], fits: dict, points: list[dict], member: dict) 
         row["frontier_N_opt_clean"], row["frontier_D_opt_clean"] = map(float, opt[0])
         for name in PRESETS:
             law = scaling.preset(name)
-            eq = scaling.equivalents(law, clean, rec["ce_spliced"], N=member["N_total"], D=member["D"])
-            lo = scaling.equivalents(law, clean, clean + ci[1], N=member["N_total"], D=member["D"])
-            hi = scaling.equivalents(law, clean, clean + ci[0], N=member["N_total"], D=member["D"])
+            ends = {"": rec["ce_spliced"], "_low": clean + ci[1], "_high": clean + ci[0]}
             for key, src in ((f"c_eff_frac_{name}", "compute_fraction"), (f"n_eff_frac_{name}", "n_eff_frac")):
-                row[key], row[f"{key}_low"], row[f"{key}_high"] = eq[src], lo[src], hi[src]
+                for end, spliced in ends.items():
+                    try:
+                        row[key + end] = scaling.equivalents(law, clean, spliced, N=member["N_total"],
+                                                             D=member["D"])[src]
+                    except ValueError as e:  # e.g. the preset's floor at this tiny D lies above the loss
+                        row[key + end], row[f"{key}_why"] = None, str(e).split(";")[0]
             row[f"{name}_extrapolated"] = True  # Chinchilla's runs: 70M-16B parameters, 5B-500B tokens
         out[rec["variant"]] = row
     return out
@@ -252,6 +255,8 @@ READINGS = (("n_eff_frac_family", "(a) N_eff/N, L(N) at fixed D"),
 
 
 def _cell(v: dict, key: str) -> str:
+    if v.get(key) is None:
+        return "cannot place"
     flags = ("‡" if v.get(f"{key}_extrapolated") or (key.endswith("hoffmann") and v.get("hoffmann_extrapolated"))
              else "") + ("?" if v.get(f"{key}_identified") is False else "")
     return f"{_fmt(v[key])}{flags} [{_fmt(v[key + '_low'])}, {_fmt(v[key + '_high'])}]"
