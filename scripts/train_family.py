@@ -64,6 +64,9 @@ DEPTH = 4
 WIDTHS = [32, 48, 64, 96, 128, 192]
 BUDGETS = [1_048_576, 2_097_152, 4_194_304, 8_388_608]  # tokens: 256 to 2,048 steps of 4,096
 SEEDED_WIDTHS = [32, 48, 64]  # trained with a second seed too
+# The widest member stops at 4.2M tokens: its 8.4M-token run alone would have cost another 40
+# minutes of the two CPU cores (decided while training, to keep the session's budget).
+MAX_BUDGET = {192: 4_194_304}
 SAE_WIDTH = 96  # the member that gets the SAEs: interior, ~19 tokens per parameter at 8M
 BATCH_ROWS = 16
 WARMUP = 50
@@ -252,8 +255,9 @@ def save_run(model, dst: Path, record: dict, eval_rows: torch.Tensor, tok=None) 
 
 def train_width(width: int, seed: int, args, tok, data, eval_rows, order) -> None:
     """The trunk of (width, seed) and a cooldown branch at every budget not yet saved."""
-    names = {D: run_name(width, seed, D) for D in args.budgets}
-    todo = [D for D in args.budgets if not (args.out / "runs" / names[D]).exists()]
+    budgets = [D for D in args.budgets if D <= MAX_BUDGET.get(width, D)] if not args.smoke else args.budgets
+    names = {D: run_name(width, seed, D) for D in budgets}
+    todo = [D for D in budgets if not (args.out / "runs" / names[D]).exists()]
     if not todo:
         return
     tokens_per_step = args.batch_rows * CONTEXT
@@ -264,7 +268,7 @@ def train_width(width: int, seed: int, args, tok, data, eval_rows, order) -> Non
     step = 0
     state_dir = args.cache / f"trunk-d{width}-s{seed}"
     # resume the trunk from the latest saved branch point below the first missing budget
-    branch_steps = {D: int(round((1 - COOLDOWN) * D / tokens_per_step)) for D in args.budgets}
+    branch_steps = {D: int(round((1 - COOLDOWN) * D / tokens_per_step)) for D in budgets}
     saved = sorted((int(p.stem.split("-")[1]), p) for p in state_dir.glob("step-*.pt")) if state_dir.exists() else []
     saved = [(s, p) for s, p in saved if s <= branch_steps[todo[0]]]
     trunk_seconds = 0.0
@@ -277,7 +281,7 @@ def train_width(width: int, seed: int, args, tok, data, eval_rows, order) -> Non
         log(f"d{width} s{seed}: trunk resumed at step {step}")
     log(f"d{width} s{seed}: {counts['N_non_embedding']:,} non-embedding parameters, peak lr {peak:.2e}, "
         f"budgets {[D // 1024 for D in todo]}k tokens")
-    for D in args.budgets:
+    for D in budgets:
         start, end = branch_steps[D], D // tokens_per_step
         if start > step:
             t = time.time()
@@ -343,6 +347,7 @@ def write_manifest(args, tok, streams, eval_rows) -> None:
                  "max_epochs": max(args.budgets) / train_tokens},
         "tokenizer": {"folder": "tokenizer", "kind": "byte-level BPE (tokenizers)", "vocab": len(tok), "special": EOT},
         "recipe": {"depth": DEPTH, "widths": args.widths, "budgets": args.budgets, "seeded_widths": args.seeded,
+                   "max_budget": {str(w): D for w, D in MAX_BUDGET.items()},
                    "batch_rows": args.batch_rows, "tokens_per_step": args.batch_rows * CONTEXT,
                    "warmup_steps": args.warmup, "cooldown_fraction": COOLDOWN,
                    "schedule": "warm-up, constant, 1-sqrt cooldown to 0 over the last 20% of each budget "
@@ -354,7 +359,8 @@ def write_manifest(args, tok, streams, eval_rows) -> None:
         "sae_member": run_name(SAE_WIDTH, 0, args.budgets[-1]),
         "runs": runs,
         "annealed": True,
-        "complete": len(runs) == len(args.widths) * len(args.budgets) + len(args.seeded) * len(args.budgets),
+        "complete": len(runs) == sum(len([D for D in args.budgets if D <= MAX_BUDGET.get(w, D)])
+                                     for w in args.widths + args.seeded),
         "train_seconds": round(sum(r["seconds_cooldown"] for r in runs)
                                + sum(max(r["seconds_trunk_to_branch"] for r in runs if (r["width"], r["seed"]) == key)
                                      for key in {(r["width"], r["seed"]) for r in runs}), 1),

@@ -505,7 +505,7 @@ def _interp_into_run(folder: Path, cfg, say):
 def family(
     sae: Optional[List[str]] = typer.Option(None, help="SAE or baseline spec for the family's SAE member "
                                             "(repeat); default: the family's SAEs, pca:16 and neurons:16"),
-    tokens: int = typer.Option(32768, help="tokens of the family's held-out text to evaluate"),
+    tokens: int = typer.Option(8192, help="tokens of the family's held-out text to evaluate"),
     ctx: int = typer.Option(256, help="sequence length (at most the family's training context, 256)"),
     batch_size: BatchSize = 8,
     out: str = typer.Option("runs/family", help="run folder to write"),

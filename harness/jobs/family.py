@@ -64,7 +64,7 @@ def eval_rows() -> "np.ndarray":
 @dataclass
 class FamilyConfig:
     saes: list[str] = field(default_factory=default_saes)
-    tokens: int = 32768  # of the 131,072 held-out tokens
+    tokens: int = 8192  # of the 131,072 held-out tokens (every run is evaluated on them: kept small)
     ctx: int = 256  # the family's training context
     batch_size: int = 8
     calib_seqs: int = 16
