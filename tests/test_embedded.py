@@ -133,6 +133,12 @@ def test_main_job_end_to_end(tmp_path):
         assert r["compute_fraction"] == pytest.approx(frontier_fraction(law, clean, r["ce_spliced"]), rel=1e-6)
         assert r["compute_fraction_low"] <= r["compute_fraction"] <= r["compute_fraction_high"]
     assert all(r["compute_fraction"] < 1 for r in records if r["saes"])
+    # the fixed-tokens reading at SmolLM2's own 2T tokens (its model card), N counted on the model
+    for r in records:
+        assert r["train_tokens"] == 2e12 and 1.3e8 < r["model_params"] < 1.4e8
+        if r["saes"] and r["dce"] > 0:
+            assert r["compute_fraction"] < r["n_eff_frac_fixed_d"] < 1 and r["d_eff_frac_fixed_n"] < 1
+    assert "N_eff/N at D [95% CI]" in (out / "ce.md").read_text()
     saved = json.loads((out / "compute_equivalents.json").read_text())["variants"]
     assert {v: d["compute_fraction"] for v, d in saved.items()} == {r["variant"]: r["compute_fraction"] for r in records}
     assert np.load(out / "tokens.npy").shape == (4, 128)
