@@ -67,3 +67,16 @@ def test_the_example_script_runs_as_printed():
                           text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "string form:" in proc.stdout and "compute_fraction" in proc.stdout and "Paris" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_readmes_simple_evaluate_lines_run_as_printed():
+    """The README's lm-eval block, executed as it stands there (the string form, offline tasks,
+    no task manager passed)."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if "simple_evaluate" in b]
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert 0.0 <= scope["out"]["results"]["arc_easy_offline"]["acc,none"] <= 1.0
