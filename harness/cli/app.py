@@ -458,35 +458,10 @@ def interp(
         if model is None:
             raise UserError(f"{run_or_specs[0]!r} is not a run folder: give one, or SAE specs with --model")
         folder = Path(out or "runs/interp")
-        _via_scratch(folder, lambda tmp: interp_job.run(model, list(run_or_specs), cfg, tmp, say=say))
+        interp_job.into_run_folder(folder, lambda tmp: interp_job.run(model, list(run_or_specs), cfg, tmp, say=say))
     print_saved_table(folder / "interp.md")
 
 
-INTERP_FILES = ("interp.json", "interp.md", "frontier.png", "frontier.pdf")
-
-
-def _via_scratch(folder: Path, compute):
-    """Compute into a scratch folder beside `folder`, then move the results in: bad input or a
-    failure leaves nothing half-written. The judge's cache is kept either way (it is what an
-    interrupted judge run resumes from)."""
-    import shutil
-    import tempfile
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.interp") as tmp:
-        tmp = Path(tmp)
-        if (folder / "judge_cache").is_dir():
-            shutil.copytree(folder / "judge_cache", tmp / "judge_cache")
-        try:
-            details = compute(tmp)
-        finally:
-            if (tmp / "judge_cache").is_dir():
-                folder.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(tmp / "judge_cache", folder / "judge_cache", dirs_exist_ok=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in INTERP_FILES:
-            os.replace(tmp / name, folder / name)
-    return details
 
 
 def _interp_into_run(folder: Path, cfg, say):
@@ -494,7 +469,7 @@ def _interp_into_run(folder: Path, cfg, say):
     from harness.jobs import interp as interp_job
     from harness.output.report import write_report
 
-    details = _via_scratch(folder, lambda tmp: interp_job.run_folder(folder, cfg, say, out=tmp))
+    details = interp_job.into_run_folder(folder, lambda tmp: interp_job.run_folder(folder, cfg, say, out=tmp))
     if (folder / "report.html").is_file():
         write_report([folder])
     return details

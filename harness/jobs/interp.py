@@ -11,6 +11,9 @@ interp.md / interp.json hold the frontier and frontier.png draws it. Definitions
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,3 +131,28 @@ def run_folder(run_dir: Path, cfg: InterpConfig, say=print, out: Path | None = N
         raise UserError(f"{run_dir}/config.json names no model and SAEs")
     saes = [s for s in conf["saes"] if "+" not in s]
     return run(conf["model"], saes, cfg, Path(out or run_dir), r.metrics, conf.get("dataset"), say)
+
+
+INTERP_FILES = ("interp.json", "interp.md", "frontier.png", "frontier.pdf")
+
+
+def into_run_folder(folder: Path, compute):
+    """Compute into a scratch folder beside `folder`, then move the results (INTERP_FILES) into
+    it: bad input or a failure leaves nothing half-written. (A whole new run folder is staged by
+    jobs/runfolder.staging; this adds files to an existing one.) The judge's cache is kept either way (it is what an
+    interrupted judge run resumes from)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.interp") as tmp:
+        tmp = Path(tmp)
+        if (folder / "judge_cache").is_dir():
+            shutil.copytree(folder / "judge_cache", tmp / "judge_cache")
+        try:
+            details = compute(tmp)
+        finally:
+            if (tmp / "judge_cache").is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(tmp / "judge_cache", folder / "judge_cache", dirs_exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in INTERP_FILES:
+            os.replace(tmp / name, folder / name)
+    return details
