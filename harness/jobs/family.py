@@ -172,11 +172,11 @@ def readings(records: list[dict], fits: dict, points: list[dict], member: dict) 
         for name in PRESETS:
             law = scaling.preset(name)
             ends = {"": rec["ce_spliced"], "_low": clean + ci[1], "_high": clean + ci[0]}
-            for key, src in ((f"c_eff_frac_{name}", "compute_fraction"), (f"n_eff_frac_{name}", "n_eff_frac")):
+            for key, src, size in ((f"c_eff_frac_{name}", "compute_fraction", {}),
+                                   (f"n_eff_frac_{name}", "n_eff_frac", {"N": member["N_total"], "D": member["D"]})):
                 for end, spliced in ends.items():
                     try:
-                        row[key + end] = scaling.equivalents(law, clean, spliced, N=member["N_total"],
-                                                             D=member["D"])[src]
+                        row[key + end] = scaling.equivalents(law, clean, spliced, **size)[src]
                     except ValueError as e:  # e.g. the preset's floor at this tiny D lies above the loss
                         row[key + end], row[f"{key}_why"] = None, str(e).split(";")[0]
             row[f"{name}_extrapolated"] = True  # Chinchilla's runs: 70M-16B parameters, 5B-500B tokens
