@@ -215,8 +215,10 @@ def test_massive_in_sequences_of_any_length(loud_model):
     assert got["max_norm"] == pytest.approx(float(torch.cat(norms).max()), rel=1e-6)
 
 
-def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path):
+def test_cli_records_the_option_and_shows_robust_ev(tiny_hf_dir, tmp_path, monkeypatch):
     import json
+
+    monkeypatch.setenv("COLUMNS", "400")  # a terminal wide enough for every column of the CE table
 
     from typer.testing import CliRunner
 

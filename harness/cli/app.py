@@ -119,7 +119,9 @@ def fit_to_terminal(build, pointer: str = "", legend: str = "") -> None:
     console = Console()
     table = build(True)
     natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
-    if natural > console.width:
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # a log or a pipe: no width to fit
+        console = Console(width=max(natural, 80))
+    elif natural > console.width:
         table = build(False)
         if pointer:
             legend = f"{pointer} {legend}".strip()

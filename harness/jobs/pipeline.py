@@ -333,7 +333,7 @@ def compute_equivalents(records: list[dict], law, law_spec: str, size: dict | No
             except ValueError as e:  # the clean loss is below the law's floor at this N or D
                 detail[f"{key}_error"] = str(e)
         rng = scaling.FITTED_RANGE.get(law_spec)
-        if rng and isinstance(law, scaling.Law):  # readings outside the runs the law was fitted on: flagged
+        if rng and isinstance(law, scaling.Law) and rec is not records[0]:  # the clean model is the anchor  # readings outside the runs the law was fitted on: flagged
             opt = [law.optimal_allocation(law.frontier_compute(L)) for L in (clean, rec["ce_spliced"])]
             rec["compute_fraction_extrapolated"] = any(scaling.outside(n, *rng["N"]) or scaling.outside(d, *rng["D"])
                                                        for n, d in opt)

@@ -425,7 +425,8 @@ def _read_per_question(d: Path) -> pd.DataFrame:
     f = next((d / n for n in (PER_QUESTION_FILE, LEGACY_PER_QUESTION_FILE) if (d / n).is_file()), None)
     if f is None:
         hint = "; it has CE results: use --level ce" if (d / "metrics.json").is_file() else ""
-        raise ValueError(f"{d} has no per-question task results ({PER_QUESTION_FILE}){hint}")
+        raise ValueError(f"{PER_QUESTION_FILE} / {LEGACY_PER_QUESTION_FILE} not found in {d} "
+                         f"(the run has no per-question task results{hint})")
     try:
         t = pd.read_csv(f, dtype={"variant": str, "task": str, "subject": str, "category": str})
     except Exception as err:
