@@ -392,8 +392,8 @@ def _tex_cell(c: Cell) -> str:
         return "--"
     sup = "".join({"*": "*", "†": r"\dagger", "‡": r"\ddagger"}[m] for m in c.marks)
     main = _tex_number(c.value)
-    if sup:
-        main = main[:-1] + f"^{{{sup}}}$"
+    if sup:  # a number in powers of ten already carries a superscript: brace it first
+        main = (f"${{{main[1:-1]}}}^{{{sup}}}$" if r"\cdot" in main else main[:-1] + f"^{{{sup}}}$")
     if not c.lo:
         return main
     # the interval goes under the value, in small print: columns stay narrow enough for a page
