@@ -440,7 +440,9 @@ def d_eff_fraction(ckpt_law: Curve, L_clean: float, L_spliced: float,
     return out
 
 
-def _invert(law, L_clean, L_spliced, N):
+def invert(law, L_clean, L_spliced, N):
+    """The main fraction a law or curve gives for a loss increase (N_eff/N for a curve in N,
+    D_eff/D for one in D, the frontier's C_eff/C for a full law)."""
     if isinstance(law, Curve):
         if law.var == "N":
             return n_eff_fraction(law, L_clean, L_spliced, N)["fraction"]
@@ -467,8 +469,8 @@ def fraction_interval(law, L_clean: float, dce_interval, N: float = 1.0) -> dict
     worst, best, skipped = [], [], 0
     for one in laws:
         try:
-            worst.append(_invert(one, L_clean, L_clean + hi_d, N))
-            best.append(_invert(one, L_clean, L_clean + lo_d, N))
+            worst.append(invert(one, L_clean, L_clean + hi_d, N))
+            best.append(invert(one, L_clean, L_clean + lo_d, N))
         except ValueError:
             skipped += 1
     if not worst:

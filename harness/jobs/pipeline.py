@@ -327,7 +327,7 @@ def compute_equivalents(records: list[dict], law, law_spec: str, size: dict | No
             if name not in curves:
                 continue
             try:
-                rec[key] = scaling._invert(curves[name], clean, rec["ce_spliced"], 1.0)
+                rec[key] = scaling.invert(curves[name], clean, rec["ce_spliced"], 1.0)
                 iv = scaling.fraction_interval(curves[name], clean, ci_d)
                 rec[f"{key}_low"], rec[f"{key}_high"] = iv["low"], iv["high"]
             except ValueError as e:  # the clean loss is below the law's floor at this N or D
