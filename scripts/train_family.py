@@ -7,8 +7,8 @@
 
 Design (each choice is what makes a point a point on L(N, D)):
 1. Text: scripts/family_corpus.py (Debian documentation prose, ~10M tokens; a held-out part of
-   the same mixture is the evaluation text). At most one epoch: every budget is below the
-   number of unique training tokens.
+   the same mixture is the evaluation text). Budgets up to 8.4M tokens stay within one epoch;
+   the SAE member's fifth budget (16.8M) takes 1.4 epochs, a fresh permutation for the second.
 2. Tokenizer: a 4,096-entry byte-level BPE trained on the training split only (a small
    vocabulary keeps the unembedding from dominating training cost on a CPU).
 3. Models: Llama-shaped (RMSNorm, rotary, SwiGLU MLP of about 8d/3, tied embeddings), fixed
@@ -19,9 +19,9 @@ Design (each choice is what makes a point a point on L(N, D)):
    therefore a finished, annealed run of exactly D tokens, and the runs of one width share
    their first 0.8 D tokens, like Chinchilla's approach-1 runs share nothing but cost 4x more.
    All runs see the same rows in the same order (one seeded permutation).
-5. Seed noise: the two smallest widths are trained a second time with another seed (model
+5. Seed noise: the three smallest widths are trained a second time with another seed (model
    initialisation; same data order), so the fit can be judged against the scatter it must
-   respect (the third smallest was planned too, and cut to keep the CPU budget).
+   respect.
 6. Optimiser: AdamW (0.9, 0.99) - beta2 0.99 at these small batches per Porian et al. 2024 -
    weight decay 0.1 on matrices, clipping 1.0; peak rate LR_AT_128 * sqrt(128 / width), taken
    from the previous family's recipe (no sweep: see the manifest's note).
@@ -62,12 +62,13 @@ VOCAB = 4096
 CONTEXT = 256
 DEPTH = 4
 WIDTHS = [32, 48, 64, 96, 128, 192]
-BUDGETS = [1_048_576, 2_097_152, 4_194_304, 8_388_608]  # tokens: 256 to 2,048 steps of 4,096
-SEEDED_WIDTHS = [32, 48]  # trained with a second seed too (64 was planned; cut for the CPU budget)
-# The widest member stops at 4.2M tokens: its 8.4M-token run alone would have cost another 40
-# minutes of the two CPU cores (decided while training, to keep the session's budget).
-MAX_BUDGET = {192: 4_194_304}
+BUDGETS = [1_048_576, 2_097_152, 4_194_304, 8_388_608, 16_777_216]  # tokens: 256 to 4,096 steps of 4,096
+SEEDED_WIDTHS = [32, 48, 64]  # trained with a second seed too: the seed noise the fit must respect
+# Only the SAE member goes on to 16.8M tokens (1.4 epochs): a fifth budget on L(D) at its N,
+# where four budgets could not place E. The others stop at 8.4M (CPU budget).
+MAX_BUDGET = {w: 8_388_608 for w in WIDTHS if w != 96}
 SAE_WIDTH = 96  # the member that gets the SAEs: interior, ~19 tokens per parameter at 8M
+SAE_BUDGET = 8_388_608
 BATCH_ROWS = 16
 WARMUP = 50
 COOLDOWN = 0.2
@@ -94,6 +95,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny run into a scratch folder (for testing the script)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1],
                    help="train these seeds only (two processes can share the work: each run is its own unit)")
+    p.add_argument("--only", nargs="*", default=None, metavar="WIDTH:SEED",
+                   help="train these (width, seed) pairs only, in this order")
     args = p.parse_args()
     args.widths, args.budgets, args.seeded = WIDTHS, BUDGETS, SEEDED_WIDTHS
     args.batch_rows, args.warmup, args.eval_tokens, args.cache = BATCH_ROWS, WARMUP, EVAL_TOKENS, CACHE
@@ -152,12 +155,14 @@ def rows(stream: np.ndarray, limit: int | None = None) -> torch.Tensor:
     return torch.from_numpy(stream[: n * CONTEXT].astype(np.int64)).view(n, CONTEXT)
 
 
-def batch_order(n_rows: int, steps: int, batch_rows: int) -> torch.Tensor:
-    """Row indices of every step, one seeded permutation shared by every run (no row repeats
-    while steps * batch_rows <= n_rows)."""
-    if steps * batch_rows > n_rows:
-        raise SystemExit(f"the longest budget needs {steps * batch_rows} rows; the corpus has {n_rows}")
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(1234))
+def batch_order(n_rows: int, steps: int, batch_rows: int, max_epochs: int = 4) -> torch.Tensor:
+    """Row indices of every step, shared by every run: one seeded permutation per epoch, so no
+    row repeats within the first epoch and a longer budget only appends to a shorter one's order.
+    At most max_epochs (Muennighoff et al. 2023: up to 4 epochs cost about as little as new data)."""
+    epochs = -(-steps * batch_rows // n_rows)
+    if epochs > max_epochs:
+        raise SystemExit(f"the longest budget needs {steps * batch_rows} rows: more than {max_epochs} epochs of {n_rows}")
+    perm = torch.cat([torch.randperm(n_rows, generator=torch.Generator().manual_seed(1234 + e)) for e in range(epochs)])
     return perm[: steps * batch_rows].view(steps, batch_rows)
 
 
@@ -308,7 +313,7 @@ def train_width(width: int, seed: int, args, tok, data, eval_rows, order) -> Non
                   "train_loss_cooldown": train_loss, "eval_loss_fp32": loss,
                   "seconds_trunk_to_branch": round(trunk_seconds, 1), "seconds_cooldown": round(cool_seconds, 1),
                   "flop_6ND": 6 * counts["N_non_embedding"] * D}
-        keep_tok = tok if (width == SAE_WIDTH and seed == 0 and D == args.budgets[-1]) or args.smoke else None
+        keep_tok = tok if (width == SAE_WIDTH and seed == 0 and D == SAE_BUDGET) or args.smoke else None
         save_run(branch, args.out / "runs" / names[D], record, eval_rows, keep_tok)
         log(f"{names[D]}: eval loss {loss:.4f} ({D / counts['N_non_embedding']:.1f} tokens/parameter; "
             f"cooldown {cool_seconds:.0f} s, trunk so far {trunk_seconds:.0f} s)")
@@ -356,7 +361,7 @@ def write_manifest(args, tok, streams, eval_rows) -> None:
                    "lr_note": "no learning-rate sweep (CPU budget); the rule is the previous family's",
                    "optimizer": "AdamW betas (0.9, 0.99), eps 1e-8, weight decay 0.1 on matrices",
                    "grad_clip": 1.0, "storage_dtype": "bfloat16", "N": "non-embedding parameters"},
-        "sae_member": run_name(SAE_WIDTH, 0, args.budgets[-1]),
+        "sae_member": run_name(SAE_WIDTH, 0, SAE_BUDGET if not args.smoke else args.budgets[-1]),
         "runs": runs,
         "annealed": True,
         "complete": len(runs) == sum(len([D for D in args.budgets if D <= MAX_BUDGET.get(w, D)])
@@ -383,6 +388,8 @@ def main() -> None:
     log(f"tokenizer {len(tok)} entries; train {data.numel():,} tokens, eval {eval_rows.numel():,}; "
         f"longest budget {max(args.budgets) / data.numel():.2f} epochs")
     plan = [(w, 0) for w in args.widths if 0 in args.seeds] + [(w, 1) for w in args.seeded if 1 in args.seeds]
+    if args.only is not None:
+        plan = [tuple(int(v) for v in pair.split(":")) for pair in args.only]
     for width, seed in plan:
         train_width(width, seed, args, tok, data, eval_rows, order)
         write_manifest(args, tok, streams, eval_rows)
