@@ -73,6 +73,10 @@ ARCHS = ["gemma2", "gemma3", "gemma", "llama3", "mistral", "qwen2", "qwen3", "gp
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
+    return make_tokenizer()
+
+
+def make_tokenizer():
     """A 384-token byte-level BPE tokenizer trained on the first 40 pydoc topics (deterministic)."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

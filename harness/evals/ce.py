@@ -43,7 +43,7 @@ from harness.model.loading import LoadedModel
 from harness.errors import UserError
 from harness.splice.splicer import Splicer, calibrate
 from harness.model.timing import sections
-from harness.splice.variants import Variant, baseline_name, baseline_variants, label
+from harness.splice.variants import Variant, baseline_name, baseline_variants, label, sites_of
 
 
 @dataclass
@@ -164,8 +164,8 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
     all_variants = [v for v in variants if v.parts]
     all_variants += [e for e in baseline_variants(variants) if e.name not in names]
     refs = {v.name: (baseline_name("zero", v.hooks), baseline_name("mean", v.hooks)) for v in all_variants}
-    hooks = sorted({h for v in all_variants for h in v.hooks})
-    splicer = Splicer(lm, hooks, keep_first, tail_tokens)
+    hooks = sorted({h for v in all_variants for h in v.hooks})  # the sites replaced
+    splicer = Splicer(lm, sites_of(all_variants), keep_first, tail_tokens)
 
     with section("calibration (mean / PCA)"):
         calibrate(lm, [r for v in all_variants for r in v.parts.values()], calib_tokens, batch_size)
@@ -263,10 +263,38 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
         for name, s in [("clean", clean), *sums.items()]:
             top3[f"{name}.ids"] = torch.cat(s.top_ids).numpy()
             top3[f"{name}.p"] = torch.cat(s.top_p).numpy()
+        curve_of = {v.name: v.curve for v in all_variants}
+        for rec in records:
+            rec.update(top1_agreement(top3, rec["variant"], tokens[:, 1:].numpy(), in_t_all.numpy(), boot_idx))
+            rec["curve"] = curve_of.get(rec["variant"])
     return CEResult(records, per_token, seconds, int(counts.sum()), splicer.start_layer,
                     splicer.block_cost(all_variants),
                     None if massive_factor is None else outliers.summary(massive, massive_factor, exclude_massive),
                     top3)
+
+
+HARD_P = 0.8  # Anthropic's hard subset: clean top-1 correct with probability below this
+
+
+def top1_agreement(top3: dict, name: str, targets: np.ndarray, in_t: np.ndarray, boot_idx: np.ndarray) -> dict:
+    """How often the spliced model's most likely next token is the clean model's, over T and on
+    the hard subset (positions of T where the clean top-1 is the actual next token with
+    probability below HARD_P, as Anthropic's "Circuit Tracing" (2025) scores replacement models),
+    each with a paired bootstrap interval over sequences (ratio of resampled sums)."""
+    clean, spliced = top3["clean.ids"][..., 0], top3[f"{name}.ids"][..., 0]
+    agree = (clean == spliced) & in_t
+    hard = in_t & (clean == targets) & (top3["clean.p"][..., 0] < HARD_P)
+    out = {"n_hard": int(hard.sum())}
+    for key, subset in (("top1_agreement", in_t), ("top1_agreement_hard", hard)):
+        hits, n = (agree & subset).sum(1).astype(np.float64), subset.sum(1).astype(np.float64)
+        if n.sum() == 0:
+            out.update({key: float("nan"), f"{key}_low": float("nan"), f"{key}_high": float("nan")})
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            boot = hits[boot_idx].sum(1) / n[boot_idx].sum(1)
+        out.update({key: float(hits.sum() / n.sum()), f"{key}_low": float(np.nanpercentile(boot, 2.5)),
+                    f"{key}_high": float(np.nanpercentile(boot, 97.5))})
+    return out
 
 
 NOISE_KINDS = ("noise", "noise-dir")

@@ -152,8 +152,9 @@ def clean_forward(lm, tokens: torch.Tensor, batch_size: int) -> None:
 def variants_forward(lm, variants, tokens: torch.Tensor, batch_size: int) -> None:
     """The harness's many-variants pass, logits only: clean pass + one tail per variant."""
     from harness.splice.splicer import Splicer
+    from harness.splice.variants import sites_of
 
-    splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}))
+    splicer = Splicer(lm, sites_of(variants))
     with torch.no_grad():
         for i in range(0, len(tokens), batch_size):
             for _ in splicer.run_variants(tokens[i:i + batch_size].to(lm.device), variants):
@@ -170,8 +171,9 @@ def side_by_side(lm, variants, tokens: torch.Tensor, batch_size: int, device: st
     from types import SimpleNamespace
 
     from harness.splice.splicer import Splicer
+    from harness.splice.variants import sites_of
 
-    splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}))
+    splicer = Splicer(lm, sites_of(variants))
 
     def clean(batch):
         lm.model(batch)
@@ -313,6 +315,7 @@ def ce_comparison(session, n_seq: int, ctx: int, batch_size: int, device: str, d
     """sae-lens run_evals (x1, xK) against the harness CE suite (1 SAE, K SAEs in one pass) and
     the clean-forward equivalents, on one session's model: rows, checks, timings, the profile."""
     from harness.splice.splicer import Splicer
+    from harness.splice.variants import sites_of
     from harness.splice.variants import CLEAN
     from harness.model.timing import Sections
 

@@ -46,7 +46,7 @@ from harness.model.loading import LoadedModel, hook_device
 from harness.errors import UserError
 from harness.splice.session import prepare
 from harness.splice.splicer import Splicer
-from harness.splice.variants import Variant
+from harness.splice.variants import Variant, sites_of
 
 
 class SpliceEngine:
@@ -64,7 +64,7 @@ class SpliceEngine:
         self.variants = variants
         self.tokenizer = tokenizer or hf_tokenizer(lm)
         self.batch_size = int(batch_size)
-        self.splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}), keep_first)
+        self.splicer = Splicer(lm, sites_of(variants), keep_first)
         for v in variants:
             for r in v.parts.values():
                 r.to(hook_device(lm, r.hook))

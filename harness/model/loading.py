@@ -310,6 +310,13 @@ _MODULE_PATH = re.compile(
     r"^(?:[A-Za-z_]+\.)*(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
 )
 _DL_SUBMODULE = re.compile(r"^(resid_post|resid_pre|mlp_out|attn_out)_layer_(\d+)$")
+# Gemma Scope 2 names a module's input or output: `model.layers.3.pre_feedforward_layernorm.output`.
+_IO_PATH = re.compile(r"^(?:[A-Za-z_]+\.)*layers\.(\d+)(?:\.([A-Za-z_.]+?))?\.(input|output)$")
+_IO_SITE = {(None, "output"): "hook_resid_post", (None, "input"): "hook_resid_pre",
+            ("pre_feedforward_layernorm", "output"): "ln2.hook_out",  # the MLP's input (Gemma)
+            ("post_feedforward_layernorm", "output"): "ln2_post.hook_out",  # what the MLP adds (Gemma)
+            ("mlp", "input"): "mlp.hook_in", ("mlp", "output"): "hook_mlp_out",
+            ("self_attn.o_proj", "input"): "attn.hook_z", ("self_attn", "output"): "hook_attn_out"}
 _SUFFIX = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out",
            "attn": "hook_attn_out", "attention": "hook_attn_out"}
 
@@ -320,7 +327,10 @@ def to_tl_hook_name(name: str) -> str:
     SAEs in the wild name their hook either way: sae-lens trained on an AutoModelForCausalLM
     records `model.layers.15` (that decoder layer's output), TransformerLens-trained ones record
     `blocks.15.hook_resid_post`, EleutherAI sparsify names its folders `layers.15` or
-    `layers.15.mlp`, dictionary_learning / SAEBench name the submodule `resid_post_layer_15`. This is the one place the two vocabularies meet.
+    `layers.15.mlp`, dictionary_learning / SAEBench name the submodule `resid_post_layer_15`,
+    Gemma Scope 2 a module's input or output (`model.layers.3.pre_feedforward_layernorm.output`
+    is the MLP's input, `blocks.3.ln2.hook_out` on a bridge). This is the one place the two
+    vocabularies meet.
     TransformerLens names pass through unchanged.
     """
     if ".hook_" in name or name.startswith("hook_"):
@@ -328,6 +338,12 @@ def to_tl_hook_name(name: str) -> str:
     submodule = _DL_SUBMODULE.match(name)  # dictionary_learning / SAEBench `resid_post_layer_3`
     if submodule:
         return f"blocks.{submodule.group(2)}.hook_{submodule.group(1)}"
+    io = _IO_PATH.match(name)  # Gemma Scope 2: a module's input or output
+    if io:
+        layer, module, end = io.groups()
+        if (module, end) not in _IO_SITE:
+            raise UserError(f"cannot translate {name!r} to a TransformerLens hook name")
+        return f"blocks.{layer}.{_IO_SITE[(module, end)]}"
     match = _MODULE_PATH.match(name)
     if not match:
         return name

@@ -33,7 +33,7 @@ import torch
 
 from harness.model.loading import LoadedModel, to_hf_module_path
 from harness.splice.splicer import Splicer, splice_hooks
-from harness.splice.variants import Variant
+from harness.splice.variants import Variant, sites_of
 
 
 @dataclass
@@ -172,6 +172,8 @@ class RowSplices:
 
 
 def _module_paths(hf, variants: list[Variant]) -> dict[str, str] | None:
+    if any(r.reads != r.writes for v in variants for r in v.parts.values()):
+        return None  # a transcoder reads one site and writes another: the hooked path handles it
     hooks = sorted({h for v in variants for h in v.hooks})
     paths = {h: to_hf_module_path(h, hf) for h in hooks}
     return None if any(p is None for p in paths.values()) else paths
@@ -186,7 +188,7 @@ def generate(lm: LoadedModel, variants: list[Variant], prompt_ids: list[int], ma
     A row stops at EOS (kept as its last token) or when its text contains a stop string."""
     sampling = sampling or Sampling()
     tokenizer = tokenizer or lm.tokenizer
-    splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}), keep_first)
+    splicer = Splicer(lm, sites_of(variants), keep_first)
     eos = tokenizer.eos_token_id
     tracker = StopTracker(len(prompt_ids), eos, tokenizer, until)
     prompt = torch.tensor([prompt_ids] * len(variants), device=lm.device)
@@ -255,7 +257,7 @@ def score_continuation(lm: LoadedModel, variants: list[Variant], prompt_ids: lis
     KL(p_clean || p_variant) over its positions. {variant name: {"clean_logprob", "kl"}}."""
     if not cont_ids:
         return {v.name: {"clean_logprob": float("nan"), "kl": float("nan")} for v in variants}
-    splicer = Splicer(lm, sorted({h for v in variants for h in v.hooks}), keep_first)
+    splicer = Splicer(lm, sites_of(variants), keep_first)
     seq = list(prompt_ids) + list(cont_ids[:-1])
     tokens = torch.tensor([seq], device=lm.device)
     first = len(prompt_ids) - 1

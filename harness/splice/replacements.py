@@ -58,6 +58,7 @@ BASELINES = ("identity", "zero", "mean", "pca", "neurons")
 _BASELINE_SPEC = re.compile(rf"^({'|'.join(BASELINES)})(?::(\d+))?(?:@(.+))?$")
 _NOISE_SPEC = re.compile(r"^(noise|noise-dir)@(.+)$")
 ERROR_SUFFIX = "+error"
+LEARNED = ("sae", "transcoder", "clt")
 
 
 def noise_seed(seed: int, key: int, call: int) -> int:
@@ -79,8 +80,8 @@ def wrapper_of(spec: str) -> tuple[str, str] | None:
 class Replacement:
     name: str
     spec: str
-    kind: str  # "sae" or one of BASELINES
-    hook: str | None  # TransformerLens hook name (None until resolved for a baseline)
+    kind: str  # "sae", "transcoder", "clt" or one of BASELINES
+    hook: str | None  # TransformerLens hook name it writes (None until resolved for a baseline)
     k: int | None = None
     sae: Any = None
     model_name: str | None = None
@@ -93,12 +94,56 @@ class Replacement:
     seed: int = 0  # noise wrappers: the run's seed
     noise_key: int = 0  # set per CE batch (`reseed`)
     noise_calls: int = 0
+    # A transcoder reads `hook_in` (the MLP's input) and writes `hook` (the MLP's output); a CLT
+    # (harness/splice/transcoders.py) reads several hooks and writes several.
+    hook_in: str | None = None
+    clt: Any = None  # harness.splice.transcoders.CrossLayerTranscoder for kind "clt"
+    skip_orientation: dict | None = None  # Gemma Scope 2: output explained with A and with A.T
+
+    @property
+    def reads(self) -> list[str]:
+        """The hooks whose activations it reads (an SAE: the hook it writes)."""
+        if self.clt is not None:
+            return list(self.clt.hooks_in)
+        return [self.hook_in or self.hook]
+
+    @property
+    def writes(self) -> list[str]:
+        """The hooks whose activations it replaces."""
+        if self.clt is not None:
+            return list(self.clt.hooks_out)
+        return [self.hook]
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(set(self.reads) | set(self.writes))
+
+    @property
+    def learned(self) -> bool:
+        """An SAE, transcoder or CLT (trained for some model), as opposed to a baseline."""
+        return self.kind in LEARNED
+
+    def output(self, hook: str, seen: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A transcoder's (or CLT's) replacement for `hook` from the inputs it read this forward."""
+        if self.clt is not None:
+            return self.clt.output(hook, seen)
+        return self(seen[self.hook_in])
+
+    def widths(self) -> dict[str, int]:
+        """The activation width it expects at each hook it reads or writes."""
+        if self.clt is not None:
+            return self.clt.widths()
+        if self.kind == "transcoder":
+            return {self.hook_in: self.d_in, self.hook: int(self.sae.cfg.d_out)}
+        return {self.hook: self.d_in}
 
     @property
     def d_in(self) -> int | None:
         if self.inner is not None:
             return self.inner.d_in
-        return int(self.sae.cfg.d_in) if self.sae is not None and self.kind == "sae" else None
+        if self.clt is not None:
+            return self.clt.d_in
+        return int(self.sae.cfg.d_in) if self.sae is not None and self.kind in ("sae", "transcoder") else None
 
     @property
     def base(self) -> "Replacement":
@@ -137,8 +182,10 @@ class Replacement:
         if self.inner is not None:
             self.inner.to(device, dtype)
         if self.sae is not None:
-            self.sae = self.sae.to(device=device, dtype=self.sae_dtype) if self.kind == "sae" else \
-                self.sae.to(device)
+            self.sae = self.sae.to(device=device, dtype=self.sae_dtype) if self.kind in ("sae", "transcoder") \
+                else self.sae.to(device)
+        if self.clt is not None:
+            self.clt.to(device, self.sae_dtype)
         if self.mean is not None:
             self.mean = self.mean.to(device, dtype)
         if self.components is not None:
@@ -187,6 +234,10 @@ class Replacement:
             idx = x.abs().topk(self.k, dim=-1).indices
             latents = torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
             return latents, latents
+        if self.kind == "transcoder":  # sae-lens' own forward: the skip term is part of it
+            sae_dtype = self.sae.W_dec.dtype
+            out, latents = self.sae.forward_with_activations(x.to(sae_dtype))
+            return out.to(x.dtype), latents
         if self.kind == "module":  # a user's module: activation -> reconstruction (or, latents)
             out = self.sae(x)
             return (out[0].to(x.dtype), out[1]) if isinstance(out, tuple) else (out.to(x.dtype), None)
@@ -215,9 +266,11 @@ def load_replacement(spec: str, device: str = "cpu", sae_dtype: str = "float32")
     """Parse one --sae spec (see module docstring) into a Replacement; an SAE's weights are
     cast to `sae_dtype` (`--sae-dtype`, independent of the model's `--dtype`)."""
     r = _parse_spec(spec, device)
+    r.sae_dtype = to_dtype(sae_dtype)
     if r.sae is not None:
-        r.sae_dtype = to_dtype(sae_dtype)
         r.sae = r.sae.to(dtype=r.sae_dtype)
+    if r.clt is not None:
+        r.clt.to(dtype=r.sae_dtype)
     return r
 
 
@@ -244,6 +297,16 @@ def _parse_spec(spec: str, device: str) -> Replacement:
                            k=int(k) if k else None)
     path = _local_sae_path(spec)
     if path is not None:
+        from harness.splice import transcoders
+
+        if path.is_dir() and (path / "config.yaml").exists():
+            if transcoders.is_ct_clt(path):
+                return transcoders.load_ct_clt(path, spec)
+            raise UserError(f"{spec} is a circuit-tracer transcoder set: pass it as a whole (--sae {spec})")
+        if path.is_dir() and transcoders.is_gemma_scope_2(path):
+            r = transcoders.load_gemma_scope_2(path, spec)
+            r.skip_orientation = {} if r.kind == "transcoder" and hasattr(r.sae, "W_skip") else None
+            return r
         return _load_folder(spec, path, device)
     if spec.startswith(("/", ".", "~")) or spec.endswith("/"):
         raise UserError(f"SAE folder {spec} not found")
@@ -435,6 +498,17 @@ def from_sae(name: str, spec: str, sae: Any, files: dict) -> Replacement:
     if getattr(meta, "hook_head_index", None) is not None:
         raise UserError(f"SAE {spec!r} reads a single attention head; only whole-hook SAEs are supported")
     k = getattr(sae.cfg, "k", None)
+    hook_out = getattr(meta, "hook_name_out", None)
+    if hasattr(sae.cfg, "d_out"):  # a sae-lens transcoder: reads hook_name, writes hook_name_out
+        if not hook_out:
+            raise UserError(f"transcoder {spec!r} records no hook_name_out in cfg.json metadata")
+        hook_in, hook_out = to_tl_hook_name(hook), to_tl_hook_name(hook_out)
+        check_transcoder_hooks(spec, hook_in, hook_out)
+        sae.eval()
+        return Replacement(name=name, spec=spec, kind="transcoder", hook=hook_out, hook_in=hook_in, k=k, sae=sae,
+                           model_name=getattr(meta, "model_name", None),
+                           model_kwargs=dict(getattr(meta, "model_from_pretrained_kwargs", None) or {}),
+                           files=files)
     if getattr(sae, "hook_z_reshaping_mode", False):
         # The splice hands every SAE the site's activation flattened to [..., heads * d_head]
         # (harness.splice.splicer.flat), which is what sae-lens' hook_z reshaping feeds the encoder;
@@ -446,6 +520,26 @@ def from_sae(name: str, spec: str, sae: Any, files: dict) -> Replacement:
         model_name=getattr(meta, "model_name", None),
         model_kwargs=dict(getattr(meta, "model_from_pretrained_kwargs", None) or {}), files=files,
     )
+
+
+# Order of the sites inside one block, as the forward pass reaches them.
+_SITE_ORDER = ("hook_resid_pre", "ln1.", "attn.", "hook_attn_out", "hook_resid_mid", "ln2.", "hook_mlp_in",
+               "mlp.hook_in", "mlp.hook_pre", "mlp.hook_post", "mlp.hook_out", "hook_mlp_out", "hook_resid_post")
+
+
+def site_position(hook: str) -> tuple[int, int]:
+    """(block, rank within the block) of a TransformerLens hook, for ordering reads and writes."""
+    layer = int(re.match(r"^blocks\.(\d+)\.", hook).group(1)) if re.match(r"^blocks\.\d+\.", hook) else -1
+    rest = hook.split(".", 2)[2] if layer >= 0 else hook
+    rank = next((i for i, key in enumerate(_SITE_ORDER) if rest.startswith(key)), len(_SITE_ORDER))
+    return layer, rank
+
+
+def check_transcoder_hooks(spec: str, hook_in: str, hook_out: str) -> None:
+    """A transcoder must write a site the forward pass reaches after the one it reads."""
+    if site_position(hook_out) <= site_position(hook_in):
+        raise UserError(f"transcoder {spec!r} writes {hook_out}, which the forward pass reaches before "
+                        f"(or at) the hook it reads, {hook_in}")
 
 
 def module_replacement(name: str, hook: str, module: Any) -> Replacement:
@@ -481,7 +575,14 @@ def describe(r: Replacement) -> dict:
     d = {"name": r.name, "spec": r.spec, "kind": r.kind, "hook": r.hook, "k": r.k, "files": r.files}
     if r.inner is not None:
         d.update(wraps=r.inner.spec, seed=r.seed)
-    if r.sae is not None and r.kind == "sae":
+    if r.hook_in is not None:
+        d.update(hook_in=r.hook_in, d_out=int(r.sae.cfg.d_out))
+    if r.skip_orientation:
+        d["skip_orientation_explained"] = r.skip_orientation
+    if r.clt is not None:
+        d.update(hooks_in=r.clt.hooks_in, hooks_out=r.clt.hooks_out, d_in=r.clt.d_in,
+                 d_sae=int(r.clt.W_enc.shape[1]), model_name=r.model_name)
+    if r.sae is not None and r.kind in ("sae", "transcoder"):
         d.update(d_in=r.d_in, d_sae=int(r.sae.cfg.d_sae), architecture=r.sae.cfg.architecture(),
                  dtype=str(r.sae_dtype).removeprefix("torch."),
                  model_name=r.model_name, model_from_pretrained_kwargs=r.model_kwargs)

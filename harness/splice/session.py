@@ -94,14 +94,16 @@ def check_compatible(lm: LoadedModel, repls: list[Replacement], allow_model_mism
     warning line; the hook and width checks still apply."""
     names = lm.names()
     for r in repls:
-        if r.base.kind == "sae" and not same_model(r.model_name, names):
+        if r.base.learned and not same_model(r.model_name, names):
             if not allow_model_mismatch:
                 raise UserError(f"SAE {r.spec!r} was trained on {r.model_name!r}, not on {lm.spec!r}; if that is "
                                 "this model under another name, pass --allow-model-mismatch")
             print(f"warning: SAE {r.spec!r} names {r.model_name!r}, not {lm.spec!r}; accepted "
                   "(--allow-model-mismatch), hooks and widths checked", file=sys.stderr)
-    check_hooks(lm, sorted({r.hook for r in repls}))
-    widths = activation_widths(lm, sorted({r.hook for r in repls if r.base.kind == "sae"}))
-    for r in repls:
-        if r.base.kind == "sae" and widths.get(r.hook) != r.d_in:
-            raise UserError(f"SAE {r.spec!r} has width {r.d_in} but {r.hook} has width {widths.get(r.hook)}")
+    check_hooks(lm, sorted({h for r in repls for h in r.sites}))
+    learned = [r.base for r in repls if r.base.learned]
+    widths = activation_widths(lm, sorted({h for r in learned for h in r.sites}))
+    for r in learned:
+        for hook, width in r.widths().items():
+            if widths.get(hook) != width:
+                raise UserError(f"{r.spec!r} expects width {width} at {hook}, which has width {widths.get(hook)}")

@@ -152,7 +152,7 @@ class Splicer:
         """The layer a variant's tail starts at: the branch layer of its first hook."""
         if variant is None or not variant.parts:
             return self.layers[-1]
-        return min(branch_layer(self.lm, h) for h in variant.hooks)
+        return min(branch_layer(self.lm, h) for h in variant.sites)
 
     @torch.no_grad()
     def branch_points(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[int, Prefix]:
@@ -244,10 +244,12 @@ class Splicer:
         def per_slice(fns):
             def hook(act, hook=None):
                 parts = list(act.split(rows))
+                changed = False
                 for i, fn in fns:
                     out = fn(parts[i], hook=hook)
-                    parts[i] = parts[i] if out is None else out
-                return torch.cat(parts)
+                    if out is not None:
+                        parts[i], changed = out, True
+                return torch.cat(parts) if changed else None  # read-only hooks leave the tensor as it is
             return hook
 
         def rep(x):
@@ -354,22 +356,54 @@ def flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def splice_hooks(variant: Variant, mask: torch.Tensor, on_act=None) -> list[tuple[str, Callable]]:
-    """TransformerLens hook functions that replace each hook's activation where mask is True.
+    """TransformerLens hook functions that replace each written hook's activation where mask is True.
 
     Replacements see the flattened activation (`flat`); `on_act(hook, x, x_hat, latents)` is
-    called with it for statistics (explained variance, L0)."""
+    called with it for statistics (explained variance, L0). A transcoder (or CLT) reads other
+    hooks than it writes: a hook at each read site keeps the activation (unchanged) for the
+    write sites later in the same forward pass, which replace their activation with the
+    transcoder's output computed from it; `x` is then the activation being replaced (the
+    MLP's output), so the statistics measure how much of it the transcoder explains."""
     hooks = []
-    for hook, repl in variant.parts.items():
-        def fn(act, hook=None, _repl=repl, _name=hook):
-            x = flat(act)
-            if x.shape[-1] != (_repl.d_in or x.shape[-1]):
-                raise UserError(f"SAE {_repl.spec!r} has width {_repl.d_in} but {_name} has {x.shape[-1]}")
-            x_hat, latents = _repl(x)
-            if on_act is not None:
-                on_act(_name, x, x_hat, latents)
-            return torch.where(mask[..., None], x_hat, x).reshape(act.shape)
-        hooks.append((hook, fn))
+    for repl in variant.parts.values():
+        if repl.reads == repl.writes:
+            hooks.append((repl.hook, _replace_hook(repl, repl.hook, mask, on_act)))
+            continue
+        seen: dict[str, torch.Tensor] = {}  # this forward's inputs, by read hook
+        for name in repl.reads:
+            hooks.append((name, _keep_hook(repl, name, seen)))
+        for name in repl.writes:
+            hooks.append((name, _write_hook(repl, name, seen, mask, on_act)))
     return hooks
+
+
+def _replace_hook(repl: Replacement, name: str, mask, on_act):
+    def fn(act, hook=None):
+        x = flat(act)
+        if x.shape[-1] != (repl.d_in or x.shape[-1]):
+            raise UserError(f"SAE {repl.spec!r} has width {repl.d_in} but {name} has {x.shape[-1]}")
+        x_hat, latents = repl(x)
+        if on_act is not None:
+            on_act(name, x, x_hat, latents)
+        return torch.where(mask[..., None], x_hat, x).reshape(act.shape)
+    return fn
+
+
+def _keep_hook(repl: Replacement, name: str, seen: dict):
+    def fn(act, hook=None):
+        seen[name] = flat(act)
+        return None  # unchanged: the very same tensor (a bridge takes a new one for an edit)
+    return fn
+
+
+def _write_hook(repl: Replacement, name: str, seen: dict, mask, on_act):
+    def fn(act, hook=None):
+        y = flat(act)
+        y_hat, latents = repl.output(name, seen)
+        if on_act is not None:
+            on_act(name, y, y_hat.to(y.dtype), latents)
+        return torch.where(mask[..., None], y_hat.to(y.dtype), y).reshape(act.shape)
+    return fn
 
 
 @torch.no_grad()
@@ -435,3 +469,25 @@ def calibrate(lm: LoadedModel, replacements: list[Replacement], calib_tokens: to
             r.fit(cache[r.hook])
     for r in replacements:
         r.to(hook_device(lm, r.hook))
+    _check_skip_orientation(lm, replacements, calib_tokens, batch_size)
+
+
+def _check_skip_orientation(lm, replacements: list[Replacement], calib_tokens, batch_size: int) -> None:
+    """Gemma Scope 2 transcoders: the output explained with the affine skip as the official code
+    applies it (x @ A) and transposed, on the calibration batch (recorded in config.json); one
+    warning line when the transpose explains more."""
+    import sys
+
+    from harness.splice.transcoders import skip_orientation
+
+    todo = list({id(r.base): r.base for r in replacements if r.base.skip_orientation == {}}.values())
+    if not todo or calib_tokens is None:
+        return
+    acts = collect_activations(lm, sorted({h for r in todo for h in (r.hook_in, r.hook)}), calib_tokens, batch_size)
+    for r in todo:
+        r.skip_orientation = skip_orientation(r, acts[r.hook_in].to(r.sae.W_skip.device),
+                                              acts[r.hook].to(r.sae.W_skip.device))
+        if r.skip_orientation["x @ A.T"] > r.skip_orientation["x @ A"]:
+            print(f"warning: {r.spec}: its affine skip explains more of the output transposed "
+                  f"({r.skip_orientation['x @ A.T']:.3f} vs {r.skip_orientation['x @ A']:.3f} as x @ A, the "
+                  "official form used here)", file=sys.stderr)

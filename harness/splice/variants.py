@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.errors import UserError
+from harness.model.loading import to_dtype
 from harness.splice.replacements import ERROR_SUFFIX, Replacement, load_replacement, resolve_hooks, wrap, wrapper_of
 
 
@@ -23,10 +24,23 @@ from harness.splice.replacements import ERROR_SUFFIX, Replacement, load_replacem
 class Variant:
     name: str
     parts: dict[str, Replacement]  # hook -> replacement
+    # A point of a set's layer curve (`layer_curves`): {"set", "order": "alone" | "from_top",
+    # "layers": how many members, "first": the lowest layer}; None for everything else.
+    curve: dict | None = None
 
     @property
     def hooks(self) -> list[str]:
-        return sorted(self.parts)
+        """The hooks whose activations it replaces (a transcoder: the MLP outputs)."""
+        return sorted({h for r in self.parts.values() for h in r.writes})
+
+    @property
+    def sites(self) -> list[str]:
+        """Every hook it reads or replaces (a transcoder also reads the MLP's input)."""
+        return sorted({h for r in self.parts.values() for h in r.sites})
+
+
+def sites_of(variants: list["Variant"]) -> list[str]:
+    return sorted({h for v in variants for h in v.sites})
 
 
 CLEAN = "clean"
@@ -44,7 +58,7 @@ def label(r: Replacement) -> str:
         return label(r.inner) + ERROR_SUFFIX
     if r.inner is not None:
         return f"{r.kind}@{label(r.inner)}"
-    return r.name if r.kind == "sae" else f"{r.name}@{short_hook(r.hook)}"
+    return r.name if r.learned else f"{r.name}@{short_hook(r.hook)}"
 
 
 def split_group(spec: str) -> list[str]:
@@ -60,13 +74,20 @@ def split_group(spec: str) -> list[str]:
     return parts
 
 
-def build_variants(specs: list[str], joint: bool, device: str,
-                   sae_dtype: str = "float32", seed: int = 0) -> tuple[list[Variant], list[Replacement]]:
+def build_variants(specs: list[str], joint: bool, device: str, sae_dtype: str = "float32", seed: int = 0,
+                   curves: bool = True) -> tuple[list[Variant], list[Replacement]]:
     """Parse specs into [clean, each part alone, each `A+B` group, the --joint group], and the
     distinct replacements they use (each loaded once even if several specs name it; a wrapper's
-    inner replacement is the same object as that spec alone). `seed` seeds the noise wrappers."""
+    inner replacement is the same object as that spec alone). `seed` seeds the noise wrappers.
+
+    A spec naming a whole set (harness/splice/transcoders.py: a folder of per-layer SAEs or
+    transcoders, a glob, a circuit-tracer config) is one variant splicing every member at once,
+    named after the set; with `curves`, its layer curves follow (`layer_curves`)."""
+    from harness.splice import transcoders
+
     groups = [split_group(s) for s in specs]
     by_spec: dict[str, Replacement] = {}
+    sets: dict[str, transcoders.ReplacementSet] = {}
 
     def load(part: str) -> Replacement:
         if part not in by_spec:
@@ -78,12 +99,58 @@ def build_variants(specs: list[str], joint: bool, device: str,
         return by_spec[part]
 
     for part in [p for g in groups for p in g]:
-        load(part)
-    repls = list(by_spec.values())
+        if part in sets or part in by_spec:
+            continue
+        if transcoders.is_set_spec(part):
+            sets[part] = transcoders.load_set(part, lambda s: load_replacement(s, device, sae_dtype))
+            for m in sets[part].members:
+                m.sae_dtype = to_dtype(sae_dtype)
+        else:
+            load(part)
+    repls = list(by_spec.values()) + [m for st in sets.values() for m in st.members]
     resolve_hooks(repls)
     if joint:
-        groups.append([s for s in by_spec if by_spec[s].kind == "sae"])
-    return variants_of([[by_spec[p] for p in g] for g in groups]), repls
+        groups.append([s for s in by_spec if by_spec[s].learned])
+    variants = variants_of([[by_spec[p] for p in g if p not in sets] for g in groups if any(p not in sets for p in g)])
+    for group in groups:
+        for p in group:
+            if p in sets:
+                variants += set_variants(sets[p], curves, {v.name for v in variants})
+    return variants, repls
+
+
+def set_variants(st, curves: bool, taken: set[str]) -> list[Variant]:
+    """The whole set as one variant, then (with `curves`) its layer curves."""
+    full = Variant(st.name, {r.hook: r for r in st.members})
+    if full.name in taken:
+        return []
+    return [full] + (layer_curves(st) if curves and len(st.members) > 1 else [])
+
+
+def layer_curves(st) -> list[Variant]:
+    """Each member alone, and the members from the top down: {L-1}, {L-2, L-1}, ... (the last
+    point, every member, is the set's own variant).
+
+    Why from the top: a variant's tail starts at its lowest member, and the clean prefix below
+    it is shared with every other variant of the batch (harness/splice/splicer.py), so adding
+    layers from the top costs one tail of n - k blocks per point, where adding them from the
+    bottom would run the whole model for every point. The damage of the lower layers alone is
+    the "alone" curve's."""
+    from harness.model.loading import hook_layer
+
+    out = []
+    members = st.members
+    n = len(members)
+    for r in members:
+        layer = hook_layer(r.writes[0])
+        out.append(Variant(f"{st.name}:{layer}", {r.hook: r},
+                           {"set": st.name, "order": "alone", "layers": 1, "first": layer}))
+    for k in range(1, n):
+        part = members[n - k:]
+        first = hook_layer(part[0].writes[0])
+        out.append(Variant(f"{st.name}:{first}-", {r.hook: r for r in part},
+                           {"set": st.name, "order": "from_top", "layers": k, "first": first}))
+    return out
 
 
 def variants_of(groups: list[list[Replacement]]) -> list[Variant]:
@@ -91,7 +158,7 @@ def variants_of(groups: list[list[Replacement]]) -> list[Variant]:
     variants, seen = [Variant(CLEAN, {})], {CLEAN}
 
     def add(parts: list[Replacement]):
-        hooks = [r.hook for r in parts]
+        hooks = [h for r in parts for h in r.writes]
         if len(set(hooks)) != len(hooks):
             raise UserError(f"a joint splice needs one SAE per hook; {' + '.join(r.spec for r in parts)} share one")
         name = "+".join(label(r) for r in parts)
@@ -115,6 +182,8 @@ def baseline_variants(variants: list[Variant]) -> list[Variant]:
     """The zero and mean variants that loss recovered needs, at exactly each variant's hooks."""
     extra: dict[str, Variant] = {}
     for v in variants:
+        if v.curve is not None:  # a curve point reports dCE, KL, top-1 and C_eff/C, not loss recovered
+            continue
         for kind in ("zero", "mean"):
             name = baseline_name(kind, v.hooks)
             if v.parts and name not in extra:
