@@ -63,3 +63,14 @@ def json_text(obj, indent: int | None = 2, **options) -> str:
 def write_json(path, obj, indent: int | None = 2) -> Path:
     """A JSON file, strict and atomic: every JSON a run writes goes through here."""
     return write_atomic(path, json_text(obj, indent))
+
+
+def sha256(path) -> str:
+    """Hex SHA-256 of a file, read a megabyte at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

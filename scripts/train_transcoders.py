@@ -42,7 +42,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time

@@ -315,7 +315,6 @@ def ce_comparison(session, n_seq: int, ctx: int, batch_size: int, device: str, d
     """sae-lens run_evals (x1, xK) against the harness CE suite (1 SAE, K SAEs in one pass) and
     the clean-forward equivalents, on one session's model: rows, checks, timings, the profile."""
     from harness.splice.splicer import Splicer
-    from harness.splice.variants import sites_of
     from harness.splice.variants import CLEAN
     from harness.model.timing import Sections
 

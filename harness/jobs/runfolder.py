@@ -28,7 +28,7 @@ from harness.model import distributed
 from harness.output import tables
 from harness.model.loading import LoadedModel
 from harness.errors import UserError
-from harness.splice.replacements import sha256
+from harness.files import sha256
 from harness.splice.variants import short_hook
 
 

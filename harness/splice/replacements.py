@@ -39,7 +39,6 @@ JumpReLU, gated) loads the way sae-lens defines it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ import torch
 
 from harness.model.loading import model_name_key, to_dtype, to_tl_hook_name
 from harness.errors import UserError
+from harness.files import sha256
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_saes"
 FAMILY_SAE_DIR = Path(__file__).resolve().parents[1] / "family" / "saes"  # harness/jobs/family.py
@@ -248,14 +248,6 @@ class Replacement:
         return self.sae.decode(latents).to(x.dtype), latents
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def demo_sae_names() -> list[str]:
     if not DEMO_DIR.exists():
         return []
@@ -301,10 +293,13 @@ def _parse_spec(spec: str, device: str) -> Replacement:
 
         if path.is_dir() and (path / "config.yaml").exists():
             if transcoders.is_ct_clt(path):
-                return transcoders.load_ct_clt(path, spec)
+                clt, model_name, files = transcoders.read_ct_clt(path)
+                return Replacement(name=path.name, spec=spec, kind="clt", hook=clt.hooks_out[0], clt=clt,
+                                   model_name=model_name, files=files)
             raise UserError(f"{spec} is a circuit-tracer transcoder set: pass it as a whole (--sae {spec})")
         if path.is_dir() and transcoders.is_gemma_scope_2(path):
-            r = transcoders.load_gemma_scope_2(path, spec)
+            sae, files = transcoders.read_gemma_scope_2(path)
+            r = from_sae(spec, spec, sae, files)
             r.skip_orientation = {} if r.kind == "transcoder" and hasattr(r.sae, "W_skip") else None
             return r
         return _load_folder(spec, path, device)

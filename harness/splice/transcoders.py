@@ -23,104 +23,26 @@ defines it:
   i + j); hooks are `blocks.{i}.{feature_input_hook}` / `blocks.{i}.{feature_output_hook}`.
   circuit-tracer's JumpReLU has no ReLU (x * (x > threshold)); for thresholds >= 0 that is
   sae-lens' JumpReLU, and a per-layer set with a negative threshold is refused.
-- A set: a folder whose sub-folders are SAEs / transcoders, a glob over folders, or a
-  circuit-tracer transcoder_set. It is spliced jointly, one member per hook.
+Whole sets (a folder of per-layer folders, a glob, a circuit-tracer transcoder_set) are
+harness/splice/sets.py's.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from harness.errors import UserError
+from harness.files import sha256
 from harness.model.loading import to_tl_hook_name
-
-DEMO_SETS = {"skip-transcoders": Path(__file__).resolve().parents[1] / "demo_transcoders"}
-
-
-@dataclass
-class ReplacementSet:
-    name: str
-    members: list  # Replacement, ordered by the layer they write
-
-
-def is_set_spec(spec: str) -> bool:
-    if spec in DEMO_SETS:
-        return True
-    if any(c in spec for c in "*?["):
-        return True
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        return False
-    if (path / "config.yaml").exists():
-        return _ct_config(path)["model_kind"] == "transcoder_set"
-    return _member_folders(path) != [] and not _is_single_folder(path)
-
-
-def _is_single_folder(path: Path) -> bool:
-    return (path / "cfg.json").exists() or (path / "config.json").exists() or (path / "params.npz").exists() \
-        or (path / "params.safetensors").exists()
-
-
-def _member_folders(path: Path) -> list[Path]:
-    return sorted((p for p in path.iterdir() if p.is_dir() and _is_single_folder(p)), key=_natural)
-
-
-def _natural(p: Path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
-
-
-def load_set(spec: str, load_one) -> ReplacementSet:
-    """The members of a set spec, each loaded by `load_one(spec)`, checked to agree."""
-    if spec in DEMO_SETS:
-        folder = DEMO_SETS[spec]
-        if not folder.exists():
-            raise UserError(f"the demo set {spec} is not shipped in this installation ({folder})")
-        name, folders = spec, _member_folders(folder)
-    elif any(c in spec for c in "*?["):
-        folders = sorted((Path(p) for p in glob.glob(str(Path(spec).expanduser())) if Path(p).is_dir()), key=_natural)
-        if not folders:
-            raise UserError(f"no folder matches {spec}")
-        name = spec
-    else:
-        path = Path(spec).expanduser()
-        if (path / "config.yaml").exists():
-            return ReplacementSet(path.name, load_ct_transcoder_set(path))
-        name, folders = path.name, _member_folders(path)
-    members = [load_one(str(f)) for f in folders]
-    for f, m in zip(folders, members):
-        m.name = f"{name}/{f.name}"
-    return ReplacementSet(name, check_set(name, members))
-
-
-def check_set(name: str, members: list) -> list:
-    """Members in forward order; one line for a set that disagrees on model or width, or
-    writes one hook twice."""
-    if not members:
-        raise UserError(f"set {name} has no members")
-    models = {m.model_name for m in members if m.model_name}
-    if len(models) > 1:
-        raise UserError(f"set {name}: its members name different models ({', '.join(sorted(models))})")
-    widths = {int(m.sae.cfg.d_sae) for m in members if m.sae is not None and hasattr(m.sae, "cfg")}
-    if len(widths) > 1:
-        raise UserError(f"set {name}: its members have different widths ({', '.join(map(str, sorted(widths)))})")
-    writes = [h for m in members for h in m.writes]
-    if len(set(writes)) != len(writes):
-        raise UserError(f"set {name}: two members write the same hook")
-    from harness.model.loading import hook_layer
-
-    return sorted(members, key=lambda m: hook_layer(m.writes[0]))
-
 
 # ---------------------------------------------------------------- circuit-tracer
 
 
-def _ct_config(path: Path) -> dict:
+def ct_config(path: Path) -> dict:
     import yaml
 
     try:
@@ -166,16 +88,14 @@ def _read(f: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read {f}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def load_ct_transcoder_set(path: Path) -> list:
-    """A circuit-tracer transcoder_set as sae-lens transcoders, one per layer."""
+def read_ct_transcoder_set(path: Path) -> list[tuple[int, Path, object]]:
+    """A circuit-tracer transcoder_set as sae-lens transcoders: [(layer, file, transcoder)]."""
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.transcoder import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig,
                                           JumpReLUTranscoder, JumpReLUTranscoderConfig, SkipTranscoder,
                                           SkipTranscoderConfig, Transcoder, TranscoderConfig)
 
-    from harness.splice.replacements import from_sae, sha256
-
-    cfg = _ct_config(path)
+    cfg = ct_config(path)
     if cfg.get("activation") == "topk":
         raise UserError(f"{path}: TopK transcoders have no sae-lens class; only JumpReLU and ReLU sets load")
     members = []
@@ -207,8 +127,8 @@ def load_ct_transcoder_set(path: Path) -> list:
         if skip is not None:
             state["W_skip"] = skip
         tc.load_state_dict({k: v.float().contiguous() for k, v in state.items()})
-        members.append(from_sae(f"{path.name}/layer_{layer}", str(f), tc, {str(f): sha256(f)}))
-    return check_set(path.name, members)
+        members.append((layer, f, tc))
+    return members
 
 
 def _shape(f: Path, name: str, t: torch.Tensor, want: tuple) -> None:
@@ -261,11 +181,9 @@ class CrossLayerTranscoder(torch.nn.Module):
         return out, seen[f"clt-acts:{layer}"]
 
 
-def load_ct_clt(path: Path, spec: str):
-    """A circuit-tracer cross_layer_transcoder folder as one Replacement of kind "clt"."""
-    from harness.splice.replacements import Replacement, sha256
-
-    cfg = _ct_config(path)
+def read_ct_clt(path: Path) -> tuple[CrossLayerTranscoder, str | None, dict]:
+    """A circuit-tracer cross_layer_transcoder folder: (the CLT, its model_name, {file: sha256})."""
+    cfg = ct_config(path)
     enc_files = _ct_files(path, {}, "W_enc_*.safetensors")
     n = len(enc_files)
     W_enc, b_enc, b_dec, thr, W_dec = [], [], [], [], []
@@ -303,13 +221,15 @@ def load_ct_clt(path: Path, spec: str):
                                torch.stack(thr) if thr else None, skip,
                                [f"blocks.{i}.{cfg['feature_input_hook']}" for i in range(n)],
                                [f"blocks.{i}.{cfg['feature_output_hook']}" for i in range(n)])
-    files = {str(f): sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
-    return Replacement(name=path.name, spec=spec, kind="clt", hook=clt.hooks_out[0], hook_in=None,
-                       clt=clt, model_name=cfg.get("model_name"), files=files)
+    return clt, cfg.get("model_name"), _hashes(path)
+
+
+def _hashes(path: Path) -> dict:
+    return {str(f): sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
 
 
 def is_ct_clt(path: Path) -> bool:
-    return (path / "config.yaml").exists() and _ct_config(path)["model_kind"] == "cross_layer_transcoder"
+    return (path / "config.yaml").exists() and ct_config(path)["model_kind"] == "cross_layer_transcoder"
 
 
 # ---------------------------------------------------------------- Gemma Scope 2
@@ -319,14 +239,13 @@ def is_gemma_scope_2(path: Path) -> bool:
     return (path / "params.safetensors").exists() and (path / "config.json").exists()
 
 
-def load_gemma_scope_2(path: Path, spec: str):
-    """A Gemma Scope 2 folder as a sae-lens JumpReLU(Skip)Transcoder or JumpReLU SAE."""
+def read_gemma_scope_2(path: Path) -> tuple[object, dict]:
+    """A Gemma Scope 2 folder as a sae-lens JumpReLU(Skip)Transcoder or JumpReLU SAE, and
+    {file: sha256}."""
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.transcoder import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig,
                                           JumpReLUTranscoder, JumpReLUTranscoderConfig)
-
-    from harness.splice.replacements import from_sae, sha256
 
     try:
         raw = json.loads((path / "config.json").read_text())
@@ -367,8 +286,7 @@ def load_gemma_scope_2(path: Path, spec: str):
             sae = JumpReLUTranscoder(JumpReLUTranscoderConfig(
                 d_in=d_in, d_sae=F, d_out=d_out, apply_b_dec_to_input=False, metadata=SAEMetadata(**meta)))
     sae.load_state_dict({k: v.float().contiguous() for k, v in state.items()})
-    files = {str(f): sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
-    return from_sae(spec, spec, sae, files)
+    return sae, _hashes(path)
 
 
 @torch.no_grad()

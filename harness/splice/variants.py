@@ -83,11 +83,11 @@ def build_variants(specs: list[str], joint: bool, device: str, sae_dtype: str = 
     A spec naming a whole set (harness/splice/transcoders.py: a folder of per-layer SAEs or
     transcoders, a glob, a circuit-tracer config) is one variant splicing every member at once,
     named after the set; with `curves`, its layer curves follow (`layer_curves`)."""
-    from harness.splice import transcoders
+    from harness.splice import sets as set_specs
 
     groups = [split_group(s) for s in specs]
     by_spec: dict[str, Replacement] = {}
-    sets: dict[str, transcoders.ReplacementSet] = {}
+    sets: dict[str, set_specs.ReplacementSet] = {}
 
     def load(part: str) -> Replacement:
         if part not in by_spec:
@@ -101,8 +101,8 @@ def build_variants(specs: list[str], joint: bool, device: str, sae_dtype: str = 
     for part in [p for g in groups for p in g]:
         if part in sets or part in by_spec:
             continue
-        if transcoders.is_set_spec(part):
-            sets[part] = transcoders.load_set(part, lambda s: load_replacement(s, device, sae_dtype))
+        if set_specs.is_set_spec(part):
+            sets[part] = set_specs.load_set(part, lambda s: load_replacement(s, device, sae_dtype))
             for m in sets[part].members:
                 m.sae_dtype = to_dtype(sae_dtype)
         else:
