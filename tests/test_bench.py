@@ -32,7 +32,8 @@ def test_agreement_checks_pass(result):
 def test_rows_and_ratios(result):
     rows = {r["key"]: r for r in result["rows"]}
     second = "[random:3x64:v512]"
-    assert set(rows) == {"ce_1", "ce_k", "equiv", "mmlu", "ce_1" + second, "ce_k" + second, "equiv" + second}
+    assert set(rows) == {"ce_1", "ce_k", "equiv", "curves", "mmlu", "ce_1" + second, "ce_k" + second,
+                         "equiv" + second}
     assert [s["vocab"] for s in result["meta"]["shapes"]] == [49152, 512]
     for r in rows.values():
         for key in ("anchor_rate", "harness_rate", "ratio"):
@@ -63,6 +64,19 @@ def test_flop_minimum_starts_the_tails_after_the_hooked_block(result):
     rows = {r["key"]: r for r in result["rows"]}
     assert rows["equiv"]["flop_model_equiv"] == pytest.approx(want, rel=1e-12)
     assert "vs FLOP minimum" in bench.format_report(result)
+
+
+def test_curve_flop_minimum_counts_each_point_from_its_lowest_layer(result):
+    """random:2x64 has 2 blocks: the curve's points are layer 0 alone, layer 1 alone, layer 1
+    from the top (1 transcoder) and both (2): tails of 2, 1, 1 and 2 blocks, each with the head."""
+    lm = load_model("random:2x64")
+    d_sae = bench.SAE_EXPANSION * 64
+    fl = bench.flops_per_token(lm, 32, d_sae)
+    tc = 2 * (2 * 64 * d_sae + 64 * 64)
+    want = fl["model"] + sum(k * fl["block"] + fl["head"] + n * tc for k, n in ((2, 2), (2, 1), (1, 1), (1, 1)))
+    rows = {r["key"]: r for r in result["rows"]}
+    assert rows["curves"]["flop_model_equiv"] == pytest.approx(want / fl["model"], rel=1e-12)
+    assert math.isfinite(rows["curves"]["cost"]) and rows["curves"]["cost"] > 1
 
 
 def test_report_formats(result):

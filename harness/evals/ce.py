@@ -60,9 +60,12 @@ class CEResult:
     # "NAME.ids" / "NAME.p": the 3 most likely next tokens and their probabilities at every
     # position [n_seq, ctx-1, 3], clean and every variant (for the damage report)
     per_token_top3: dict[str, np.ndarray] | None = None
+    # the layer curves' points (Variant.curve set): records of their own, kept out of `records`
+    # (and of the per-token arrays) so tables, figures and the damage report show whole splices
+    curves: list[dict] = field(default_factory=list)
 
     def by_variant(self) -> dict[str, dict]:
-        return {r["variant"]: r for r in self.records}
+        return {r["variant"]: r for r in self.records + self.curves}
 
 
 MASSIVE_KEYS = ["n_massive", "massive_var_share", "explained_variance_robust", "dce_massive", "dce_rest",
@@ -267,10 +270,16 @@ def evaluate(lm: LoadedModel, variants: list[Variant], tokens: torch.Tensor, bat
         for rec in records:
             rec.update(top1_agreement(top3, rec["variant"], tokens[:, 1:].numpy(), in_t_all.numpy(), boot_idx))
             rec["curve"] = curve_of.get(rec["variant"])
+        curves = [r for r in records if r["curve"]]
+        records = [r for r in records if not r["curve"]]
+        for r in curves:
+            for arrays, keys in ((per_token, [r["variant"]]), (top3, [f"{r['variant']}.ids", f"{r['variant']}.p"])):
+                for key in keys:
+                    arrays.pop(key, None)
     return CEResult(records, per_token, seconds, int(counts.sum()), splicer.start_layer,
                     splicer.block_cost(all_variants),
                     None if massive_factor is None else outliers.summary(massive, massive_factor, exclude_massive),
-                    top3)
+                    top3, curves)
 
 
 HARD_P = 0.8  # Anthropic's hard subset: clean top-1 correct with probability below this

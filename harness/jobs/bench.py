@@ -288,6 +288,63 @@ def flop_minimum(lm, ctx: int, saes: int, tail_start: int) -> float | None:
     return (fl["model"] + saes * (tail + fl["sae"])) / fl["model"]
 
 
+def curve_flop_minimum(lm, ctx: int, d_sae: int, points: list[tuple[int, int]]) -> float | None:
+    """The FLOP model's minimum of a set's layer curve, in clean forwards: one clean forward, plus
+    per point (lowest layer, transcoders in it) its tail from that layer, the head, and each
+    transcoder's encoder, decoder and skip (2 x (2 w F + w^2) FLOPs a token)."""
+    fl = flops_per_token(lm, ctx, d_sae)
+    if not fl:
+        return None
+    w = lm.d_model
+    transcoder = 2 * (2 * w * d_sae + w * w)
+    total = fl["model"] + sum((lm.n_layers - first) * fl["block"] + fl["head"] + k * transcoder
+                              for first, k in points)
+    return total / fl["model"]
+
+
+def random_transcoder_set(lm, d_sae: int, seed: int = 0):
+    """A random sae-lens SkipTranscoder at every block (MLP input -> MLP output), as a set."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig
+
+    from harness.splice.replacements import from_sae
+    from harness.splice.sets import ReplacementSet
+
+    torch.manual_seed(seed)
+    members = []
+    for L in range(lm.n_layers):
+        cfg = SkipTranscoderConfig(d_in=lm.d_model, d_sae=d_sae, d_out=lm.d_model, apply_b_dec_to_input=False,
+                                   metadata=SAEMetadata(hook_name=f"blocks.{L}.ln2.hook_normalized",
+                                                        hook_name_out=f"blocks.{L}.hook_mlp_out"))
+        tc = SkipTranscoder(cfg)
+        with torch.no_grad():
+            tc.W_dec.mul_(0.01)
+            tc.W_skip.normal_(0, 0.01)
+        members.append(from_sae(f"tc/{L}", f"tc/{L}", tc, {}).to(lm.device))
+    return ReplacementSet("tc", members)
+
+
+def curve_comparison(lm, n_seq: int, ctx: int, batch_size: int, device: str, seed: int, say) -> dict:
+    """A transcoder at every block and its layer curves (each alone, added from the top, all):
+    the harness's pass against one clean forward, in clean-forward equivalents, beside the FLOP
+    model's minimum for the same points."""
+    from harness.splice.variants import set_variants
+
+    d_sae = SAE_EXPANSION * lm.d_model
+    tset = random_transcoder_set(lm, d_sae, seed)
+    variants = set_variants(tset, True, set())
+    points = [(min(int(h.split(".")[1]) for h in v.hooks), len(v.parts)) for v in variants]
+    toks = random_tokens(n_seq, ctx, int(lm.model.cfg.d_vocab), lm.special_ids(), seed)
+    say(f"layer curves of {lm.n_layers} transcoders ({len(variants)} points) vs one clean forward")
+    fwd, kv = side_by_side(lm, variants, toks, batch_size, device, EQUIV_ROUNDS)
+    n_tok = toks.numel()
+    row = _row("curves", f"layer curves: {lm.n_layers} skip transcoders, {len(variants)} points, forward only",
+               "1 clean forward", "tok/s", n_tok / fwd.seconds, n_tok / kv.seconds, fwd.peak_bytes, kv.peak_bytes,
+               "-", None, None, "", cost=kv.seconds / fwd.seconds)
+    row["flop_model_equiv"] = curve_flop_minimum(lm, ctx, d_sae, points)
+    return row
+
+
 # ----------------------------------------------------------------------------- the bench
 
 BLOCKS_MODEL = "random:12x512:v4096"  # a shape where the blocks, not the unembedding, dominate
@@ -475,6 +532,7 @@ def run_bench(model: str = "random:4x256", device: str = "cpu", dtype: str = "fl
                         "has none: use a folder, smollm2-135m or random:LxW, or set the MMLU questions to 0")
     main = ce_comparison(session, n_seq, ctx, batch_size, device, dtype, seed, say)
     rows, checks, tol, hook = main["rows"], main["checks"], main["tol"], main["hook"]
+    rows.append(curve_comparison(lm, max(batch_size, n_seq // 4), ctx, batch_size, device, seed, say))
     clean, sae_variants, raw = main["clean"], main["sae_variants"], main["raw"]
     shapes, profiles = [main["shape"]], {f"{model}, {k}": v for k, v in main["profiles"].items()}
 

@@ -38,7 +38,7 @@ from harness.model.loading import EMBEDDED_DEFAULT
 from harness.errors import UserError
 from harness.evals.references import add_reference_equivalents
 from harness.jobs.runfolder import (Checkpoint, check_out, command_line, machine, model_hash, staging, versions, write_ce,
-                               write_compute_equivalents, write_report, write_tasks)
+                                    write_compute_equivalents, write_curves, write_report, write_tasks)
 from harness.files import write_json
 from harness.splice.replacements import describe
 from harness.splice.session import Session, prepare
@@ -220,7 +220,7 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
                           data=session.data_info, ce_seconds=res.seconds, shared_prefix_layer=res.start_layer,
                           ce_block_cost=res.block_cost)
             size = model_size(lm, cfg)
-            details, band = compute_equivalents(res.records, law, cfg.law, size)
+            details, band = compute_equivalents(res.records + res.curves, law, cfg.law, size)
             config["compute_equivalents"] = {"law": cfg.law, "E_band": band, "size": size}
             result.ce = res
             if tmp is not None:
@@ -228,6 +228,8 @@ def run_job(cfg: RunConfig, stages=("ce",), progress_factory=None, resume: bool 
                 if cfg.reference_models or cfg.reference_checkpoints:
                     config["references"] = add_reference_equivalents(res.records, lm, tokens, cfg)
                 write_ce(tmp, res.records, res.per_token_dce, tokens, res.per_token_top3, lm.tokenizer)
+                if res.curves:
+                    write_curves(tmp, res.curves, res.records)
         if "tasks" in stages:
             res = run_limited_tasks(task_variants(session, cfg), cfg.tasks, tm, cfg, progress_factory,
                                     request_store=str(folder.state / "requests.sqlite") if tmp else None)

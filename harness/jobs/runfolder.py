@@ -199,6 +199,16 @@ def write_ce(folder: Path, records: list[dict], per_token_dce: dict, tokens: tor
     tables.write_tables(folder, which=("ce",))  # ce.md, ce.tex: the paper-sized CE table
 
 
+def write_curves(folder: Path, curves: list[dict], records: list[dict]) -> None:
+    """layer_curves.json (the points' records), layer_curves.md and .csv (the table)."""
+    from harness.output import curves as curve_output
+
+    write_json(folder / "layer_curves.json", curves)
+    df = curve_output.curve_frame(curves, records)
+    (folder / "layer_curves.md").write_text(curve_output.to_markdown(df))
+    df.to_csv(folder / "layer_curves.csv", index=False)
+
+
 def write_compute_equivalents(folder: Path, details: dict) -> None:
     """compute_equivalents.json (the report draws the loss-against-compute figure from it)."""
     write_json(folder / "compute_equivalents.json", details)

@@ -458,6 +458,23 @@ def build_figures(runs: list[Run], label: Labels, out: Path) -> dict[str, tuple[
     else:
         done["damage"] = "(d) not drawn: no per-token data (per_token_dce.npz) in these runs."
 
+    # (f) layer curves of whole sets (before (e) in the code; drawn after the headline table)
+    curve_runs = [r for r in runs if r.curves]
+    if curve_runs:
+        from harness.output import curves
+
+        frames = []
+        for run in curve_runs:
+            df = curves.curve_frame(run.curves, run.metrics or [])
+            df["set"] = [label(run, s) for s in df["set"]]
+            frames.append(df)
+        done["curves"] = (figures.save(curves.figure(pd.concat(frames, ignore_index=True)), out, "curves"),
+                          "(f) What a replacement model costs as layers are added: C_eff/C (frontier, log scale), "
+                          "dCE (95% interval shaded) and KL against the number of layers replaced, added from the "
+                          "top down (left; the last point is the whole set), and each layer replaced alone (right).")
+    else:
+        done["curves"] = ""
+
     # (e) the explainability frontier
     interp_runs = [r for r in runs if r.interp]
     if interp_runs:
@@ -538,6 +555,20 @@ code{font-size:12px;word-break:break-all}
 """
 
 
+def curves_section(runs: list[Run], label: Labels, figs: dict) -> str:
+    """A whole set's layer curves: the compounding in words, then the figure."""
+    from harness.output import curves
+
+    runs = [r for r in runs if r.curves]
+    if not runs:
+        return ""
+    text = "".join(curves.html_section(curves.curve_frame(r.curves, r.metrics or []), _esc) for r in runs)
+    png, caption = figs["curves"]
+    return (f"<h2>Replacement models: layers added one by one</h2>{text}"
+            f'<figure><img alt="layer curves" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            f"<figcaption>{_esc(caption)} Also saved as curves.png and curves.pdf.</figcaption></figure>")
+
+
 def render(runs: list[Run], out: Path) -> str:
     """The page as HTML text (figures written to `out` on the way)."""
     label = Labels(runs)
@@ -561,7 +592,8 @@ def render(runs: list[Run], out: Path) -> str:
     profiles = [(r, r.profile) for r in runs if r.profile is not None]
     body = [f"<h1>{_esc(title)}</h1>",
             f"<p class=sub>{' &middot; '.join(_esc(r.label) + ': ' + _esc(r.shown_path or r.path) for r in runs)}</p>", warn,
-            headline_section(runs, label), figure("compute"), equivalents_section(runs, label),
+            headline_section(runs, label), curves_section(runs, label, figs), figure("compute"),
+            equivalents_section(runs, label),
             "<h2>Sparsity against fidelity</h2>", figure("tradeoff"),
             profile_section(profiles, label), figure("profile"),
             "<h2>Where the damage lives</h2>", figure("damage"), damage_section(runs, label),

@@ -35,6 +35,7 @@ class Run:
     damage: dict | None = None
     profile: pd.DataFrame | None = None  # profile_table(run), computed once on loading
     interp: dict | None = None  # interp.json (sae-harness interp): explainability beside fidelity
+    curves: list[dict] | None = None  # layer_curves.json: a whole set's layer curves
     shown_path: str = ""  # the folder as the page names it (a run being written names its final place)
 
     @property
@@ -65,6 +66,8 @@ def load_run(path, label: str | None = None) -> Run:
             raise UserError(f"{path / 'metrics.json'} is not a list of per-variant records")
     if (path / "compute_equivalents.json").is_file():
         run.equivalents = _read_json(path / "compute_equivalents.json")
+    if (path / "layer_curves.json").is_file():
+        run.curves = _read_json(path / "layer_curves.json")
     if (path / "per_token_dce.npz").is_file():
         try:
             with np.load(path / "per_token_dce.npz") as z:
