@@ -185,11 +185,23 @@ def _run(cfg, stages, resume: bool = False) -> None:
         excluded = " (massive positions excluded from T)" if cfg.exclude_massive else ""
         print_ce_table(result.ce.records,
                        f"{cfg.model}: cross-entropy on {result.ce.n_tokens} held-out tokens{excluded}", Path(cfg.out))
+        if result.ce.curves:
+            print_curves(result.ce.curves, result.ce.records, Path(cfg.out))
     if result.tasks is not None:
         if (result.tasks.per_question["task"] == "mmlu").any():
             print_mmlu_table(result.tasks.per_question, cfg)
         print_saved_table(Path(cfg.out) / "tasks.md")
     typer.echo(f"wrote {cfg.out} in {time.perf_counter() - t0:.0f} s", err=True)
+
+
+def print_curves(curves: list[dict], records: list[dict], folder: Path) -> None:
+    """One line per set: how its damage compounds (the curves themselves: layer_curves.md)."""
+    from harness.output.curves import compounding, curve_frame
+
+    for name, c in compounding(curve_frame(curves, records)).items():
+        typer.echo(f"{name}: all layers together dCE {c['dce_all']:.3f}; the layers alone add up to "
+                   f"{c['dce_sum_alone']:.3f} (together / sum {c['ratio']:.2f}); worst alone: layer "
+                   f"{c['worst_layer']} ({c['worst_layer_dce']:.3f}). Curves: {folder / 'layer_curves.md'}")
 
 
 def print_saved_table(path: Path) -> None:

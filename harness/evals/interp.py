@@ -78,13 +78,23 @@ class _Sketch:
         self.index[~torch.isfinite(self.key)] = -1
 
 
+def reads_one(repl: Replacement) -> str:
+    """The one hook whose activation a replacement's latents are computed from."""
+    if len(repl.reads) != 1:
+        raise UserError(f"{repl.spec} reads {len(repl.reads)} hooks (a cross-layer transcoder): explain its "
+                        "latents layer by layer is not supported")
+    return repl.reads[0]
+
+
 @torch.no_grad()
 def collect(lm: LoadedModel, repl: Replacement, tokens: torch.Tensor, batch_size: int = 8, seed: int = 0,
             top_k: int = TOP_K, sample: int = SAMPLE) -> Records:
     """Activation records of every latent of `repl` on `tokens` [n_seq, ctx], where the splice
-    would apply (no special tokens, no position 0)."""
-    splicer = Splicer(lm, [repl.hook])
-    point = lm.model.hook_dict[repl.hook]
+    would apply (no special tokens, no position 0). A transcoder's latents are computed from
+    the activation it reads (the MLP's input)."""
+    read = reads_one(repl)
+    splicer = Splicer(lm, [read])
+    point = lm.model.hook_dict[read]
     gen = torch.Generator().manual_seed(seed)
     ctx = tokens.shape[1]
     state = {}
@@ -100,7 +110,7 @@ def collect(lm: LoadedModel, repl: Replacement, tokens: torch.Tensor, batch_size
         batch = tokens[i:i + batch_size].to(lm.device)
         mask = splicer.splice_mask(batch, None)
         with lm.model.hooks(fwd_hooks=[(point.name, grab)]):
-            run_below(lm, batch, hook_layer(repl.hook) + 1)  # no need for the blocks above
+            run_below(lm, batch, hook_layer(read) + 1)  # no need for the blocks above
         _, latents = repl(state["x"])
         if latents is None:
             raise UserError(f"{repl.spec} has no latents to explain")
@@ -257,7 +267,7 @@ def pooled(lm: LoadedModel, repls: list[Replacement], texts: list[str], ctx: int
     """Per replacement (and "residual" per hook: the raw activation): [n_texts, width] mean over
     each text's positions where a splice would apply."""
     tok = lm.tokenizer
-    hooks = sorted({r.hook for r in repls})
+    hooks = sorted({reads_one(r) for r in repls})
     splicer = Splicer(lm, hooks)
     out: dict = {}
     for i in range(0, len(texts), batch_size):
@@ -279,7 +289,7 @@ def pooled(lm: LoadedModel, repls: list[Replacement], texts: list[str], ctx: int
         for h in hooks:
             out.setdefault(f"residual@{h}", []).append((got[names[h]] * w).sum(1).cpu())
         for r in repls:
-            _, lat = r(got[names[r.hook]])
+            _, lat = r(got[names[reads_one(r)]])
             out.setdefault(r.spec, []).append((lat.float() * w).sum(1).cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 

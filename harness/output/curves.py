@@ -128,6 +128,10 @@ def figure(df: pd.DataFrame):
                 ax.grid(alpha=0.3)
                 if row == 2:
                     ax.set_xlabel(xlabel)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig
