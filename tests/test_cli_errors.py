@@ -278,3 +278,20 @@ def test_a_missing_dataset_file_is_refused_before_the_model_loads(tiny_hf_dir, t
                         str(tmp_path / "nowhere.jsonl")], out)
     assert code == 2 and lines == [f"error: no such file or folder: {tmp_path / 'nowhere.jsonl'}"]
     assert not out.exists()
+
+
+def test_bad_transcoder_set_is_one_line(tiny_hf_dir, tmp_path):
+    """A circuit-tracer CLT with a layer's decoder missing: one line, exit 2, nothing written."""
+    from safetensors.torch import save_file
+
+    clt = tmp_path / "clt"
+    clt.mkdir()
+    for i in range(4):
+        save_file({f"W_enc_{i}": torch.zeros(8, 32), f"b_enc_{i}": torch.zeros(8), f"b_dec_{i}": torch.zeros(32)},
+                  str(clt / f"W_enc_{i}.safetensors"))
+        if i != 3:
+            save_file({f"W_dec_{i}": torch.zeros(8, 4 - i, 32)}, str(clt / f"W_dec_{i}.safetensors"))
+    (clt / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: mlp.hook_in\n"
+                                     "feature_output_hook: hook_mlp_out\n")
+    line = _ce(tiny_hf_dir, clt, tmp_path)
+    assert "decoder file of layer 3 is missing" in line

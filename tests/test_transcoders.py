@@ -318,3 +318,69 @@ def test_bad_transcoder_inputs_are_one_line(tiny_hf, tiny_hf_dir, tmp_path):
         "transcoders": ["hf://org/repo/layer_0.safetensors"]}))
     with pytest.raises(UserError, match="local folder"):
         build_variants([str(hub)], False, "cpu")
+
+
+# ---------------------------------------------------------------- the shipped set, end to end
+
+
+@pytest.mark.slow
+def test_shipped_transcoders_joint_ce_equals_plain_transformers(embedded_dir):
+    """The demo skip transcoders at all 30 blocks, spliced at once with A+B+...: CE within 1e-3
+    nats of a plain transformers forward where each MLP's output is replaced by the transcoder's
+    output from its input (JumpReLU written out from the safetensors files), top-1 reported."""
+    from safetensors.torch import load_file
+
+    from harness.model.loading import load_model
+    from harness.splice.sets import DEMO_SETS
+    from harness.text import builtin as data
+
+    folders = sorted((p for p in DEMO_SETS["skip-transcoders"].iterdir() if (p / "cfg.json").exists()),
+                     key=lambda p: int(p.name.split(".")[1]))
+    hf = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    assert len(folders) == hf.config.num_hidden_layers == 30
+    total = sum(f.stat().st_size for p in folders for f in p.iterdir())
+    assert total < 64 * 2**20
+    fns = {}
+    for p in folders:
+        cfg = json.loads((p / "cfg.json").read_text())
+        assert cfg["architecture"] in ("skip_transcoder", "jumprelu_skip_transcoder")
+        w = {k: v.float() for k, v in load_file(p / "sae_weights.safetensors").items()}
+        fns[int(p.name.split(".")[1])] = _formula(w)
+    lm = load_model("smollm2-135m")
+    tok = lm.tokenizer
+    ids = [tok.bos_token_id]
+    for d in data.documents("eval")[:8]:
+        ids += tok.encode(d, add_special_tokens=False)[:60] + [tok.eos_token_id]
+    tokens = torch.tensor(ids[: 4 * 64]).view(4, 64)
+    keep = ~torch.isin(tokens, torch.tensor(sorted(set(tok.all_special_ids))))
+    # each MLP output replaced except at position 0 and special tokens (the harness's rule)
+    seen, handles = {}, []
+    for L, fn in fns.items():
+        layer = hf.model.layers[L]
+        norm = layer.post_attention_layernorm
+        handles.append(norm.register_forward_pre_hook(
+            lambda m, a, _L=L, _eps=norm.variance_epsilon: seen.__setitem__(_L, _rms_normalized(a[0], _eps))))
+
+        def write(m, a, out, _L=L, _fn=fn):
+            at = keep.clone()
+            at[:, 0] = False
+            return torch.where(at[..., None], _fn(seen[_L]), out)
+        handles.append(layer.mlp.register_forward_hook(write))
+    try:
+        with torch.no_grad():
+            want = hf(input_ids=tokens).logits
+    finally:
+        for h in handles:
+            h.remove()
+    lp = torch.log_softmax(want[:, :-1].double(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+    want_ce = float(-lp[keep[:, :-1]].mean())
+
+    spec = "+".join(str(p) for p in folders)
+    variants, _ = build_variants([spec], False, "cpu")
+    joint = variants[-1]
+    assert len(joint.parts) == 30
+    calib = data.pack(tok, data.documents("train-prose"), 2, 64)
+    out = ce.evaluate(lm, [variants[0], joint], tokens, 2, calib, n_boot=10)
+    rec = out.by_variant()[joint.name]
+    assert rec["ce_spliced"] == pytest.approx(want_ce, abs=1e-3)
+    assert 0 < rec["top1_agreement"] < 1 and rec["n_hard"] > 0
