@@ -328,6 +328,9 @@ def _csv(text: str, kind=str) -> list:
         raise UserError(f"expected a comma-separated list of numbers, got {text!r}") from None
 
 
+REPLACEMENT_TOKENS = 2048
+
+
 @app.command()
 @user_errors
 def run(
@@ -372,6 +375,11 @@ def run(
                                 "(`sae-harness family`, into a folder `family` beside --out)"),
     interp: bool = typer.Option(True, "--interp/--no-interp", help="main job only: also `sae-harness interp` on "
                                 "the run (explainability table and frontier, judge-free)"),
+    replacement: bool = typer.Option(True, "--replacement/--no-replacement",
+                                     help="main job only: also the CE suite of the demo skip transcoders at all 30 "
+                                          "blocks with its layer curves (into a folder `replacement` beside --out)"),
+    replacement_tokens: int = typer.Option(REPLACEMENT_TOKENS, help="tokens for the replacement model's CE suite "
+                                           "(61 variants: sized so `make run` stays under 10 minutes on 2 CPU cores)"),
 ):
     """CE suite + lm-eval tasks (tables per task, MMLU by category) for any model, one run folder.
     With no options: the main job (embedded default, its demo SAEs and two baselines)."""
@@ -390,10 +398,12 @@ def run(
             check_limit(value, option)
     ce_saes = list(ce_sae) if ce_sae is not None else ([] if sae else list(DEFAULT_CE_SAES))
     main_job = not sae and model == EMBEDDED_DEFAULT
-    if main_job and family:  # the family folder beside --out: refused now, not after the main job
-        from harness.jobs.runfolder import check_out
+    from harness.jobs.runfolder import check_out
 
+    if main_job and family:  # the family folder beside --out: refused now, not after the main job
         check_out(Path(out).parent / "family", overwrite)
+    if main_job and replacement:
+        check_out(Path(out).parent / "replacement", overwrite)
     _run(RunConfig(model=model, saes=list(sae) if sae else list(DEFAULT_SAES), ce_saes=ce_saes, out=out,
                    overwrite=overwrite,
                    tokens=tokens, ctx=ctx,
@@ -410,6 +420,13 @@ def run(
 
         _interp_into_run(Path(out), InterpConfig(), lambda m: typer.echo(m, err=True))
         print_saved_table(Path(out) / "interp.md")
+    if main_job and replacement:  # the replacement model: every block's MLP replaced, and its layer curves
+        typer.echo("replacement model: the demo skip transcoders at every block, and the layer curves", err=True)
+        _run(RunConfig(model=model, saes=["skip-transcoders"], ce_saes=[], out=str(Path(out).parent / "replacement"),
+                       overwrite=overwrite, tokens=replacement_tokens, ctx=ctx, device=device, dtype=dtype,
+                       sae_dtype=sae_dtype, batch_size=batch_size, massive_factor=massive_factor,
+                       train_tokens=_positive(train_tokens, "--train-tokens"), params=_positive(params, "--params")),
+             ("ce",), False)
     if main_job and family:
         _family(str(Path(out).parent / "family"), overwrite=overwrite)
 

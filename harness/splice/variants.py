@@ -175,7 +175,26 @@ def variants_of(groups: list[list[Replacement]]) -> list[Variant]:
 
 
 def baseline_name(kind: str, hooks: list[str]) -> str:
-    return "+".join(f"{kind}@{short_hook(h)}" for h in hooks)
+    """`zero@15.resid_post`, `zero@15.resid_post+zero@22.resid_post`; three or more consecutive
+    blocks at one site are written as a range: `zero@{0..29}.mlp_out` (a whole set's baseline)."""
+    import re
+
+    sites: dict[str, list[int]] = {}
+    other = []
+    for h in hooks:
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", h)
+        if m:
+            sites.setdefault(m.group(2), []).append(int(m.group(1)))
+        else:
+            other.append(h)
+    parts = []
+    for site, layers in sites.items():
+        layers = sorted(layers)
+        if len(layers) >= 3 and layers == list(range(layers[0], layers[-1] + 1)):
+            parts.append(f"{kind}@{{{layers[0]}..{layers[-1]}}}.{short_hook('blocks.0.' + site)[2:]}")
+        else:
+            parts += [f"{kind}@{short_hook(f'blocks.{L}.{site}')}" for L in layers]
+    return "+".join(parts + [f"{kind}@{short_hook(h)}" for h in other])
 
 
 def baseline_variants(variants: list[Variant]) -> list[Variant]:
