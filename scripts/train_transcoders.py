@@ -212,6 +212,37 @@ def fidelity(t: Trainee, x: torch.Tensor, y: torch.Tensor) -> dict:
             "dead_fraction": float(((acts > 0).sum(0) == 0).float().mean())}
 
 
+def write_readme(args) -> None:
+    """README.md of the shipped set: the recipe, each layer's held-out fidelity, the size on disk."""
+    recs = sorted((json.loads(p.read_text()) for p in args.out.glob("blocks.*/training.json")), key=lambda r: r["layer"])
+    if not recs:
+        return
+    size = sum(f.stat().st_size for f in args.out.glob("blocks.*/*") if f.is_file())
+    r0 = recs[0]
+    lines = [
+        "# Demo skip transcoders for `smollm2-135m`\n",
+        f"A skip transcoder at each of SmolLM2-135M's {len(recs)} blocks, trained offline on CPU by "
+        "`scripts/train_transcoders.py` (its docstring has the recipe and why a loop of our own), shipped in "
+        "sae-lens' transcoder format: `cfg.json` (`architecture` `jumprelu_skip_transcoder`, `metadata.hook_name` "
+        "`blocks.L.ln2.hook_normalized`, `metadata.hook_name_out` `blocks.L.hook_mlp_out`, `metadata.model_name` "
+        "`smollm2-135m`) and `sae_weights.safetensors` in float16, plus `training.json`. "
+        f"Total size on disk: {size / 2**20:.1f} MiB. Splice them all at once with `--sae skip-transcoders`.\n",
+        f"Recipe: {r0['d_sae']} latents per layer, BatchTopK (k = {r0['batch_top_k']} per token on average) during "
+        f"training, shipped as JumpReLU with one threshold per layer; {r0['train_tokens']:,} training tokens per "
+        f"layer ({r0['steps']} steps of {r0['batch_rows']} x {r0['context']}), Adam lr {r0['lr']} with cosine decay "
+        f"to 10%, W_skip started at the least-squares map; all layers trained together from one forward per batch "
+        f"in {r0['seconds_all_layers_together']:.0f} s on {r0['threads']} CPU threads.\n",
+        "Held-out fidelity (the harness's eval split, positions that are not special and not position 0), of the "
+        "shipped JumpReLU form: explained = 1 - sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 of the MLP's output; "
+        "skip only = the same with the sparse part left out (W_skip x + b_dec).\n",
+        "| layer | explained | skip only | L0 | dead latents | threshold |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in recs:
+        h = r["held_out"]
+        lines.append(f"| {r['layer']} | {h['explained']:.3f} | {h['explained_skip_only']:.3f} | {h['l0']:.1f} | "
+                     f"{100 * h['dead_fraction']:.1f}% | {r['threshold']:.3g} |")
+    (args.out / "README.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -221,6 +252,7 @@ def main() -> None:
     n_layers = model.config.num_hidden_layers
     todo = [L for L in (args.layers or range(n_layers)) if not (args.out / f"blocks.{L}").exists()]
     if not todo:
+        write_readme(args)
         log("every layer is trained")
         return
     d = model.config.hidden_size
@@ -303,6 +335,7 @@ def main() -> None:
         log(f"blocks.{L}: held-out explained {record['held_out']['explained']:.3f} "
             f"(skip only {record['held_out']['explained_skip_only']:.3f}), L0 {record['held_out']['l0']:.1f}")
     state_file.unlink(missing_ok=True)
+    write_readme(args)
     log("done")
 
 
