@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train the three demo TopK SAEs shipped in harness/demo_saes/ for the embedded default model,
-or (`--family`) the two TopK SAEs of the family's largest model in harness/family/saes/.
+or (`--family`) the three TopK SAEs of the family member d96 in harness/family/saes/.
 
     .venv/bin/python scripts/train_demo_saes.py            # the shipped run (took 48 min on 2 CPU cores shared with other jobs)
     .venv/bin/python scripts/train_demo_saes.py --family   # the family's SAEs (see harness/family/saes/README.md)
@@ -98,7 +98,7 @@ MODEL_NAME = EMBEDDED_DEFAULT  # metadata.model_name of the exported SAEs
 # tokens, an interior member); a good SAE (4x wide, k 16) and a small sparse one (2x wide, k 4)
 # at block 2, trained on the family's own training text.
 FAMILY_MODEL = "harness/family/runs/d96-s0-D8192k"
-FAMILY_SPECS = [Spec("l2-w384-k16", 2, 384, 16), Spec("l2-w192-k4", 2, 192, 4)]
+FAMILY_SPECS = [Spec("l2-w768-k32", 2, 768, 32), Spec("l2-w384-k16", 2, 384, 16), Spec("l2-w192-k4", 2, 192, 4)]
 FAMILY_TEXT = "scripts/family_corpus.py documents('train')"
 
 T0 = time.time()

@@ -192,7 +192,7 @@ def test_ce_records_top1_agreement_against_numpy(tiny_hf, tiny_hf_dir, tmp_path)
     ws = {L: _weights(d, 3 * L, True, False) for L in LAYERS}
     for L in LAYERS:
         _save_sae_lens(tmp_path / "set" / f"blocks.{L}", "skip_transcoder", ws[L], L, str(tiny_hf_dir), d)
-    session = prepare(str(tiny_hf_dir), [str(tmp_path / "set")], calib_seqs=2, ctx=12)
+    session = prepare(str(tiny_hf_dir), [str(tmp_path / "set")], calib_seqs=2, ctx=12, curves=True)
     names = [v.name for v in session.variants]
     assert names == ["clean", "set", "set:1", "set:2", "set:2-"]
     tokens = _tokens(4, 16, seed=5)

@@ -159,20 +159,20 @@ def session_for(cfg: RunConfig, eval_seqs: int = 0) -> Session:
     return prepare(cfg.model, cfg.saes + [s for s in cfg.ce_saes if s not in cfg.saes], joint=cfg.joint, device=cfg.device, dtype=cfg.dtype,
                    sae_dtype=cfg.sae_dtype, device_map=cfg.device_map,
                    calib_seqs=cfg.calib_seqs, ctx=cfg.ctx, batch_size=cfg.batch_size, text=text,
-                   eval_seqs=eval_seqs, seed=cfg.seed, allow_model_mismatch=cfg.allow_model_mismatch)
+                   eval_seqs=eval_seqs, seed=cfg.seed, allow_model_mismatch=cfg.allow_model_mismatch, curves=True)
 
 
 def task_variants(session: Session, cfg: RunConfig) -> Session:
     """The session with only the variants tasks and generations run: those built from
-    `cfg.saes` alone (the `ce_saes` ones are for the CE suite)."""
+    `cfg.saes` alone (the `ce_saes` ones are for the CE suite), and no layer-curve points."""
     from dataclasses import replace
 
     from harness.splice.variants import split_group
 
-    if not cfg.ce_saes:
-        return session
-    wanted = {p for spec in cfg.saes for p in split_group(spec)}
-    keep = [v for v in session.variants if all(r.spec in wanted for r in v.parts.values())]
+    keep = [v for v in session.variants if v.curve is None]
+    if cfg.ce_saes:
+        wanted = {p for spec in cfg.saes for p in split_group(spec)}
+        keep = [v for v in keep if all(r.spec in wanted or r.name.startswith(f"{v.name}/") for r in v.parts.values())]
     return replace(session, variants=keep)
 
 

@@ -43,7 +43,8 @@ def prepare(model: str | LoadedModel, saes: list[str] = (), *, joint: bool = Fal
             calib_seqs: int = 16, ctx: int = 128, batch_size: int = 8,
             make_replacements: Callable[[LoadedModel], list[Replacement]] | None = None,
             text: sources.TextRequest | None = None, eval_seqs: int = 0, seed: int = 0,
-            calib_tokens: torch.Tensor | None = None, allow_model_mismatch: bool = False) -> Session:
+            calib_tokens: torch.Tensor | None = None, allow_model_mismatch: bool = False,
+            curves: bool = False) -> Session:
     """Load `model` and the `saes` specs, check they fit together, calibrate baselines.
 
     `make_replacements(lm)` adds replacements built in memory for the loaded model (the
@@ -55,12 +56,14 @@ def prepare(model: str | LoadedModel, saes: list[str] = (), *, joint: bool = Fal
     means this process's GPU; every process then loads and calibrates the same way, on the
     same tokens, so the baselines are identical everywhere. `seed` seeds the noise baselines
     (`noise@S`, `noise-dir@S`). `calib_tokens` (rows of token ids) replaces the calibration
-    batch where the caller has its own held-out text (the family run)."""
+    batch where the caller has its own held-out text (the family run). `curves`: a whole set's
+    layer curves as variants too (the CE suite's; tasks, `talk` and lm-eval run whole splices)."""
     device = distributed.setup(device, device_map)
     check_device(device)
     if text is not None:
         sources.check_local(text.dataset)  # a missing file fails before the model loads
-    variants, repls = build_variants(list(saes), joint, device, sae_dtype, seed) if saes else ([Variant(CLEAN, {})], [])
+    variants, repls = build_variants(list(saes), joint, device, sae_dtype, seed, curves) if saes else \
+        ([Variant(CLEAN, {})], [])
     kwargs = next((r.model_kwargs for r in repls if r.model_kwargs), {})
     # a LoadedModel (the Python API's objects in memory) is used as it is
     lm = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, kwargs, device_map=device_map)
