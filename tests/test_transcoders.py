@@ -384,3 +384,37 @@ def test_shipped_transcoders_joint_ce_equals_plain_transformers(embedded_dir):
     rec = out.by_variant()[joint.name]
     assert rec["ce_spliced"] == pytest.approx(want_ce, abs=1e-3)
     assert 0 < rec["top1_agreement"] < 1 and rec["n_hard"] > 0
+
+
+@pytest.mark.parametrize("point,hook", [("model.layers.1.output", "blocks.1.hook_resid_post"),
+                                        ("model.layers.1.self_attn.o_proj.input", "blocks.1.attn.hook_z")])
+def test_gemma_scope_2_sae_folder(tmp_path, point, hook):
+    """A Gemma Scope 2 SAE (resid or attention hook_z site): JumpReLU, no b_dec subtracted."""
+    from harness.splice.replacements import load_replacement
+
+    d = 16
+    w = {"w_enc": _rand(d, F, seed=1), "b_enc": _rand(F, seed=2, scale=0.05), "w_dec": _rand(F, d, seed=3),
+         "b_dec": _rand(d, seed=4, scale=0.05), "threshold": _rand(F, seed=5, scale=0.1).abs()}
+    save_file(w, str(tmp_path / "params.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"hf_hook_point_in": point, "hf_hook_point_out": point,
+                                                      "width": F, "architecture": "jump_relu", "type": "sae"}))
+    r = load_replacement(str(tmp_path))
+    assert (r.kind, r.hook, r.hook_in) == ("sae", hook, None)
+    x = _rand(3, 5, d, seed=9, scale=1.0)
+    pre = x @ w["w_enc"] + w["b_enc"]
+    want = (torch.relu(pre) * (pre > w["threshold"])) @ w["w_dec"] + w["b_dec"]
+    torch.testing.assert_close(r(x)[0], want, rtol=0, atol=1e-5)
+
+
+def test_set_members_of_different_widths_are_refused(tiny_hf, tiny_hf_dir, tmp_path):
+    d = tiny_hf.d_model
+    _save_sae_lens(tmp_path / "set" / "blocks.1", "skip_transcoder", _weights(d, 0, True, False), 1, str(tiny_hf_dir), d)
+    wide = dict(_weights(d, 0, True, False))
+    wide.update(W_enc=torch.zeros(d, 2 * F), b_enc=torch.zeros(2 * F), W_dec=torch.zeros(2 * F, d))
+    folder = tmp_path / "set" / "blocks.2"
+    _save_sae_lens(folder, "skip_transcoder", wide, 2, str(tiny_hf_dir), d)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["d_sae"] = 2 * F
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="different widths"):
+        build_variants([str(tmp_path / "set")], False, "cpu")
