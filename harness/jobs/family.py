@@ -41,7 +41,7 @@ SAE_DIR = FAMILY_DIR / "saes"
 HOOK = "blocks.2.hook_resid_post"  # the family SAEs' hook: block 2 of the member's 4
 PRESETS = ("hoffmann", "epoch")
 # scripts/train_demo_saes.py --family: a good SAE (4x wide, k 16) and a small sparse one (2x, k 4)
-FAMILY_SAES = ("l2-w384-k16", "l2-w192-k4")
+FAMILY_SAES = ("l2-w768-k32", "l2-w384-k16", "l2-w192-k4")
 
 
 def manifest() -> dict:
@@ -126,8 +126,8 @@ def seed_noise(points: list[dict]) -> dict:
 
 
 def fit_all(points: list[dict], member: dict) -> dict:
-    """(a) L(N) at the member's D (seed 0), (b) L(D) at its width (seed 0), (c) L(N, D) on all."""
-    at_d = [p for p in points if p["D"] == member["D"] and p["seed"] == 0]
+    """(a) L(N) at the member's D (every seed), (b) L(D) at its width, (c) L(N, D) on all."""
+    at_d = [p for p in points if p["D"] == member["D"]]
     at_n = [p for p in points if p["width"] == member["width"] and p["seed"] == 0]
     try:
         return {"family": lawfit.fit_curve([p["N"] for p in at_d], [p["loss"] for p in at_d], "N",
