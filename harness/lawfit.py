@@ -5,8 +5,10 @@ On 6-40 points with 0.01-0.1 nats of scatter that delta turns the fit into an L1
 interpolates a few points and ignores the rest, and a bootstrap over 5 points is not a
 confidence interval. Here instead:
 
-- Least squares on the loss in nats (the measured noise is additive in nats, roughly equal
-  across sizes: the seed pairs of harness/family show it).
+- Least squares on the loss in nats (the measured noise is additive in nats), weighted by
+  1 / sigma^2 when each point's noise sd is known (`sigma`): the family's seed pairs show it
+  roughly equal across sizes but 5-10x larger at the shortest budget than at the longest, so
+  an unweighted fit would let the noisiest runs pull it.
 - Variable projection: for given nonlinear parameters (E, alpha[, beta]) the coefficients
   A[, B] are linear in L - E and are solved exactly (non-negative), so the residual sum of
   squares SSE is known on a whole grid of (E, alpha[, beta]) at once; the optimum is the best
@@ -81,7 +83,8 @@ class Fit:
 
     @property
     def rmse(self) -> float:
-        return float(np.sqrt(self.sse / self.n_points))
+        """Root mean square residual in nats (a weighted fit's SSE is in units of sigma)."""
+        return float(self.info.get("rmse_nats", np.sqrt(self.sse / self.n_points)))
 
     def plausible(self, name: str) -> tuple[float, float]:
         col = {"E": 0, "A": 1, "B": 2, "alpha": 3, "beta": 4}[name]
@@ -104,7 +107,8 @@ class Fit:
             lo, hi = self.plausible(name)
             law[f"{shown}_low"], law[f"{shown}_high"] = lo, hi
             law[f"{shown}_identified"] = ident[name]
-        return {**law, "method": "least squares on the loss (nats), variable projection, profile likelihood",
+        method = "least squares on the loss (nats)" + (", weighted by 1/sigma^2" if self.info.get("sigma") else "")
+        return {**law, "method": f"{method}, variable projection, profile likelihood",
                 "confidence": CONFIDENCE, "sse": self.sse, "rmse": self.rmse, "threshold_sse": self.threshold,
                 "n_points": self.n_points, "n_params": self.n_params, "n_plausible_cells": int(len(self.cells)),
                 "grid": {k: list(v) for k, v in self.grid.items()}, **self.info}
@@ -113,6 +117,16 @@ class Fit:
 def _threshold(sse: float, n: int, p: int) -> float:
     dof = max(n - p, 1)
     return sse * (1.0 + f_dist.ppf(CONFIDENCE, 1, dof) / dof)
+
+
+def _weights(sigma, n: int) -> np.ndarray:
+    """1 / sigma per point (ones without sigma): residuals are scaled by it."""
+    if sigma is None:
+        return np.ones(n)
+    sigma = np.asarray(sigma, float).ravel()
+    if sigma.shape != (n,) or not (np.all(np.isfinite(sigma)) and np.all(sigma > 0)):
+        raise ValueError("sigma must give a positive noise sd for every point")
+    return 1.0 / sigma
 
 
 def _check(x, loss, n_params: int, name: str):
@@ -129,14 +143,16 @@ def _check(x, loss, n_params: int, name: str):
     return x, loss
 
 
-def fit_curve(x, loss, var: str = "N", name: str = "curve", exponents=EXPONENTS_1D, e_steps: int = E_STEPS_1D) -> Fit:
-    """L(x) = E + A / x^alpha by least squares; x = N (a family at one D) or D (one size at
-    several budgets, annealed runs only)."""
+def fit_curve(x, loss, var: str = "N", name: str = "curve", exponents=EXPONENTS_1D, e_steps: int = E_STEPS_1D,
+              sigma=None) -> Fit:
+    """L(x) = E + A / x^alpha by least squares (weighted by 1/sigma^2 if given); x = N (a family
+    at one D) or D (one size at several budgets, annealed runs only)."""
     x, loss = _check(x, loss, 3, var)
+    w = _weights(sigma, len(loss))
     e_grid = np.linspace(0.0, loss.min(), e_steps, endpoint=False)
     lx = np.log(x)
-    cols = np.exp(-exponents[:, None] * lx[None, :])[None, :, :, None]  # (1, a, n, 1)
-    y = (loss[None, :] - e_grid[:, None])[:, None, :]  # (e, 1, n)
+    cols = (np.exp(-exponents[:, None] * lx[None, :]) * w)[None, :, :, None]  # (1, a, n, 1)
+    y = ((loss[None, :] - e_grid[:, None]) * w)[:, None, :]  # (e, 1, n)
     coef, sse = _coefficients(np.broadcast_to(cols, (len(e_grid), len(exponents), len(x), 1)),
                               np.broadcast_to(y, (len(e_grid), len(exponents), len(x))))
 
@@ -144,25 +160,30 @@ def fit_curve(x, loss, var: str = "N", name: str = "curve", exponents=EXPONENTS_
         E, alpha = theta
         if not (0 <= E < loss.min() and exponents[0] <= alpha <= exponents[-1]):
             return np.inf
-        return float(_coefficients(np.exp(-alpha * lx)[:, None], loss - E)[1])
+        return float(_coefficients((np.exp(-alpha * lx) * w)[:, None], (loss - E) * w)[1])
 
     i, j = np.unravel_index(np.argmin(sse), sse.shape)
     res = minimize(sse_at, [e_grid[i], exponents[j]], method="Nelder-Mead",
                    options={"xatol": 1e-7, "fatol": 1e-14, "maxiter": 4000})
     E, alpha = (res.x if res.fun <= sse[i, j] else (e_grid[i], exponents[j]))
     best = min(float(res.fun), float(sse[i, j]))
-    A = float(_coefficients(np.exp(-alpha * lx)[:, None], loss - E)[0][0])
+    A = float(_coefficients((np.exp(-alpha * lx) * w)[:, None], (loss - E) * w)[0][0])
     thr = _threshold(best, len(x), 3)
     ii, jj = np.nonzero(sse <= thr)
     cells = np.column_stack([e_grid[ii], coef[ii, jj, 0], np.zeros(len(ii)), exponents[jj], np.zeros(len(ii))])
     cells = np.vstack([cells, [E, A, 0.0, alpha, 0.0]])
     law = scaling.Curve(E=float(E), A=A, alpha=float(alpha), var=var, name=name)
     grid = {"E": (0.0, float(loss.min())), "alpha": (float(exponents[0]), float(exponents[-1]))}
-    return Fit(law, best, thr, len(x), 3, cells, grid, var=var)
+    fit = Fit(law, best, thr, len(x), 3, cells, grid, var=var)
+    if sigma is not None:
+        fit.info["sigma"] = [float(v) for v in 1.0 / w]
+        fit.info["rmse_nats"] = float(np.sqrt(np.mean((loss - E - A * np.exp(-alpha * lx)) ** 2)))
+        fit.info["chi2_per_dof"] = best / max(len(x) - 3, 1)
+    return fit
 
 
-def fit_law(N, D, loss, name: str = "fit", exponents=EXPONENTS_2D, e_steps: int = E_STEPS_2D) -> Fit:
-    """L(N, D) = E + A/N^alpha + B/D^beta by least squares.
+def fit_law(N, D, loss, name: str = "fit", exponents=EXPONENTS_2D, e_steps: int = E_STEPS_2D, sigma=None) -> Fit:
+    """L(N, D) = E + A/N^alpha + B/D^beta by least squares (weighted by 1/sigma^2 if given).
 
     In three nonlinear parameters a fixed grid fine enough for the plausible region (a thin,
     curved tube) would be huge, so: (1) the profile over E: for each E of a grid on
@@ -172,14 +193,15 @@ def fit_law(N, D, loss, name: str = "fit", exponents=EXPONENTS_2D, e_steps: int 
     on its edge is plausible. Every cell below the threshold is kept."""
     N, loss = _check(N, loss, 5, "N")
     D, _ = _check(D, loss, 5, "D")
+    w = _weights(sigma, len(loss))
     lN, lD = np.log(N), np.log(D)
     lo_x, hi_x = float(exponents[0]), float(exponents[-1])
 
     def grid_sse(E, alphas, betas):
-        xa = np.exp(-alphas[:, None] * lN[None, :])
-        xb = np.exp(-betas[:, None] * lD[None, :])
+        xa = np.exp(-alphas[:, None] * lN[None, :]) * w
+        xb = np.exp(-betas[:, None] * lD[None, :]) * w
         cols = np.stack(np.broadcast_arrays(xa[:, None, :], xb[None, :, :]), -1)
-        return _coefficients(cols, np.broadcast_to(loss - E, cols.shape[:-1]))
+        return _coefficients(cols, np.broadcast_to((loss - E) * w, cols.shape[:-1]))
 
     def sse_at(theta, E=None):
         if E is not None:
@@ -187,8 +209,8 @@ def fit_law(N, D, loss, name: str = "fit", exponents=EXPONENTS_2D, e_steps: int 
         E_, alpha, beta = theta
         if not (0 <= E_ < loss.min() and lo_x <= alpha <= hi_x and lo_x <= beta <= hi_x):
             return np.inf
-        c = np.column_stack([np.exp(-alpha * lN), np.exp(-beta * lD)])
-        return float(_coefficients(c, loss - E_)[1])
+        c = np.column_stack([np.exp(-alpha * lN), np.exp(-beta * lD)]) * w[:, None]
+        return float(_coefficients(c, (loss - E_) * w)[1])
 
     def profile_at(E, start=None):
         """min over (alpha, beta) of SSE at fixed E, and where."""
@@ -232,8 +254,8 @@ def fit_law(N, D, loss, name: str = "fit", exponents=EXPONENTS_2D, e_steps: int 
             half *= 2
         ii, jj = np.nonzero(ok)
         cells.append(np.column_stack([np.full(len(ii), E), coef[ii, jj, 0], coef[ii, jj, 1], alphas[ii], betas[jj]]))
-    c = np.column_stack([np.exp(-theta[1] * lN), np.exp(-theta[2] * lD)])
-    (A, B), _ = _coefficients(c, loss - theta[0])
+    c = np.column_stack([np.exp(-theta[1] * lN), np.exp(-theta[2] * lD)]) * w[:, None]
+    (A, B), _ = _coefficients(c, (loss - theta[0]) * w)
     cells.append(np.array([[theta[0], A, B, theta[1], theta[2]]]))
     law = scaling.Law(E=float(theta[0]), A=float(A), B=float(B), alpha=float(theta[1]), beta=float(theta[2]),
                       name=name)
@@ -241,6 +263,11 @@ def fit_law(N, D, loss, name: str = "fit", exponents=EXPONENTS_2D, e_steps: int 
     # E's plausible range comes from the profile: the coarse grid reaches both ends
     fit = Fit(law, best, thr, len(loss), 5, np.vstack(cells), grid, var="ND")
     fit.info["E_profile"] = [{"E": float(E), "sse": p[0]} for E, p in zip(e_grid, prof)]
+    if sigma is not None:
+        fit.info["sigma"] = [float(v) for v in 1.0 / w]
+        resid = loss - theta[0] - A * np.exp(-theta[1] * lN) - B * np.exp(-theta[2] * lD)
+        fit.info["rmse_nats"] = float(np.sqrt(np.mean(resid ** 2)))
+        fit.info["chi2_per_dof"] = best / max(len(loss) - 5, 1)
     return fit
 
 

@@ -93,3 +93,23 @@ def test_bad_points_are_one_line_errors():
         lawfit.fit_curve([1e5, 2e5, 4e5], [3.0, 2.9, 2.8], "N")
     with pytest.raises(ValueError, match="finite and positive"):
         lawfit.fit_curve([1e5, -2e5, 4e5, 8e5], [3.0, 2.9, 2.8, 2.7], "N")
+
+
+def test_weighted_fit_equals_scaled_least_squares():
+    """With sigma, the fit minimises sum((residual / sigma)^2): scipy's least_squares on the
+    scaled residuals finds the same E and alpha; equal sigmas change nothing."""
+    rng = np.random.default_rng(3)
+    N = np.geomspace(1e5, 3e7, 8)
+    sigma = np.array([0.2, 0.2, 0.01, 0.01, 0.01, 0.01, 0.2, 0.2])
+    loss = 2.0 + 40.0 / N**0.3 + rng.normal(0, 1, 8) * sigma
+    fit = lawfit.fit_curve(N, loss, "N", sigma=sigma)
+    ref = least_squares(lambda t: (t[0] + t[1] / N**t[2] - loss) / sigma, [1.5, 30.0, 0.3],
+                        bounds=([0, 0, 0.01], [loss.min(), np.inf, 2.0]))
+    assert fit.law.E == pytest.approx(ref.x[0], abs=2e-3) and fit.law.alpha == pytest.approx(ref.x[2], abs=2e-3)
+    assert fit.rmse == pytest.approx(np.sqrt(np.mean((loss - fit.law.loss(N)) ** 2)), rel=1e-6)  # in nats
+    same = lawfit.fit_curve(N, loss, "N", sigma=np.full(8, 0.05))
+    plain = lawfit.fit_curve(N, loss, "N")
+    assert same.law.E == pytest.approx(plain.law.E, abs=1e-9)
+    assert same.plausible("E") == pytest.approx(plain.plausible("E"), abs=1e-9)
+    with pytest.raises(ValueError, match="sigma"):
+        lawfit.fit_curve(N, loss, "N", sigma=np.zeros(8))

@@ -125,6 +125,20 @@ def seed_noise(points: list[dict]) -> dict:
             "mean_diff": float(np.mean(diffs))}
 
 
+NOISE_FLOOR = 0.01  # nats: no run is trusted beyond this, however close its seed pair came
+
+
+def noise_by_budget(points: list[dict]) -> dict[float, float]:
+    """Seed noise sd per token budget (max(rms(diff) / sqrt 2, NOISE_FLOOR)) where seed pairs exist."""
+    by = {(p["width"], p["D"], p["seed"]): p["loss"] for p in points}
+    out = {}
+    for D in sorted({p["D"] for p in points}):
+        diffs = [by[(w, D, 0)] - by[(w, D, 1)] for (w, d, s) in by if d == D and s == 1 and (w, D, 0) in by]
+        if diffs:
+            out[D] = max(NOISE_FLOOR, float(np.sqrt(np.mean(np.square(diffs)) / 2)))
+    return out
+
+
 def fit_all(points: list[dict], member: dict) -> dict:
     """(a) L(N) at the member's D (every seed), (b) L(D) at its width, (c) L(N, D) on all."""
     at_d = [p for p in points if p["D"] == member["D"]]
@@ -135,9 +149,25 @@ def fit_all(points: list[dict], member: dict) -> dict:
                 "budgets": lawfit.fit_curve([p["D"] for p in at_n], [p["loss"] for p in at_n], "D",
                                             name=f"L(D) at N={member['N']:,}"),
                 "full": lawfit.fit_law([p["N"] for p in points], [p["D"] for p in points],
-                                       [p["loss"] for p in points], name="L(N, D), every run")}
+                                       [p["loss"] for p in points], name="L(N, D), every run"),
+                **weighted_fit(points)}
     except ValueError as e:
         raise UserError(f"cannot fit the family: {e}") from None
+
+
+def weighted_fit(points: list[dict]) -> dict:
+    """A check of the full fit's noise model: L(N, D) weighted by each run's seed noise (the
+    sd at its budget, or the nearest budget's). Its chi^2 per degree of freedom says whether the
+    runs scatter around the law as much as seeds repeat (about 1) or more (the width-to-width
+    scatter is then what the unweighted fit must respect). Not used for readings."""
+    sd = noise_by_budget(points)
+    if len(sd) < 2:
+        return {}
+    sigma = [sd[min(sd, key=lambda D: abs(np.log(D / p["D"])))] for p in points]
+    fit = lawfit.fit_law([p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points],
+                         name="L(N, D) weighted by seed noise", sigma=sigma)
+    fit.info["noise_by_budget"] = {str(int(D)): v for D, v in sd.items()}
+    return {"full_weighted": fit}
 
 
 def readings(records: list[dict], fits: dict, points: list[dict], member: dict) -> dict:
@@ -272,6 +302,13 @@ def _law_line(label: str, fit: dict) -> str:
     return f"- {label}: " + ", ".join(par(p) for p in names) + f"; RMSE {fit['rmse']:.3f} nats over {fit['n_points']} runs"
 
 
+def _weighted_line(fit: dict) -> str:
+    per = ", ".join(f"{int(D) / 2**20:.0f}M {v:.3f}" for D, v in fit["noise_by_budget"].items())
+    return (f"- check, (c) weighted by the seed noise per budget ({per} nats): E {fit['E']:.3g} "
+            f"[{fit['E_low']:.3g}, {fit['E_high']:.3g}], chi^2 per degree of freedom {fit['chi2_per_dof']:.1f} "
+            "(1 if the runs scattered around the law only as much as seeds repeat)")
+
+
 def table(details: dict) -> str:
     """The readings per variant as Markdown, the fits with their plausible ranges, and the key."""
     fam = details["family"]
@@ -289,6 +326,7 @@ def table(details: dict) -> str:
               _law_line("(c) L(N, D)", fits["full"]),
               f"- seed noise: sd {noise['sd']:.3f} nats per run over {noise['pairs']} seed pairs" if noise["sd"]
               else "- seed noise: no seed pairs",
+              *([_weighted_line(fits["full_weighted"])] if "full_weighted" in fits else []),
               "",
               "Intervals: the range over every parameter vector the data allow (profile likelihood, 95%), at the ends "
               "of the dCE interval. ? a parameter of that fit is not identified (its plausible range reaches a "
