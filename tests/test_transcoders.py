@@ -418,3 +418,29 @@ def test_set_members_of_different_widths_are_refused(tiny_hf, tiny_hf_dir, tmp_p
     (folder / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="different widths"):
         build_variants([str(tmp_path / "set")], False, "cpu")
+
+
+def test_lm_eval_backend_log_likelihood_with_a_transcoder_set_equals_the_ce_path(tiny_hf, tiny_hf_dir, tmp_path):
+    """The lm-eval backend splices a set the way the CE suite does: a continuation's
+    log-likelihood is the sum of the CE path's per-token losses over it."""
+    from lm_eval.api.instance import Instance
+
+    from harness.lmeval.backend import variant_views
+
+    d = tiny_hf.d_model
+    for L in LAYERS:
+        _save_sae_lens(tmp_path / "set" / f"blocks.{L}", "skip_transcoder", _weights(d, 5 * L, True, False), L,
+                       str(tiny_hf_dir), d)
+    variants, _ = build_variants([str(tmp_path / "set")], False, "cpu", curves=False)
+    views = variant_views(tiny_hf, variants, batch_size=2)
+    tok = views[0].tokenizer
+    ctx, cont = "The quick brown fox", " jumps over the dog"
+    ll = views[1].loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0)])[0][0]
+    whole = tok.encode(ctx + cont, add_special_tokens=False)
+    n_ctx = len(tok.encode(ctx, add_special_tokens=False))
+    tokens = torch.tensor([whole])
+    out = ce.evaluate(tiny_hf, variants, tokens, 1, tokens, 10)
+    nll = out.per_token_dce["clean"][0] + out.per_token_dce["set"][0]
+    assert ll == pytest.approx(-float(nll[n_ctx - 1:].sum()), abs=1e-4)
+    assert abs(ll - views[0].loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont),
+                                                      idx=0)])[0][0]) > 1e-3
