@@ -119,14 +119,17 @@ def _threshold(sse: float, n: int, p: int) -> float:
     return sse * (1.0 + f_dist.ppf(CONFIDENCE, 1, dof) / dof)
 
 
-def _weights(sigma, n: int) -> np.ndarray:
-    """1 / sigma per point (ones without sigma): residuals are scaled by it."""
+def _weights(sigma, n: int) -> tuple[np.ndarray, float]:
+    """(w, scale): residuals are multiplied by w = (1 / sigma) / sqrt(scale), scale = mean(1 /
+    sigma^2), so the weighted SSE keeps the size of an unweighted one (the optimisers'
+    tolerances are absolute) and chi^2 = SSE * scale. Without sigma: ones and 1."""
     if sigma is None:
-        return np.ones(n)
+        return np.ones(n), 1.0
     sigma = np.asarray(sigma, float).ravel()
     if sigma.shape != (n,) or not (np.all(np.isfinite(sigma)) and np.all(sigma > 0)):
         raise ValueError("sigma must give a positive noise sd for every point")
-    return 1.0 / sigma
+    scale = float(np.mean(1.0 / sigma**2))
+    return 1.0 / sigma / np.sqrt(scale), scale
 
 
 def _check(x, loss, n_params: int, name: str):
@@ -148,7 +151,7 @@ def fit_curve(x, loss, var: str = "N", name: str = "curve", exponents=EXPONENTS_
     """L(x) = E + A / x^alpha by least squares (weighted by 1/sigma^2 if given); x = N (a family
     at one D) or D (one size at several budgets, annealed runs only)."""
     x, loss = _check(x, loss, 3, var)
-    w = _weights(sigma, len(loss))
+    w, scale = _weights(sigma, len(loss))
     e_grid = np.linspace(0.0, loss.min(), e_steps, endpoint=False)
     lx = np.log(x)
     cols = (np.exp(-exponents[:, None] * lx[None, :]) * w)[None, :, :, None]  # (1, a, n, 1)
@@ -176,9 +179,9 @@ def fit_curve(x, loss, var: str = "N", name: str = "curve", exponents=EXPONENTS_
     grid = {"E": (0.0, float(loss.min())), "alpha": (float(exponents[0]), float(exponents[-1]))}
     fit = Fit(law, best, thr, len(x), 3, cells, grid, var=var)
     if sigma is not None:
-        fit.info["sigma"] = [float(v) for v in 1.0 / w]
+        fit.info["sigma"] = [float(v) for v in np.asarray(sigma, float).ravel()]
         fit.info["rmse_nats"] = float(np.sqrt(np.mean((loss - E - A * np.exp(-alpha * lx)) ** 2)))
-        fit.info["chi2_per_dof"] = best / max(len(x) - 3, 1)
+        fit.info["chi2_per_dof"] = best * scale / max(len(x) - 3, 1)
     return fit
 
 
@@ -193,7 +196,7 @@ def fit_law(N, D, loss, name: str = "fit", exponents=EXPONENTS_2D, e_steps: int 
     on its edge is plausible. Every cell below the threshold is kept."""
     N, loss = _check(N, loss, 5, "N")
     D, _ = _check(D, loss, 5, "D")
-    w = _weights(sigma, len(loss))
+    w, scale = _weights(sigma, len(loss))
     lN, lD = np.log(N), np.log(D)
     lo_x, hi_x = float(exponents[0]), float(exponents[-1])
 
@@ -264,10 +267,10 @@ def fit_law(N, D, loss, name: str = "fit", exponents=EXPONENTS_2D, e_steps: int 
     fit = Fit(law, best, thr, len(loss), 5, np.vstack(cells), grid, var="ND")
     fit.info["E_profile"] = [{"E": float(E), "sse": p[0]} for E, p in zip(e_grid, prof)]
     if sigma is not None:
-        fit.info["sigma"] = [float(v) for v in 1.0 / w]
+        fit.info["sigma"] = [float(v) for v in np.asarray(sigma, float).ravel()]
         resid = loss - theta[0] - A * np.exp(-theta[1] * lN) - B * np.exp(-theta[2] * lD)
         fit.info["rmse_nats"] = float(np.sqrt(np.mean(resid ** 2)))
-        fit.info["chi2_per_dof"] = best / max(len(loss) - 5, 1)
+        fit.info["chi2_per_dof"] = best * scale / max(len(loss) - 5, 1)
     return fit
 
 

@@ -72,7 +72,7 @@ def log(msg: str) -> None:
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "harness" / "demo_transcoders")
-    p.add_argument("--tokens", type=int, default=600_000, help="training tokens per transcoder")
+    p.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per transcoder")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
