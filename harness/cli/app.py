@@ -328,7 +328,7 @@ def _csv(text: str, kind=str) -> list:
         raise UserError(f"expected a comma-separated list of numbers, got {text!r}") from None
 
 
-REPLACEMENT_TOKENS = 2048
+REPLACEMENT_TOKENS = 1024
 
 
 @app.command()
