@@ -41,7 +41,8 @@ def _tracked(folder: str) -> list[str]:
 def test_wheel_holds_tasks_demo_saes_and_family(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = [f"harness/tasks/{f.removeprefix('tasks/')}" for f in _tracked("tasks")]
-    wanted += [f for f in _tracked("harness/demo_saes") + _tracked("harness/family") if not f.endswith(".py")]
+    wanted += [f for f in _tracked("harness/demo_saes") + _tracked("harness/demo_transcoders") + _tracked("harness/family")
+               if not f.endswith(".py")]
     wanted += [f for f in _tracked("harness") if f.endswith(".py")]
     assert len(wanted) > 150
     missing = [f for f in wanted if f not in names]
