@@ -21,12 +21,16 @@ Recipe:
    forward hooks on the Hugging Face modules (`post_attention_layernorm`'s input, `mlp`'s output).
 3. Model: f(x) = JumpReLU(x W_enc + b_enc) W_dec + b_dec + x W_skip^T (sae-lens'
    JumpReLUSkipTranscoder). Trained as a BatchTopK transcoder (Bussmann et al. 2024: the
-   K * batch largest pre-activations of a batch are kept), and shipped with the JumpReLU
-   threshold every latent shares: the running mean of the smallest kept activation, the
-   inference rule of BatchTopK (so no L1 coefficient needs tuning per layer).
-4. W_skip starts at the least-squares map from input to output on the first batches (the
-   linear part of the MLP); b_dec at the output's mean; the sparse part learns the rest.
-5. Loss: squared error over the output's variance (normalised MSE), Adam, cosine decay to 10%.
+   K * batch largest pre-activations of a batch are kept), so no L1 coefficient needs tuning
+   per layer, and shipped with one JumpReLU threshold per layer, the BatchTopK inference rule:
+   the value of the (K * n)-th largest pre-activation over the calibration rows (L0 = K there).
+4. W_skip is the least-squares map from input to output on LSQ_ROWS calibration rows (ridge
+   1e-3), b_dec its intercept: the linear part of the MLP, fixed. The sparse part learns the
+   rest. (A first run that trained W_skip too, with Adam from the same start, drifted: two of
+   30 layers ended below zero explained variance after 200 steps.)
+5. Loss: squared error over the output's variance (normalised MSE), Adam with the gradient
+   norm clipped at 1 per layer (massive-activation tokens make rare huge batches), cosine
+   decay to 10%.
 6. Resumable: every layer still to train shares the batches; the state of all of them is saved
    every SAVE_EVERY steps in the cache folder; a finished layer is written to
    harness/demo_transcoders/blocks.L/ by a rename, and a rerun skips those that exist.
@@ -58,7 +62,7 @@ K = 32
 BATCH_ROWS = 16
 LR = 1e-3
 SAVE_EVERY = 100
-LSQ_ROWS = 64  # rows of the least-squares start of W_skip (about 8k tokens)
+LSQ_ROWS = 128  # calibration rows: the least-squares W_skip and the thresholds (about 16k tokens)
 EVAL_ROWS = 64
 CACHE = Path.home() / ".cache" / "sae-harness" / "transcoder-train"
 MODEL_NAME = "smollm2-135m"
@@ -72,7 +76,7 @@ def log(msg: str) -> None:
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "harness" / "demo_transcoders")
-    p.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per transcoder")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per transcoder")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
@@ -230,7 +234,7 @@ def write_readme(args) -> None:
         f"Recipe: {r0['d_sae']} latents per layer, BatchTopK (k = {r0['batch_top_k']} per token on average) during "
         f"training, shipped as JumpReLU with one threshold per layer; {r0['train_tokens']:,} training tokens per "
         f"layer ({r0['steps']} steps of {r0['batch_rows']} x {r0['context']}), Adam lr {r0['lr']} with cosine decay "
-        f"to 10%, W_skip started at the least-squares map; all layers trained together from one forward per batch "
+        f"to 10%, gradient norm clipped at 1, W_skip the least-squares map (fixed); all layers trained together from one forward per batch "
         f"in {r0['seconds_all_layers_together']:.0f} s on {r0['threads']} CPU threads.\n",
         "Held-out fidelity (the harness's eval split, positions that are not special and not position 0), of the "
         "shipped JumpReLU form: explained = 1 - sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 of the MLP's output; "
@@ -267,7 +271,10 @@ def main() -> None:
 
     state_file = args.cache / f"state-{'-'.join(map(str, todo))}.pt"
     trainees = {L: Trainee(d, D_SAE) for L in todo}
-    opts = {L: torch.optim.Adam(t.parameters(), lr=LR, betas=(0.9, 0.999)) for L, t in trainees.items()}
+    for t in trainees.values():
+        t.W_skip.requires_grad_(False)  # the least-squares map, fixed (recipe, point 4)
+    opts = {L: torch.optim.Adam([p for p in t.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.999))
+            for L, t in trainees.items()}
     start, seconds = 0, 0.0
     if state_file.exists():
         state = torch.load(state_file, weights_only=False)
@@ -289,7 +296,7 @@ def main() -> None:
             with torch.no_grad():
                 trainees[L].W_skip.copy_(w.T.float())
                 trainees[L].b_dec.copy_((my - mx @ w).float())
-        log("W_skip started at the least-squares map")
+        log("W_skip set to the least-squares map")
     var = {}
     t_start = time.time()
     for step in range(start, steps):
@@ -304,6 +311,7 @@ def main() -> None:
             loss = (y_hat - y).pow(2).sum(-1).mean() / var[L]
             opts[L].zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in trainees[L].parameters() if p.requires_grad], 1.0)
             for g in opts[L].param_groups:
                 g["lr"] = lr
             opts[L].step()
@@ -322,12 +330,20 @@ def main() -> None:
                         "opts": {L: o.state_dict() for L, o in opts.items()}}, tmp)
             tmp.rename(state_file)
     seconds += time.time() - t_start
+    lsq = rows[-LSQ_ROWS:]
+    calib = sites.run(model, lsq, kept_positions(lsq, special), upto)
+    for L, (x, _) in calib.items():  # the BatchTopK inference threshold: L0 = K on these rows
+        with torch.no_grad():
+            pre = torch.relu(x @ trainees[L].W_enc + trainees[L].b_enc).flatten()
+            trainees[L].threshold.fill_(float(pre.topk(K * x.shape[0]).values[-1]))
     held = sites.run(model, eval_rows, kept_positions(eval_rows, special), upto)
     for L in todo:
         record = {"layer": L, "d_in": d, "d_sae": D_SAE, "batch_top_k": K, "threshold": float(trainees[L].threshold),
                   "train_tokens": int(steps * BATCH_ROWS * (CONTEXT - 1)), "steps": steps, "batch_rows": BATCH_ROWS,
                   "context": CONTEXT, "lr": LR, "schedule": "cosine to 10%", "optimizer": "Adam (0.9, 0.999)",
-                  "skip_init": "least squares (ridge 1e-3) on the first batches",
+                  "skip": f"least squares (ridge 1e-3) on {LSQ_ROWS} calibration rows, fixed",
+                  "threshold_rule": f"the (K * n)-th largest pre-activation over the {LSQ_ROWS} calibration rows",
+                  "grad_clip": 1.0,
                   "seconds_all_layers_together": round(seconds, 1), "threads": args.threads,
                   "held_out": {"tokens": int(held[L][0].shape[0]), **fidelity(trainees[L], *held[L])},
                   "torch": torch.__version__}
