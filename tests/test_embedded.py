@@ -104,8 +104,13 @@ def test_main_job_end_to_end(tmp_path):
     out = tmp_path / "main"
     # (the main job's interp and family parts: tests/test_interp.py, tests/test_family.py)
     result = CliRunner().invoke(app, ["run", "--out", str(out), "--tokens", "512", "--limit", "1", "--no-interp",
-                                      "--no-family"])
+                                      "--no-family", "--replacement-tokens", "128"])
     assert result.exit_code == 0, result.stderr
+    # the replacement model: every block's MLP replaced by the demo transcoders, with its curves
+    rep = json.loads((tmp_path / "replacement" / "metrics.json").read_text())
+    assert rep[1]["variant"] == "skip-transcoders" and len(rep[1]["hooks"]) == 30 and rep[1]["dce"] > 0
+    curves = json.loads((tmp_path / "replacement" / "layer_curves.json").read_text())
+    assert len(curves) == 59 and (tmp_path / "replacement" / "layer_curves.md").is_file()
     for name in ("config.json", "metrics.json", "tokens.npy", "ce.md", "ce.csv", "compute.png", "report.html",
                  "per_question.csv", "mmlu_category.md", "mmlu_category.tex", "mmlu_subject.csv", "tasks.md",
                  "tasks.tex", "ce.tex", "generations.md", "generations.json", "damage.json", "damage.md",

@@ -356,14 +356,19 @@ def test_ce_table_from_a_real_run():
     robust = "explained_variance_robust" in records[0]  # runs from before massive-activation detection lack it
     ratios = any("dce_over_noise" in x for x in records)  # runs with noise@ twins show the ratios
     fixed = any("n_eff_frac_fixed_d_low" in x for x in records)  # the fixed-tokens readings
-    assert lines[0] == ("| Variant | L0 | dCE [95% CI] | KL | LR zero | LR mean | C_eff/C frontier [95% CI] |"
+    top1 = "top1_agreement" in records[1]  # runs from before top-1 agreement lack it
+    assert lines[0] == ("| Variant | L0 | dCE [95% CI] | KL |" + (" top-1 agree [95% CI] |" if top1 else "")
+                        + " LR zero | LR mean | C_eff/C frontier [95% CI] |"
                         + (" N_eff/N at D [95% CI] | D_eff/D at N [95% CI] |" if fixed else "")
                         + (" dCE ÷ noise [95% CI] | KL ÷ noise [95% CI] |" if ratios else "") + " EV |"
                         + (" EV w/o massive (n) |" if robust else ""))
     assert len(lines) == 2 + len(records) - 1  # the clean model is the reference, in the caption
     r = next(x for x in records if x["variant"] == "l15-w2304-k32")
     expect = [r["variant"], f"{r['l0']:g}", f"{r['dce']:.3f} [{r['dce_ci_low']:.3f}, {r['dce_ci_high']:.3f}]",
-              f"{r['kl']:.3f}", f"{r['loss_recovered_zero']:.3f}", f"{r['loss_recovered_mean']:.3f}",
+              f"{r['kl']:.3f}"]
+    if top1:
+        expect.append(f"{r['top1_agreement']:.3f} [{r['top1_agreement_low']:.3f}, {r['top1_agreement_high']:.3f}]")
+    expect += [f"{r['loss_recovered_zero']:.3f}", f"{r['loss_recovered_mean']:.3f}",
               f"{r['compute_fraction']:.3f}{_dagger(r, 'compute_fraction')} [{r['compute_fraction_low']:.3f}, "
               f"{r['compute_fraction_high']:.3f}]"]
     if fixed:

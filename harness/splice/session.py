@@ -109,4 +109,4 @@ def check_compatible(lm: LoadedModel, repls: list[Replacement], allow_model_mism
     for r in learned:
         for hook, width in r.widths().items():
             if widths.get(hook) != width:
-                raise UserError(f"{r.spec!r} expects width {width} at {hook}, which has width {widths.get(hook)}")
+                raise UserError(f"SAE {r.spec!r} has width {width} but {hook} has width {widths.get(hook)}")

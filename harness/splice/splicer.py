@@ -365,9 +365,9 @@ def splice_hooks(variant: Variant, mask: torch.Tensor, on_act=None) -> list[tupl
     transcoder's output computed from it; `x` is then the activation being replaced (the
     MLP's output), so the statistics measure how much of it the transcoder explains."""
     hooks = []
-    for repl in variant.parts.values():
-        if repl.reads == repl.writes:
-            hooks.append((repl.hook, _replace_hook(repl, repl.hook, mask, on_act)))
+    for key, repl in variant.parts.items():
+        if repl.reads == repl.writes:  # an SAE or baseline, at the hook it is keyed by
+            hooks.append((key, _replace_hook(repl, key, mask, on_act)))
             continue
         seen: dict[str, torch.Tensor] = {}  # this forward's inputs, by read hook
         for name in repl.reads:

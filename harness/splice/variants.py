@@ -30,13 +30,24 @@ class Variant:
 
     @property
     def hooks(self) -> list[str]:
-        """The hooks whose activations it replaces (a transcoder: the MLP outputs)."""
-        return sorted({h for r in self.parts.values() for h in r.writes})
+        """The hooks whose activations it replaces: an SAE's key in `parts`, a transcoder's
+        (or CLT's) outputs."""
+        return sorted({h for key, r in self.parts.items() for h in writes_of(key, r)})
 
     @property
     def sites(self) -> list[str]:
         """Every hook it reads or replaces (a transcoder also reads the MLP's input)."""
-        return sorted({h for r in self.parts.values() for h in r.sites})
+        out = set(self.hooks)
+        for r in self.parts.values():
+            if r.reads != r.writes:
+                out |= set(r.reads)
+        return sorted(out)
+
+
+def writes_of(key: str, r: Replacement) -> list[str]:
+    """What a part replaces: the hook it is keyed by, for an SAE or baseline (a test or caller
+    may key one under another hook of the same width); a transcoder's own outputs."""
+    return [key] if r.reads == r.writes else list(r.writes)
 
 
 def sites_of(variants: list["Variant"]) -> list[str]:
