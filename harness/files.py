@@ -65,6 +65,13 @@ def write_json(path, obj, indent: int | None = 2) -> Path:
     return write_atomic(path, json_text(obj, indent))
 
 
+def folder_hashes(path) -> dict[str, str]:
+    """{file: sha256} of every file directly in a folder (provenance of a loaded SAE)."""
+    from pathlib import Path
+
+    return {str(f): sha256(f) for f in sorted(Path(path).iterdir()) if f.is_file()}
+
+
 def sha256(path) -> str:
     """Hex SHA-256 of a file, read a megabyte at a time."""
     import hashlib

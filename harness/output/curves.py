@@ -19,10 +19,6 @@ KEYS = ["dce", "dce_ci_low", "dce_ci_high", "kl", "top1_agreement", "top1_agreem
         "n_eff_frac_fixed_d", "explained_variance", "l0"]
 
 
-def curve_records(records: list[dict]) -> list[dict]:
-    return [r for r in records if r.get("curve")]
-
-
 def full_set_record(records: list[dict], set_name: str) -> dict | None:
     return next((r for r in records if r["variant"] == set_name and not r.get("curve")), None)
 

@@ -50,7 +50,7 @@ import torch
 
 from harness.model.loading import model_name_key, to_dtype, to_tl_hook_name
 from harness.errors import UserError
-from harness.files import sha256
+from harness.files import folder_hashes
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_saes"
 FAMILY_SAE_DIR = Path(__file__).resolve().parents[1] / "family" / "saes"  # harness/jobs/family.py
@@ -356,7 +356,7 @@ def _load_folder(spec: str, path: Path, device: str) -> Replacement:
         raise
     except Exception as e:  # corrupt weights, shape mismatch, unknown architecture...
         raise UserError(f"cannot load {fmt} SAE from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    files = {str(f): sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
+    files = folder_hashes(path)
     # shipped SAEs (the demo ones, the family's) go by their folder's name
     name = path.name if path.resolve().parent in (DEMO_DIR.resolve(), FAMILY_SAE_DIR.resolve()) else spec
     return from_sae(name, spec, sae, files)

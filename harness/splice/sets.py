@@ -17,7 +17,7 @@ from pathlib import Path
 from harness.errors import UserError
 from harness.model.loading import hook_layer
 from harness.splice import transcoders
-from harness.splice.replacements import Replacement, from_sae
+from harness.splice.replacements import FOLDER_FORMATS, Replacement, from_sae
 from harness.files import sha256
 
 DEMO_SETS = {"skip-transcoders": Path(__file__).resolve().parents[1] / "demo_transcoders"}
@@ -43,8 +43,8 @@ def is_set_spec(spec: str) -> bool:
 
 
 def _is_single_folder(path: Path) -> bool:
-    return (path / "cfg.json").exists() or (path / "config.json").exists() or (path / "params.npz").exists() \
-        or (path / "params.safetensors").exists()
+    """A folder one loader reads: its format's first mark (FOLDER_FORMATS), or Gemma Scope 2's."""
+    return any((path / marks[0]).exists() for marks in FOLDER_FORMATS.values()) or transcoders.is_gemma_scope_2(path)
 
 
 def _member_folders(path: Path) -> list[Path]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import UserError
-from harness.files import sha256
+from harness.files import folder_hashes
 from harness.model.loading import to_tl_hook_name
 
 # ---------------------------------------------------------------- circuit-tracer
@@ -221,11 +221,7 @@ def read_ct_clt(path: Path) -> tuple[CrossLayerTranscoder, str | None, dict]:
                                torch.stack(thr) if thr else None, skip,
                                [f"blocks.{i}.{cfg['feature_input_hook']}" for i in range(n)],
                                [f"blocks.{i}.{cfg['feature_output_hook']}" for i in range(n)])
-    return clt, cfg.get("model_name"), _hashes(path)
-
-
-def _hashes(path: Path) -> dict:
-    return {str(f): sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
+    return clt, cfg.get("model_name"), folder_hashes(path)
 
 
 def is_ct_clt(path: Path) -> bool:
@@ -286,7 +282,7 @@ def read_gemma_scope_2(path: Path) -> tuple[object, dict]:
             sae = JumpReLUTranscoder(JumpReLUTranscoderConfig(
                 d_in=d_in, d_sae=F, d_out=d_out, apply_b_dec_to_input=False, metadata=SAEMetadata(**meta)))
     sae.load_state_dict({k: v.float().contiguous() for k, v in state.items()})
-    return sae, _hashes(path)
+    return sae, folder_hashes(path)
 
 
 @torch.no_grad()
