@@ -178,6 +178,7 @@ def fit_curve(x, loss, var: str = "N", name: str = "curve", exponents=EXPONENTS_
     law = scaling.Curve(E=float(E), A=A, alpha=float(alpha), var=var, name=name)
     grid = {"E": (0.0, float(loss.min())), "alpha": (float(exponents[0]), float(exponents[-1]))}
     fit = Fit(law, best, thr, len(x), 3, cells, grid, var=var)
+    fit.info["E_profile"] = [{"E": float(E), "sse": float(v)} for E, v in zip(e_grid, sse.min(axis=1))]
     if sigma is not None:
         fit.info["sigma"] = [float(v) for v in np.asarray(sigma, float).ravel()]
         fit.info["rmse_nats"] = float(np.sqrt(np.mean((loss - E - A * np.exp(-alpha * lx)) ** 2)))

@@ -61,12 +61,15 @@ import family_corpus  # noqa: E402
 VOCAB = 4096
 CONTEXT = 256
 DEPTH = 4
-WIDTHS = [32, 48, 64, 96, 128, 192]
-BUDGETS = [1_048_576, 2_097_152, 4_194_304, 8_388_608]  # tokens: 256 to 2,048 steps of 4,096
-SEEDED_WIDTHS = [32, 48, 64]  # trained with a second seed too: the seed noise the fit must respect
-# {width: largest budget}: none now. (A fifth budget, 16.8M tokens = 1.4 epochs, for the SAE
-# member alone was started and stopped: its 20 minutes went to the demo transcoders.)
-MAX_BUDGET: dict[int, int] = {}
+WIDTHS = [24, 32, 48, 64, 96, 128, 192, 384]
+BUDGETS = [1_048_576, 2_097_152, 4_194_304, 8_388_608, 16_777_216]  # tokens: 256 to 4,096 steps of 4,096
+SEEDED_WIDTHS = [24, 32, 48, 64]  # trained with a second seed too: the seed noise the fit must respect
+# {width: largest budget}: the fifth budget (16.8M tokens, 1.4 epochs) for the SAE member only,
+# so L(D) at its N has five points spanning 16x.
+MAX_BUDGET: dict[int, int] = {w: 8_388_608 for w in WIDTHS if w != 96}
+# {width: smallest budget}: the widest member (it stretches L(N) at 8.4M tokens to ~250x in N)
+# from 2.1M tokens: three budgets as for every width, none at a sixth of a token per parameter.
+MIN_BUDGET: dict[int, int] = {384: 2_097_152}
 SAE_WIDTH = 96  # the member that gets the SAEs: interior, ~19 tokens per parameter at 8M
 SAE_BUDGET = 8_388_608
 BATCH_ROWS = 16
@@ -258,9 +261,16 @@ def save_run(model, dst: Path, record: dict, eval_rows: torch.Tensor, tok=None) 
     return record
 
 
+def budgets_of(width: int, args) -> list[int]:
+    """The token budgets trained for this width (every budget in a smoke run)."""
+    if args.smoke:
+        return args.budgets
+    return [D for D in args.budgets if MIN_BUDGET.get(width, 0) <= D <= MAX_BUDGET.get(width, D)]
+
+
 def train_width(width: int, seed: int, args, tok, data, eval_rows, order) -> None:
     """The trunk of (width, seed) and a cooldown branch at every budget not yet saved."""
-    budgets = [D for D in args.budgets if D <= MAX_BUDGET.get(width, D)] if not args.smoke else args.budgets
+    budgets = budgets_of(width, args)
     names = {D: run_name(width, seed, D) for D in budgets}
     todo = [D for D in budgets if not (args.out / "runs" / names[D]).exists()]
     if not todo:
@@ -353,6 +363,7 @@ def write_manifest(args, tok, streams, eval_rows) -> None:
         "tokenizer": {"folder": "tokenizer", "kind": "byte-level BPE (tokenizers)", "vocab": len(tok), "special": EOT},
         "recipe": {"depth": DEPTH, "widths": args.widths, "budgets": args.budgets, "seeded_widths": args.seeded,
                    "max_budget": {str(w): D for w, D in MAX_BUDGET.items()},
+                   "min_budget": {str(w): D for w, D in MIN_BUDGET.items()},
                    "batch_rows": args.batch_rows, "tokens_per_step": args.batch_rows * CONTEXT,
                    "warmup_steps": args.warmup, "cooldown_fraction": COOLDOWN,
                    "schedule": "warm-up, constant, 1-sqrt cooldown to 0 over the last 20% of each budget "
@@ -364,8 +375,7 @@ def write_manifest(args, tok, streams, eval_rows) -> None:
         "sae_member": run_name(SAE_WIDTH, 0, SAE_BUDGET if not args.smoke else args.budgets[-1]),
         "runs": runs,
         "annealed": True,
-        "complete": len(runs) == sum(len([D for D in args.budgets if D <= MAX_BUDGET.get(w, D)])
-                                     for w in args.widths + args.seeded),
+        "complete": len(runs) == sum(len(budgets_of(w, args)) for w in args.widths + args.seeded),
         "train_seconds": round(sum(r["seconds_cooldown"] for r in runs)
                                + sum(max(r["seconds_trunk_to_branch"] for r in runs if (r["width"], r["seed"]) == key)
                                      for key in {(r["width"], r["seed"]) for r in runs}), 1),

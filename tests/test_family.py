@@ -52,7 +52,7 @@ def test_the_family_is_what_the_issue_asks_for():
     member = next(r for r in runs if r["name"] == m["sae_member"])
     assert member["N_non_embedding"] < Ns[-2] and 15 <= member["D"] / member["N_non_embedding"] <= 25
     widths = sorted({r["width"] for r in runs})
-    assert {r["width"] for r in runs if r["seed"] == 1} == set(widths[:3])
+    assert set(widths[:3]) <= {r["width"] for r in runs if r["seed"] == 1}
     assert all(len({r["D"] for r in runs if r["width"] == w}) >= 3 for w in widths)  # >= 3 budgets per width
     assert m["data"]["train_tokens"] >= 10_000_000 and m["data"]["max_epochs"] <= 4
     assert family_run.eval_rows().size >= 65536

@@ -274,9 +274,9 @@ def family_figure(details: dict, colour: dict | None = None):
     """Left: every annealed run's loss against its tokens D, one colour per width (hollow: the
     second seed), with the full law L(N, D) drawn for each width. Middle: loss against
     non-embedding N at the SAE member's D with the fit L(N) (and the full law at that D), each
-    spliced variant placed at its N_eff. Right: the full law's profile over E (least-squares
-    residual at each E with the other parameters re-fitted) and the threshold below which an E
-    is plausible. (From compute_equivalents.json of a family run.)"""
+    spliced variant placed at its N_eff. Right: each fit's profile over E (least-squares
+    residual at each E with the other parameters re-fitted, over its 95% threshold: an E is
+    plausible below 1), so a flat profile shows itself. (From compute_equivalents.json of a family run.)"""
     fam = details["family"]
     points, member, fits = fam["points"], fam["member"], fam["fits"]
     full = scaling.Law.from_json(fits["full"])
@@ -315,17 +315,18 @@ def family_figure(details: dict, colour: dict | None = None):
     ax.set_title("N_eff: each spliced model on L(N) at the member's D", fontsize=10)
     ax.legend(fontsize=7, frameon=False)
     ax = axes[2]
-    prof = fits["full"].get("E_profile", [])
-    if prof:
-        ax.plot([r["E"] for r in prof], [r["sse"] for r in prof], color="k", lw=1)
-        ax.axhline(fits["full"]["threshold_sse"], color="C3", lw=1, ls="--", label="95% threshold")
-        ax.axvspan(fits["full"]["E_low"], fits["full"]["E_high"], color="C3", alpha=0.12, lw=0,
-                   label="plausible E")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7, frameon=False)
+    labels = {"family": "(a) L(N) at the member's D", "budgets": "(b) L(D) at the member's N", "full": "(c) L(N, D)"}
+    for (key, label), col in zip(labels.items(), ("C0", "C2", "k")):
+        fit = fits.get(key, {})
+        if fit.get("E_profile"):
+            ax.plot([r["E"] for r in fit["E_profile"]], [r["sse"] / fit["threshold_sse"] for r in fit["E_profile"]],
+                    color=col, lw=1, label=label + ("" if fit.get("E_identified") else ": E not identified"))
+    ax.axhline(1.0, color="C3", lw=1, ls="--", label="95% threshold (plausible below)")
+    ax.set_ylim(0, 4)
+    ax.legend(fontsize=7, frameon=False)
     ax.set_xlabel("irreducible loss E (nats/token)")
-    ax.set_ylabel("residual sum of squares, others re-fitted")
-    ax.set_title("Profile over E of the full law", fontsize=10)
+    ax.set_ylabel("residual sum of squares / threshold, others re-fitted")
+    ax.set_title("Profile over E of each fit", fontsize=10)
     for a in axes:
         a.grid(True, which="major", color="0.92")
     return fig
