@@ -6,22 +6,22 @@
     .venv/bin/python scripts/train_family.py --smoke    # tiny run into a scratch folder
 
 Design (each choice is what makes a point a point on L(N, D)):
-1. Text: scripts/family_corpus.py (Debian documentation prose, ~10M tokens; a held-out part of
-   the same mixture is the evaluation text). Budgets up to 8.4M tokens stay within one epoch
-   (`batch_order` draws a fresh permutation per epoch for longer ones, up to 4 epochs).
+1. Text: scripts/family_corpus.py (Debian documentation prose, ~11.8M tokens; a held-out part
+   of the same mixture is the evaluation text). Budgets up to 8.4M tokens stay within one epoch;
+   the member's 16.8M reads 1.42 (`batch_order` draws a fresh permutation per epoch, at most 4).
 2. Tokenizer: a 4,096-entry byte-level BPE trained on the training split only (a small
    vocabulary keeps the unembedding from dominating training cost on a CPU).
 3. Models: Llama-shaped (RMSNorm, rotary, SwiGLU MLP of about 8d/3, tied embeddings), fixed
-   depth DEPTH, widths from WIDTHS (non-embedding N from 54k to 1.8M, 33x).
+   depth DEPTH, widths from WIDTHS (non-embedding N from 28k to 7.1M, 254x).
 4. Schedule: warm-up-stable-decay (Hägele et al. 2024). One trunk per (width, seed) at constant
    learning rate; at 80% of each token budget D a branch copies the trunk and cools the rate
    down to 0 over the remaining 20% (1 - sqrt shape, their best). Every saved model is
    therefore a finished, annealed run of exactly D tokens, and the runs of one width share
    their first 0.8 D tokens, like Chinchilla's approach-1 runs share nothing but cost 4x more.
    All runs see the same rows in the same order (one seeded permutation).
-5. Seed noise: the three smallest widths are trained a second time with another seed (model
+5. Seed noise: the four smallest widths are trained a second time with another seed (model
    initialisation; same data order), so the fit can be judged against the scatter it must
-   respect.
+   respect; the SAE member's width three times, so L(D) at its N rests on means of three.
 6. Optimiser: AdamW (0.9, 0.99) - beta2 0.99 at these small batches per Porian et al. 2024 -
    weight decay 0.1 on matrices, clipping 1.0; peak rate LR_AT_128 * sqrt(128 / width), taken
    from the previous family's recipe (no sweep: see the manifest's note).
@@ -64,6 +64,9 @@ DEPTH = 4
 WIDTHS = [24, 32, 48, 64, 96, 128, 192, 384]
 BUDGETS = [1_048_576, 2_097_152, 4_194_304, 8_388_608, 16_777_216]  # tokens: 256 to 4,096 steps of 4,096
 SEEDED_WIDTHS = [24, 32, 48, 64]  # trained with a second seed too: the seed noise the fit must respect
+# The SAE member's width, trained with two more seeds at all five budgets: L(D) at its N curves
+# by about as much as one run's seed noise over 16x in D, so each budget is a mean of three.
+MEMBER_SEEDS = [1, 2]
 # {width: largest budget}: the fifth budget (16.8M tokens, 1.4 epochs) for the SAE member only,
 # so L(D) at its N has five points spanning 16x.
 MAX_BUDGET: dict[int, int] = {w: 8_388_608 for w in WIDTHS if w != 96}
@@ -96,15 +99,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "harness" / "family")
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed, for reproducibility)")
     p.add_argument("--smoke", action="store_true", help="tiny run into a scratch folder (for testing the script)")
-    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1],
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
                    help="train these seeds only (two processes can share the work: each run is its own unit)")
     p.add_argument("--only", nargs="*", default=None, metavar="WIDTH:SEED",
                    help="train these (width, seed) pairs only, in this order")
     args = p.parse_args()
-    args.widths, args.budgets, args.seeded = WIDTHS, BUDGETS, SEEDED_WIDTHS
+    args.widths, args.budgets, args.seeded, args.member_seeds = WIDTHS, BUDGETS, SEEDED_WIDTHS, MEMBER_SEEDS
     args.batch_rows, args.warmup, args.eval_tokens, args.cache = BATCH_ROWS, WARMUP, EVAL_TOKENS, CACHE
     if args.smoke:
         args.widths, args.budgets, args.seeded = [32, 48], [8 * 4 * CONTEXT, 16 * 4 * CONTEXT], [32]
+        args.member_seeds = []
         args.batch_rows, args.warmup, args.eval_tokens = 4, 2, 4 * CONTEXT
         if args.out == REPO / "harness" / "family":
             args.out = Path(tempfile.gettempdir()) / "family_smoke"
@@ -362,6 +366,7 @@ def write_manifest(args, tok, streams, eval_rows) -> None:
                  "max_epochs": max(args.budgets) / train_tokens},
         "tokenizer": {"folder": "tokenizer", "kind": "byte-level BPE (tokenizers)", "vocab": len(tok), "special": EOT},
         "recipe": {"depth": DEPTH, "widths": args.widths, "budgets": args.budgets, "seeded_widths": args.seeded,
+                   "member_seeds": args.member_seeds,
                    "max_budget": {str(w): D for w, D in MAX_BUDGET.items()},
                    "min_budget": {str(w): D for w, D in MIN_BUDGET.items()},
                    "batch_rows": args.batch_rows, "tokens_per_step": args.batch_rows * CONTEXT,
@@ -375,7 +380,8 @@ def write_manifest(args, tok, streams, eval_rows) -> None:
         "sae_member": run_name(SAE_WIDTH, 0, SAE_BUDGET if not args.smoke else args.budgets[-1]),
         "runs": runs,
         "annealed": True,
-        "complete": len(runs) == sum(len(budgets_of(w, args)) for w in args.widths + args.seeded),
+        "complete": len(runs) == sum(len(budgets_of(w, args)) for w in args.widths + args.seeded)
+                                 + len(budgets_of(SAE_WIDTH, args)) * len(args.member_seeds),
         "train_seconds": round(sum(r["seconds_cooldown"] for r in runs)
                                + sum(max(r["seconds_trunk_to_branch"] for r in runs if (r["width"], r["seed"]) == key)
                                      for key in {(r["width"], r["seed"]) for r in runs}), 1),
@@ -398,6 +404,7 @@ def main() -> None:
     log(f"tokenizer {len(tok)} entries; train {data.numel():,} tokens, eval {eval_rows.numel():,}; "
         f"longest budget {max(args.budgets) / data.numel():.2f} epochs")
     plan = [(w, 0) for w in args.widths if 0 in args.seeds] + [(w, 1) for w in args.seeded if 1 in args.seeds]
+    plan += [(SAE_WIDTH, s) for s in args.member_seeds if s in args.seeds]
     if args.only is not None:
         plan = [tuple(int(v) for v in pair.split(":")) for pair in args.only]
     for width, seed in plan:

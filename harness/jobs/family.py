@@ -2,15 +2,16 @@
 
 A preset law (Hoffmann, Epoch) was fitted on another corpus with another tokenizer, so where a
 spliced model lands on it says little about this text. harness/family/ holds a miniature suite
-trained by scripts/train_family.py on ~11.8M tokens of documentation prose: 6 widths at one
-depth, each an annealed run (warm-up, constant rate, cooldown) at 4 token budgets, and a second
-seed for the three smallest: every saved model is a finished run of its (N, D). The SAE member
-(width 96 at 8.4M tokens, ~19 tokens per parameter) sits in the interior, with two larger widths
-above it. Every run is evaluated on the run's tokens (the family's held-out text, never trained
+trained by scripts/train_family.py on ~11.8M tokens of documentation prose: 8 widths at one
+depth (N over 254x), each an annealed run (warm-up, constant rate, cooldown) at 3-5 token
+budgets, a second seed for the four smallest and two more for the SAE member's width: every
+saved model is a finished run of its (N, D). The SAE member (width 96 at 8.4M tokens, ~19
+tokens per parameter) sits in the interior, with three larger widths above it. Every run is evaluated on the run's tokens (the family's held-out text, never trained
 on), and the SAE member carries the CE suite with its SAEs and baselines. Readings:
 
 (a) L(N) = E + A/N^alpha over the widths at the member's D      -> N_eff/N at fixed D
 (b) L(D) = E + B/D^beta over the member's width's annealed runs -> D_eff/D at fixed N
+    (both with every seed)
 (c) L(N, D) over every run                                       -> N_eff/N at its D, D_eff/D at
     its N, and the compute-optimal frontier's C_eff/C
 (d) the hoffmann and epoch presets, read the same ways at the member's (total) N and D.
@@ -115,10 +116,16 @@ def measure_runs(m: dict, tokens, batch_size: int, special: list[int]) -> list[d
     return points
 
 
+def _seed_diffs(points: list[dict], D=None) -> list[float]:
+    """Loss differences between seed 0 and every other seed of the same (width, D)."""
+    by = {(p["width"], p["D"], p["seed"]): p["loss"] for p in points}
+    return [by[(w, d, 0)] - by[(w, d, s)] for (w, d, s) in by
+            if s > 0 and (w, d, 0) in by and (D is None or d == D)]
+
+
 def seed_noise(points: list[dict]) -> dict:
     """The spread between two seeds of the same (width, D): sd of one run = rms(diff) / sqrt 2."""
-    by = {(p["width"], p["D"], p["seed"]): p["loss"] for p in points}
-    diffs = [by[(w, D, 0)] - by[(w, D, 1)] for (w, D, s) in by if s == 1 and (w, D, 0) in by]
+    diffs = _seed_diffs(points)
     if not diffs:
         return {"pairs": 0, "sd": None}
     return {"pairs": len(diffs), "sd": float(np.sqrt(np.mean(np.square(diffs)) / 2)),
@@ -130,19 +137,18 @@ NOISE_FLOOR = 0.01  # nats: no run is trusted beyond this, however close its see
 
 def noise_by_budget(points: list[dict]) -> dict[float, float]:
     """Seed noise sd per token budget (max(rms(diff) / sqrt 2, NOISE_FLOOR)) where seed pairs exist."""
-    by = {(p["width"], p["D"], p["seed"]): p["loss"] for p in points}
     out = {}
     for D in sorted({p["D"] for p in points}):
-        diffs = [by[(w, D, 0)] - by[(w, D, 1)] for (w, d, s) in by if d == D and s == 1 and (w, D, 0) in by]
+        diffs = _seed_diffs(points, D)
         if diffs:
             out[D] = max(NOISE_FLOOR, float(np.sqrt(np.mean(np.square(diffs)) / 2)))
     return out
 
 
 def fit_all(points: list[dict], member: dict) -> dict:
-    """(a) L(N) at the member's D (every seed), (b) L(D) at its width, (c) L(N, D) on all."""
+    """(a) L(N) at the member's D, (b) L(D) at its width (each with every seed), (c) L(N, D) on all."""
     at_d = [p for p in points if p["D"] == member["D"]]
-    at_n = [p for p in points if p["width"] == member["width"] and p["seed"] == 0]
+    at_n = [p for p in points if p["width"] == member["width"]]
     try:
         return {"family": lawfit.fit_curve([p["N"] for p in at_d], [p["loss"] for p in at_d], "N",
                                            name=f"L(N) at D={member['D']:.3g}"),

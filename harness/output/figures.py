@@ -271,8 +271,8 @@ def damage_figure(per_token: dict[str, np.ndarray], colour: dict | None = None):
 # ---------------------------------------------------------------- the family's curves
 
 def family_figure(details: dict, colour: dict | None = None):
-    """Left: every annealed run's loss against its tokens D, one colour per width (hollow: the
-    second seed), with the full law L(N, D) drawn for each width. Middle: loss against
+    """Left: every annealed run's loss against its tokens D, one colour per width (hollow: other
+    seeds), with the full law L(N, D) drawn for each width. Middle: loss against
     non-embedding N at the SAE member's D with the fit L(N) (and the full law at that D), each
     spliced variant placed at its N_eff. Right: each fit's profile over E (least-squares
     residual at each E with the other parameters re-fitted, over its 95% threshold: an E is
@@ -288,11 +288,11 @@ def family_figure(details: dict, colour: dict | None = None):
     for w in widths:
         mine = [p for p in points if p["width"] == w]
         ax.plot(ds, full.loss(mine[0]["N"], ds), color=wcol[w], lw=1)
-        for seed, face in ((0, wcol[w]), (1, "white")):
-            pts = [p for p in mine if p["seed"] == seed]
+        for first, face in ((True, wcol[w]), (False, "white")):
+            pts = [p for p in mine if (p["seed"] == 0) == first]
             if pts:
                 ax.plot([p["D"] for p in pts], [p["loss"] for p in pts], "o", mfc=face, mec=wcol[w], ms=5,
-                        label=f"width {w} (N {mine[0]['N']:,})" if seed == 0 else None)
+                        label=f"width {w} (N {mine[0]['N']:,})" if first else None)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens D (annealed runs)")
     ax.set_ylabel("loss on the run's held-out tokens (nats/token)")
