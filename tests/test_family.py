@@ -144,3 +144,18 @@ def test_family_run_end_to_end(tmp_path):
     assert "(a) N_eff/N, L(N) at fixed D" in (out / "equivalents.md").read_text()
     with pytest.raises(UserError, match="already exists"):
         family_run.run(family_run.FamilyConfig(tokens=2048, n_boot=50, out=str(out)), say=lambda m: None)
+
+
+def test_each_fits_profile_agrees_with_its_plausible_range():
+    """The profile over E drawn in family.png: every E whose profile residual is below the
+    threshold lies in the stated plausible range, and a fit marked identified rejects E = 0
+    (its profile there is above the threshold)."""
+    fam = _saved()
+    for key in ("family", "budgets", "full"):
+        fit = fam["fits"][key]
+        prof = fit["E_profile"]
+        step = prof[1]["E"] - prof[0]["E"]
+        below = [r["E"] for r in prof if r["sse"] <= fit["threshold_sse"]]
+        assert below and fit["E_low"] - step <= min(below) and max(below) <= fit["E_high"] + step, key
+        if fit["E_identified"]:
+            assert prof[0]["E"] == 0 and prof[0]["sse"] > fit["threshold_sse"], key
