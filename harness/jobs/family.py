@@ -6,12 +6,12 @@ trained by scripts/train_family.py on ~11.8M tokens of documentation prose: 8 wi
 depth (N over 254x), each an annealed run (warm-up, constant rate, cooldown) at 3-5 token
 budgets, a second seed for the four smallest and two more for the SAE member's width: every
 saved model is a finished run of its (N, D). The SAE member (width 96 at 8.4M tokens, ~19
-tokens per parameter) sits in the interior, with three larger widths above it. Every run is evaluated on the run's tokens (the family's held-out text, never trained
-on), and the SAE member carries the CE suite with its SAEs and baselines. Readings:
+tokens per parameter) sits in the interior, with three larger widths above it. Every run is
+evaluated on the run's tokens (the family's held-out text, never trained on), and the SAE
+member carries the CE suite with its SAEs and baselines. Readings (a) and (b) use every seed:
 
 (a) L(N) = E + A/N^alpha over the widths at the member's D      -> N_eff/N at fixed D
 (b) L(D) = E + B/D^beta over the member's width's annealed runs -> D_eff/D at fixed N
-    (both with every seed)
 (c) L(N, D) over every run                                       -> N_eff/N at its D, D_eff/D at
     its N, and the compute-optimal frontier's C_eff/C
 (d) the hoffmann and epoch presets, read the same ways at the member's (total) N and D.
