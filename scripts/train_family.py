@@ -272,6 +272,13 @@ def budgets_of(width: int, args) -> list[int]:
     return [D for D in args.budgets if MIN_BUDGET.get(width, 0) <= D <= MAX_BUDGET.get(width, D)]
 
 
+def planned(args) -> list[tuple[int, int]]:
+    """Every (width, seed) trunk of the shipped recipe: each width with seed 0, the seeded widths
+    with seed 1, the SAE member's width with its extra seeds."""
+    return ([(w, 0) for w in args.widths] + [(w, 1) for w in args.seeded]
+            + [(SAE_WIDTH, s) for s in args.member_seeds])
+
+
 def train_width(width: int, seed: int, args, tok, data, eval_rows, order) -> None:
     """The trunk of (width, seed) and a cooldown branch at every budget not yet saved."""
     budgets = budgets_of(width, args)
@@ -380,8 +387,7 @@ def write_manifest(args, tok, streams, eval_rows) -> None:
         "sae_member": run_name(SAE_WIDTH, 0, SAE_BUDGET if not args.smoke else args.budgets[-1]),
         "runs": runs,
         "annealed": True,
-        "complete": len(runs) == sum(len(budgets_of(w, args)) for w in args.widths + args.seeded)
-                                 + len(budgets_of(SAE_WIDTH, args)) * len(args.member_seeds),
+        "complete": len(runs) == sum(len(budgets_of(w, args)) for w, _ in planned(args)),
         "train_seconds": round(sum(r["seconds_cooldown"] for r in runs)
                                + sum(max(r["seconds_trunk_to_branch"] for r in runs if (r["width"], r["seed"]) == key)
                                      for key in {(r["width"], r["seed"]) for r in runs}), 1),
@@ -403,8 +409,7 @@ def main() -> None:
     order = batch_order(len(data), max(args.budgets) // (args.batch_rows * CONTEXT), args.batch_rows)
     log(f"tokenizer {len(tok)} entries; train {data.numel():,} tokens, eval {eval_rows.numel():,}; "
         f"longest budget {max(args.budgets) / data.numel():.2f} epochs")
-    plan = [(w, 0) for w in args.widths if 0 in args.seeds] + [(w, 1) for w in args.seeded if 1 in args.seeds]
-    plan += [(SAE_WIDTH, s) for s in args.member_seeds if s in args.seeds]
+    plan = [(w, s) for w, s in planned(args) if s in args.seeds]
     if args.only is not None:
         plan = [tuple(int(v) for v in pair.split(":")) for pair in args.only]
     for width, seed in plan:

@@ -123,12 +123,17 @@ def _seed_diffs(points: list[dict], D=None) -> list[float]:
             if s > 0 and (w, d, 0) in by and (D is None or d == D)]
 
 
+def _run_sd(diffs: list[float]) -> float:
+    """The sd of one run from differences of seed pairs: rms(diff) / sqrt 2."""
+    return float(np.sqrt(np.mean(np.square(diffs)) / 2))
+
+
 def seed_noise(points: list[dict]) -> dict:
     """The spread between two seeds of the same (width, D): sd of one run = rms(diff) / sqrt 2."""
     diffs = _seed_diffs(points)
     if not diffs:
         return {"pairs": 0, "sd": None}
-    return {"pairs": len(diffs), "sd": float(np.sqrt(np.mean(np.square(diffs)) / 2)),
+    return {"pairs": len(diffs), "sd": _run_sd(diffs),
             "mean_diff": float(np.mean(diffs))}
 
 
@@ -141,7 +146,7 @@ def noise_by_budget(points: list[dict]) -> dict[float, float]:
     for D in sorted({p["D"] for p in points}):
         diffs = _seed_diffs(points, D)
         if diffs:
-            out[D] = max(NOISE_FLOOR, float(np.sqrt(np.mean(np.square(diffs)) / 2)))
+            out[D] = max(NOISE_FLOOR, _run_sd(diffs))
     return out
 
 
